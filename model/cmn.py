@@ -1,0 +1,117 @@
+"""Collaborative Memory Network (Ebesu, Shen & Fang, SIGIR 2018), as the authors' TF1 code computes it.
+
+Neighbourhoods travel packed, never padded: `nbr_users[t]` is a user in the neighbourhood of pair
+`nbr_segment[t]` of the batch, so an item with 300 users and one with 3 cost what they hold.
+See docs/model.md and ../shared/docs/cmn-reference.md for the equations.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class CMNConfig:
+    n_users: int
+    n_items: int
+    embed_size: int = 50
+    hops: int = 3
+    l2: float = 0.1
+
+    def __post_init__(self):
+        if self.hops < 1:
+            raise ValueError(f"hops must be >= 1, got {self.hops}")
+        if self.embed_size < 1:
+            raise ValueError(f"embed_size must be >= 1, got {self.embed_size}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def truncated_normal_(t: torch.Tensor, std: float) -> torch.Tensor:
+    """TF's truncated_normal: redraws beyond two standard deviations."""
+    return nn.init.trunc_normal_(t, std=std, a=-2 * std, b=2 * std)
+
+
+def variance_scaling_(linear: nn.Linear, bias: float) -> nn.Linear:
+    """TF1 `variance_scaling_initializer(factor=2, mode=FAN_IN, uniform=False)`: std sqrt(1.3 * 2 / fan_in)."""
+    truncated_normal_(linear.weight.data, math.sqrt(2.6 / linear.in_features))
+    nn.init.constant_(linear.bias, bias)
+    return linear
+
+
+def segment_softmax(logits: torch.Tensor, segment: torch.Tensor, n_segments: int) -> torch.Tensor:
+    """Softmax of `logits` within each segment (slots with equal `segment`)."""
+    peak = torch.full((n_segments,), -torch.inf, dtype=logits.dtype, device=logits.device)
+    peak = peak.scatter_reduce(0, segment, logits.detach(), "amax")
+    w = torch.exp(logits - peak[segment])
+    total = torch.zeros(n_segments, dtype=logits.dtype, device=logits.device).index_add(0, segment, w)
+    return w / total.index_select(0, segment)  # index_select: its backward is a fast index_add
+
+
+class CMN(nn.Module):
+    def __init__(self, cfg: CMNConfig, sparse_grad: bool = True):
+        super().__init__()
+        self.cfg = cfg
+        # TF's gather yields row-sparse gradients; keeping them sparse lets the optimiser touch only batch rows
+        self.sparse_grad = sparse_grad
+        d = cfg.embed_size
+        self.user_memory = nn.Parameter(truncated_normal_(torch.empty(cfg.n_users, d), 0.01))  # M, keys and m_u
+        self.user_output = nn.Parameter(truncated_normal_(torch.empty(cfg.n_users, d), 0.01))  # C, values
+        self.item_memory = nn.Parameter(truncated_normal_(torch.empty(cfg.n_items, d), 0.01))  # E
+        self.hop_maps = nn.ModuleList(variance_scaling_(nn.Linear(d, d), bias=1.0) for _ in range(cfg.hops - 1))
+        self.output = variance_scaling_(nn.Linear(2 * d, d), bias=0.0)  # U, b
+        self.v = nn.Linear(d, 1, bias=False)
+        nn.init.xavier_uniform_(self.v.weight)
+
+    def embed(self, table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, table, sparse=self.sparse_grad)
+
+    def forward(self, users: torch.Tensor, items: torch.Tensor, nbr_users: torch.Tensor, nbr_segment: torch.Tensor,
+                return_attention: bool = False):
+        """Scores r_ui for the (B,) pairs (users[b], items[b]); N(items[b]) = nbr_users[nbr_segment == b]."""
+        n = len(users)
+        m_u = self.embed(self.user_memory, users)
+        e_i = self.embed(self.item_memory, items)
+        keys = self.embed(self.user_memory, nbr_users)
+        values = self.embed(self.user_output, nbr_users)
+        z = m_u + e_i
+        o = None
+        for hop in range(self.cfg.hops):
+            if hop > 0:
+                z = F.relu(self.hop_maps[hop - 1](z) + o)
+            p = segment_softmax((keys * z.index_select(0, nbr_segment)).sum(-1), nbr_segment, n)
+            o = torch.zeros_like(z).index_add(0, nbr_segment, p.unsqueeze(-1) * values)
+        score = self.v(F.relu(self.output(torch.cat([m_u * e_i, o], -1)))).squeeze(-1)
+        return (score, p) if return_attention else score
+
+    def l2_penalty(self) -> torch.Tensor:
+        """TF `l2_regularizer(λ)` = λ·Σw²/2 on the hop maps, the output layer and the output vector only."""
+        weights = [m.weight for m in self.hop_maps] + [self.output.weight, self.v.weight]
+        return self.cfg.l2 * sum(w.pow(2).sum() for w in weights) / 2
+
+
+def gather_neighbourhoods(indptr: torch.Tensor, indices: torch.Tensor, users: torch.Tensor, items: torch.Tensor,
+                          exclude_self: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed neighbourhoods (nbr_users, nbr_segment) of the pairs (users[b], items[b]) from the item → users CSR.
+
+    With `exclude_self`, the querying user is left out of its item's neighbourhood. A neighbourhood that is
+    empty is `[u]`, the querying user alone (the original code's rule for items with no training users).
+    """
+    starts, lengths = indptr[items], indptr[items + 1] - indptr[items]
+    segment = torch.repeat_interleave(torch.arange(len(items), device=items.device), lengths)
+    offsets = torch.arange(len(segment), device=items.device) - torch.repeat_interleave(
+        torch.cumsum(lengths, 0) - lengths, lengths)
+    nbr = indices[starts[segment] + offsets]
+    if exclude_self:
+        keep = nbr != users[segment]
+        nbr, segment = nbr[keep], segment[keep]
+    empty = torch.bincount(segment, minlength=len(items)) == 0
+    if empty.any():
+        alone = torch.nonzero(empty).squeeze(1)
+        nbr, segment = torch.cat([nbr, users[alone]]), torch.cat([segment, alone])
+    return nbr, segment
