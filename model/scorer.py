@@ -65,10 +65,40 @@ class Scorer:
         caps = torch.tensor([bucket_cap(int(n)) if n > 0 else 0 for n in lengths.tolist()])
         self.empty_items = torch.nonzero(caps == 0).squeeze(1).to(self.device)
         self.buckets = []
+        self.item_bucket = torch.full((self.n_items,), -1, dtype=torch.long)
         for cap in sorted(set(caps.tolist()) - {0}):
             items_cap = torch.nonzero(caps == cap).squeeze(1)
             for chunk in items_cap.split(max(1, min(self.chunk_items, self.chunk_items * 16 // cap))):
+                self.item_bucket[chunk] = len(self.buckets)
                 self.buckets.append(self._bucket(chunk.to(self.device), cap))
+
+    @torch.no_grad()
+    def add_interactions(self, users, items) -> int:
+        """Online feedback: put `users[k]` into N(items[k]). Returns the number of new pairs. Only the cache
+        buckets holding a touched item are rebuilt (a bucket whose cap is outgrown gets a larger cap)."""
+        users = torch.as_tensor(users, dtype=torch.long).cpu()
+        items = torch.as_tensor(items, dtype=torch.long).cpu()
+        indptr, indices = self.indptr.cpu(), self.indices.cpu()
+        lengths = indptr[1:] - indptr[:-1]
+        old = torch.repeat_interleave(torch.arange(self.n_items), lengths) * self.n_users + indices
+        keys = torch.unique(torch.cat([old, items * self.n_users + users]))
+        if len(keys) == len(old):
+            return 0
+        touched = torch.unique(items[~torch.isin(items * self.n_users + users, old)])
+        counts = torch.bincount(keys // self.n_users, minlength=self.n_items)
+        self.indptr = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(counts, 0)]).to(self.device)
+        self.indices = (keys % self.n_users).to(self.device)
+        for b in torch.unique(self.item_bucket[touched]).tolist():
+            if b >= 0:
+                bucket = self.buckets[b]
+                cap = max(bucket.keys.shape[1], bucket_cap(int(counts[bucket.items.cpu()].max())))
+                self.buckets[b] = self._bucket(bucket.items, cap)
+        newly = touched[self.item_bucket[touched] < 0]
+        if len(newly):  # first users of items that had none
+            self.item_bucket[newly] = len(self.buckets)
+            self.buckets.append(self._bucket(newly.to(self.device), bucket_cap(int(counts[newly].max()))))
+            self.empty_items = self.empty_items[~torch.isin(self.empty_items, newly.to(self.device))]
+        return len(keys) - len(old)
 
     def _bucket(self, items: torch.Tensor, cap: int) -> Bucket:
         m = self.model

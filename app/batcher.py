@@ -1,0 +1,100 @@
+"""Cross-request micro-batching: concurrent requests are scored together, off the event loop.
+
+One dispatcher task feeds one model thread. While the model thread is busy, arriving requests queue up;
+the moment it is free they go as one batch (up to `max_batch` jobs), so a lone request never waits and a
+loaded server scores many users per call. The queue is bounded: past `max_queue` jobs, `submit` raises
+`QueueFull` (→ 503 + Retry-After) instead of letting latency grow without limit.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable
+
+from app import metrics
+
+
+class QueueFull(RuntimeError):
+    pass
+
+
+class MicroBatcher:
+    def __init__(self, executor: ThreadPoolExecutor, max_batch: int, max_wait_ms: float, max_queue: int):
+        self.executor, self.max_batch, self.max_queue = executor, max_batch, max_queue
+        self.max_wait = max_wait_ms / 1000
+        self._queue: deque[tuple[Any, list, asyncio.Future, float]] = deque()
+        self._queued_jobs = 0
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._dispatch(), name="micro-batcher")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    @property
+    def depth(self) -> int:
+        return self._queued_jobs
+
+    async def submit(self, engine, jobs: list) -> list:
+        """Answers for `jobs`, all scored by `engine` (requests in flight finish on the model they started on)."""
+        if self._queued_jobs + len(jobs) > self.max_queue:
+            raise QueueFull(f"request queue is full ({self._queued_jobs} queued)")
+        future = asyncio.get_running_loop().create_future()
+        self._queue.append((engine, jobs, future, time.perf_counter()))
+        self._queued_jobs += len(jobs)
+        metrics.QUEUE_DEPTH.set(self._queued_jobs)
+        self._wakeup.set()
+        return await future
+
+    def _take_batch(self) -> tuple[Any, list]:
+        """Groups of the head's engine, in order, until max_batch jobs (a group is never split)."""
+        engine = self._queue[0][0]
+        groups, n, skipped = [], 0, deque()
+        while self._queue and (not groups or n + len(self._queue[0][1]) <= self.max_batch):
+            group = self._queue.popleft()
+            if group[0] is not engine:
+                skipped.append(group)
+                continue
+            groups.append(group)
+            n += len(group[1])
+        self._queue.extendleft(reversed(skipped))
+        self._queued_jobs -= n
+        metrics.QUEUE_DEPTH.set(self._queued_jobs)
+        return engine, groups
+
+    async def _dispatch(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            while self._queue:
+                if self.max_wait and self._queued_jobs < self.max_batch:
+                    await asyncio.sleep(self.max_wait)
+                engine, groups = self._take_batch()
+                now = time.perf_counter()
+                for _, _, _, enqueued in groups:
+                    metrics.QUEUE_WAIT.observe(now - enqueued)
+                jobs = [job for _, group_jobs, _, _ in groups for job in group_jobs]
+                metrics.BATCH_SIZE.observe(len(jobs))
+                try:
+                    answers = await loop.run_in_executor(self.executor, engine.recommend, jobs)
+                except Exception as e:  # a scoring failure fails its batch, never the dispatcher
+                    for _, _, future, _ in groups:
+                        if not future.done():
+                            future.set_exception(e)
+                    continue
+                start = 0
+                for _, group_jobs, future, _ in groups:
+                    if not future.done():  # the client may have gone away
+                        future.set_result(answers[start:start + len(group_jobs)])
+                    start += len(group_jobs)
+
+
+def run_on(executor: ThreadPoolExecutor, fn: Callable, *args):
+    return asyncio.get_running_loop().run_in_executor(executor, fn, *args)

@@ -1,0 +1,179 @@
+"""One loaded model and everything derived from it: scorer cache, id maps, seen-sets, popularity.
+
+Requests are first `prepare`d on the event loop (ids resolved, errors raised before queueing), then
+scored in batches by `recommend` on the single model thread, which is also the only thread that
+mutates the caches (`apply_feedback`), so scoring never sees a half-applied update.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from app.schemas import RecommendRequest
+from model.checkpoint import load_checkpoint
+from model.feedback import Event, FeedbackLog
+from model.scorer import Scorer, resolve_device, top_k
+
+log = logging.getLogger("cmn.engine")
+
+
+class UnknownIds(ValueError):
+    def __init__(self, field: str, ids: list[str]):
+        super().__init__(f"unknown {field}: {ids[:20]}" + (f" and {len(ids) - 20} more" if len(ids) > 20 else ""))
+        self.field, self.ids = field, ids
+
+
+@dataclass
+class Job:
+    """One request with ids resolved against one engine."""
+    user_id: str
+    user: int | None                  # None: unknown user, served by popularity
+    k: int
+    candidates: torch.Tensor | None   # item ids, or None for the whole catalogue
+    exclude: torch.Tensor             # item ids removed besides the seen-set
+    exclude_seen: bool
+    explain: bool
+
+
+@dataclass
+class Answer:
+    items: list[tuple[str, float, list[tuple[str, float]] | None]]
+    fallback: str | None
+
+
+class Engine:
+    def __init__(self, checkpoint: str, device: str = "auto", explain_top: int = 5):
+        start = time.perf_counter()
+        self.device = resolve_device(device)
+        ckpt = load_checkpoint(checkpoint)
+        self.path, self.version = checkpoint, ckpt.model_version
+        train_cfg = ckpt.meta.get("train_config", {})
+        self.scorer = Scorer(ckpt.build_model(self.device), *ckpt.item_users(), device=self.device,
+                             exclude_self=bool(train_cfg.get("exclude_self", False)))
+        self.user_ids, self.item_ids = ckpt.user_ids, ckpt.item_ids
+        self.user_index = {u: n for n, u in enumerate(self.user_ids)}
+        self.item_index = {i: n for n, i in enumerate(self.item_ids)}
+        indptr, indices = ckpt.user_items()
+        self.seen = [set(indices[indptr[u]:indptr[u + 1]].tolist()) for u in range(len(self.user_ids))]
+        self.popularity = torch.as_tensor(np.bincount(ckpt.train[:, 1], minlength=len(self.item_ids)),
+                                          dtype=torch.float32)
+        self.interactions = int(len(ckpt.seen))
+        self.explain_top = explain_top
+        self.feedback_seq = 0
+        self.load_seconds = time.perf_counter() - start
+
+    @property
+    def n_users(self) -> int:
+        return len(self.user_ids)
+
+    @property
+    def n_items(self) -> int:
+        return len(self.item_ids)
+
+    # ------------------------------------------------------------------ requests
+
+    def _items(self, ids: list[str], field: str, ignore_unknown: bool) -> torch.Tensor:
+        index = self.item_index
+        unknown = [i for i in ids if i not in index]
+        if unknown and not ignore_unknown:
+            raise UnknownIds(field, unknown)
+        return torch.tensor([index[i] for i in ids if i in index], dtype=torch.long)
+
+    def prepare(self, req: RecommendRequest) -> Job:
+        """Resolve ids; raises UnknownIds (→ 422) before anything is queued."""
+        candidates = None if req.candidates is None else self._items(req.candidates, "candidates",
+                                                                      req.ignore_unknown)
+        return Job(req.user_id, self.user_index.get(req.user_id), req.k, candidates,
+                   self._items(req.exclude, "exclude", req.ignore_unknown), req.exclude_seen, req.explain)
+
+    def banned(self, job: Job) -> torch.Tensor:
+        if job.exclude_seen and job.user is not None and self.seen[job.user]:
+            return torch.cat([job.exclude, torch.tensor(sorted(self.seen[job.user]), dtype=torch.long)])
+        return job.exclude
+
+    @torch.no_grad()
+    def recommend(self, jobs: list[Job]) -> list[Answer]:
+        """Score a batch: one full-catalogue call for all whole-catalogue users, one pair call for all
+        candidate lists, popularity for unknown users."""
+        answers: list[Answer | None] = [None] * len(jobs)
+        full = [n for n, j in enumerate(jobs) if j.user is not None and j.candidates is None]
+        pairs = [n for n, j in enumerate(jobs) if j.user is not None and j.candidates is not None]
+        unknown = [n for n, j in enumerate(jobs) if j.user is None]
+        if full:
+            users = torch.tensor([jobs[n].user for n in full], device=self.device)
+            scores = self.scorer.score(users)
+            rows, cols = self._ban_rows([jobs[n] for n in full])
+            scores[rows.to(self.device), cols.to(self.device)] = -torch.inf
+            values, index = top_k(scores, max(jobs[n].k for n in full))
+            values, index = values.cpu(), index.cpu()
+            for r, n in enumerate(full):
+                answers[n] = self._answer(jobs[n], values[r, :jobs[n].k], index[r, :jobs[n].k], None)
+        if pairs:
+            users = torch.cat([torch.full((len(jobs[n].candidates),), jobs[n].user) for n in pairs])
+            items = torch.cat([jobs[n].candidates for n in pairs])
+            scores = self.scorer.score_pairs(users.to(self.device), items.to(self.device)).cpu()
+            for n, s in zip(pairs, scores.split([len(jobs[n].candidates) for n in pairs])):
+                answers[n] = self._rank_candidates(jobs[n], s, None)
+        for n in unknown:
+            job = jobs[n]
+            scores = self.popularity if job.candidates is None else self.popularity[job.candidates]
+            answers[n] = self._rank_candidates(job, scores, "unknown_user")
+        return answers
+
+    def _ban_rows(self, jobs: list[Job]) -> tuple[torch.Tensor, torch.Tensor]:
+        banned = [self.banned(j) for j in jobs]
+        rows = torch.repeat_interleave(torch.arange(len(jobs)), torch.tensor([len(b) for b in banned]))
+        return rows, torch.cat(banned) if banned else torch.empty(0, dtype=torch.long)
+
+    def _rank_candidates(self, job: Job, scores: torch.Tensor, fallback: str | None) -> Answer:
+        items = job.candidates if job.candidates is not None else torch.arange(self.n_items)
+        keep = ~torch.isin(items, self.banned(job))
+        values, index = torch.topk(scores[keep], min(job.k, int(keep.sum())))
+        return self._answer(job, values, items[keep][index], fallback)
+
+    def _answer(self, job: Job, values: torch.Tensor, items: torch.Tensor, fallback: str | None) -> Answer:
+        finite = torch.isfinite(values)
+        values, items = values[finite].tolist(), items[finite]
+        explanations = [None] * len(values)
+        if job.explain and job.user is not None and len(values):
+            explanations = [[(self.user_ids[v], w) for v, w in row]
+                            for row in self.scorer.attention(job.user, items.to(self.device), self.explain_top)]
+        return Answer([(self.item_ids[i], s, e) for i, s, e in zip(items.tolist(), values, explanations)], fallback)
+
+    # ------------------------------------------------------------------ online feedback
+
+    def apply_feedback(self, events: list[Event]) -> tuple[int, int]:
+        """Make events visible at once; returns (applied, deferred). Deferred events name a user or an item
+        the model has no embedding for: the next training run (`--feedback`) picks them up."""
+        known = [(self.user_index[e.user_id], self.item_index[e.item_id]) for e in events
+                 if e.user_id in self.user_index and e.item_id in self.item_index]
+        if known:
+            users, items = torch.tensor(known).T
+            new = [(u, i) for u, i in known if i not in self.seen[u]]
+            for u, i in new:
+                self.seen[u].add(i)
+                self.popularity[i] += 1
+            self.interactions += len(new)
+            self.scorer.add_interactions(users, items)
+        return len(known), len(events) - len(known)
+
+    def catch_up(self, store: FeedbackLog) -> int:
+        """Apply the store's events this engine has not seen (start-up replay, and after a reload)."""
+        rows = store.events(after=self.feedback_seq)
+        if rows:
+            self.apply_feedback([e for _, e in rows])
+            self.feedback_seq = rows[-1][0]
+        return len(rows)
+
+    def warmup(self, calls: int) -> None:
+        """Real scoring calls so the first request does not pay for lazy initialisation."""
+        for n in range(calls):
+            user = n % self.n_users
+            job = Job(self.user_ids[user], user, 10, None, torch.empty(0, dtype=torch.long), True, False)
+            pairs = Job(self.user_ids[user], user, 10, torch.arange(min(100, self.n_items)),
+                        torch.empty(0, dtype=torch.long), True, False)
+            self.recommend([job, pairs])

@@ -1,0 +1,151 @@
+"""The running service: the active Engine, its model thread and batcher, the feedback store, reloads."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from app import metrics
+from app.batcher import MicroBatcher, run_on
+from app.engine import Engine
+from app.schemas import FeedbackEvent, FeedbackResponse, Health, ReloadResponse, as_str
+from app.settings import Settings
+from model.feedback import Event, FeedbackLog
+
+log = logging.getLogger("cmn.service")
+
+
+class NotReady(RuntimeError):
+    pass
+
+
+class ReloadFailed(RuntimeError):
+    def __init__(self, reason: str, serving: str | None):
+        super().__init__(reason)
+        self.serving = serving
+
+
+class Service:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.started = time.time()
+        self.engine: Engine | None = None
+        self.status, self.detail = "loading", None
+        # one model thread: scoring and cache mutation never overlap; a second pool for loading and disk I/O
+        self.model_thread = ThreadPoolExecutor(1, thread_name_prefix="cmn-model")
+        self.io_threads = ThreadPoolExecutor(2, thread_name_prefix="cmn-io")
+        self.batcher = MicroBatcher(self.model_thread, settings.max_batch, settings.max_wait_ms, settings.max_queue)
+        self.store: FeedbackLog | None = None
+        self._reload_lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task] = set()
+
+    async def start(self) -> None:
+        if self.settings.threads:
+            torch.set_num_threads(self.settings.threads)
+        self.store = FeedbackLog(self.settings.feedback_path)
+        self.batcher.start()
+        self._spawn(self._initial_load())
+
+    async def stop(self) -> None:
+        """Graceful: uvicorn has already drained in-flight requests; finish the model thread, close the store."""
+        for task in list(self._tasks):
+            task.cancel()
+        await self.batcher.stop()
+        self.model_thread.shutdown(wait=True)
+        self.io_threads.shutdown(wait=True)
+        if self.store:
+            self.store.close()
+        log.info("stopped", extra={"event": "shutdown"})
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _build(self, path: str) -> Engine:
+        engine = Engine(path, self.settings.device, self.settings.explain_top)
+        replayed = engine.catch_up(self.store)
+        engine.warmup(self.settings.warmup_calls)
+        log.info("model loaded", extra={"event": "load", "model_version": engine.version, "path": path,
+                                        "device": str(engine.device), "feedback_replayed": replayed,
+                                        "seconds": round(engine.load_seconds, 3)})
+        return engine
+
+    async def _initial_load(self) -> None:
+        try:
+            engine = await run_on(self.io_threads, self._build, self.settings.checkpoint)
+        except Exception as e:
+            self.status, self.detail = "failed", str(e)
+            log.error("model failed to load: %s", e, extra={"event": "load_failed"})
+            return
+        self._activate(engine)
+
+    def _activate(self, engine: Engine) -> None:
+        self.engine, self.status, self.detail = engine, "ok", None
+        metrics.MODEL.info({"model_version": engine.version, "device": str(engine.device), "path": engine.path})
+
+    def engine_or_503(self) -> Engine:
+        if self.engine is None:
+            raise NotReady("model is loading" if self.status == "loading" else f"no model loaded: {self.detail}")
+        return self.engine
+
+    async def reload(self, path: str | None) -> ReloadResponse:
+        """Load, warm and swap in a new checkpoint; a failure leaves the serving model untouched."""
+        start = time.perf_counter()
+        path = path or self.settings.checkpoint
+        async with self._reload_lock:
+            previous = self.engine
+            try:
+                engine = await run_on(self.io_threads, self._build, path)
+            except Exception as e:
+                metrics.RELOADS.labels("failed").inc()
+                log.error("reload refused: %s", e, extra={"event": "reload_failed", "path": path})
+                raise ReloadFailed(f"reload refused, still serving the previous model: {e}",
+                                   previous.version if previous else None) from None
+            self._activate(engine)
+            # events stored while the new engine was being built
+            await run_on(self.model_thread, engine.catch_up, self.store)
+        metrics.RELOADS.labels("ok").inc()
+        log.info("reloaded", extra={"event": "reload", "model_version": engine.version,
+                                    "previous_version": previous.version if previous else None})
+        return ReloadResponse(model_version=engine.version, previous_version=previous.version if previous else None,
+                              took_ms=round((time.perf_counter() - start) * 1000, 3))
+
+    def reload_in_background(self) -> None:
+        async def run():
+            try:
+                await self.reload(None)
+            except ReloadFailed:
+                pass  # already logged; the old model keeps serving
+        self._spawn(run())
+
+    async def feedback(self, events: list[FeedbackEvent]) -> FeedbackResponse:
+        now = time.time()
+        stored = [Event(as_str(e.user_id), as_str(e.item_id), e.timestamp if e.timestamp is not None else now,
+                        e.event_id) for e in events]
+        is_new = await run_on(self.io_threads, self.store.append, stored)  # durable before we answer
+        new = [e for e, fresh in zip(stored, is_new) if fresh]
+        duplicates = len(stored) - len(new)
+        engine = self.engine
+        if engine is None:
+            applied, deferred = 0, len(new)
+            note = "stored; applied when the model has loaded"
+        else:
+            applied, deferred = await run_on(self.model_thread, engine.apply_feedback, new) if new else (0, 0)
+            note = (f"{deferred} events name users or items the model does not know; they are stored and take "
+                    "effect at the next training run (python -m training train --feedback ...)") if deferred else None
+        metrics.FEEDBACK.labels("applied").inc(applied)
+        metrics.FEEDBACK.labels("deferred").inc(deferred)
+        metrics.FEEDBACK.labels("duplicate").inc(duplicates)
+        return FeedbackResponse(stored=len(new), duplicates=duplicates, applied=applied, deferred=deferred, note=note)
+
+    def health(self) -> Health:
+        e = self.engine
+        uptime = round(time.time() - self.started, 3)
+        if e is None:
+            return Health(status=self.status, detail=self.detail, uptime_s=uptime)
+        return Health(status="ok", model_version=e.version, device=str(e.device), users=e.n_users, items=e.n_items,
+                      interactions=e.interactions, feedback_events=self.store.count(), uptime_s=uptime)

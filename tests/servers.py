@@ -1,0 +1,59 @@
+"""Start the real server (`python -m app`) as a subprocess on a free loopback port, for end-to-end tests."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def running_server(checkpoint: str, tmp_path: Path, timeout: float = 60, **env):
+    """Yields (base_url, process); the server is stopped with SIGTERM (graceful) at exit."""
+    port = free_port()
+    environ = {**os.environ, "CMN_CHECKPOINT": str(checkpoint), "CMN_PORT": str(port), "CMN_HOST": "127.0.0.1",
+               "CMN_FEEDBACK_PATH": str(tmp_path / "feedback.sqlite3"),
+               **{f"CMN_{k.upper()}": str(v) for k, v in env.items()}}
+    log = open(tmp_path / f"server-{port}.log", "ab")
+    proc = subprocess.Popen([sys.executable, "-m", "app"], cwd=ROOT, env=environ, stdout=log, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, proc, timeout)
+        yield url, proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        log.close()
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before becoming healthy")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"server at {url} not healthy after {timeout} s")
