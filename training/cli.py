@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("baselines", help="TopPop, ItemKNN CF and RP3beta in the same evaluator")
     b.add_argument("--data", default="synthetic")
     b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--dacrema-fit", action="store_true",
+                   help="fit on training less one validation item per user, as the reference table's runs did")
     b.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
 
@@ -125,7 +127,7 @@ def cmd_baselines(args) -> int:
     data = load(args.data, seed=args.seed)
     if data.test is None:
         raise ValueError(f"{args.data}: no test split to evaluate on")
-    result = run_baselines(data)
+    result = run_baselines(data, dacrema_fit=args.dacrema_fit, seed=args.seed)
     if args.json:
         print(json.dumps(result))
     else:
