@@ -1,7 +1,7 @@
 """Every knob of the server, read once from the environment (prefix CMN_)."""
 from __future__ import annotations
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -25,3 +25,8 @@ class Settings(BaseSettings):
     feedback_path: str = Field("artifacts/feedback.sqlite3", description="durable feedback store")
     log_level: str = "info"
     warmup_calls: int = Field(3, ge=0)
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _empty_key_is_no_key(cls, v):
+        return None if v is None or (isinstance(v, str) and not v.strip()) else v

@@ -1,0 +1,141 @@
+# Collaborative Memory Network service: two targets from one file.
+#
+#   api      serving only: model/, app/ and the `serve` extra (also what a
+#            plain `docker build .` produces: see the last stage)
+#   trainer  api + training/ and the `train` extra
+#
+#   docker build --target api     -t cmn-service:api .
+#   docker build --target trainer -t cmn-service:trainer .
+#
+# CPU by default. For a GPU image pass a CUDA base and a CUDA torch index, e.g.
+#   --build-arg BASE_IMAGE=nvidia/cuda:12.8.1-runtime-ubuntu24.04 \
+#   --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
+# (a base without Python gets python3 + venv from its apt; see docs/deploy.md).
+#
+# Only classic Dockerfile syntax is used (no BuildKit-only flags, no syntax
+# directive) so that the legacy builder used by docker-compose v1 builds it too.
+
+ARG BASE_IMAGE=python:3.11-slim
+
+# --------------------------------------------------------------------------
+# python: the base plus a Python that can make a venv, and the service user
+# --------------------------------------------------------------------------
+FROM ${BASE_IMAGE} AS python
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    LANG=C.UTF-8
+
+# python:3.11-slim already has Python; CUDA runtime images (Ubuntu) do not.
+RUN set -eux; \
+    if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then \
+        apt-get update; \
+        DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+            python3 python3-venv ca-certificates; \
+        rm -rf /var/lib/apt/lists/*; \
+    fi; \
+    python3 --version
+
+# A fixed, unprivileged uid/gid so a named volume keeps the same owner across
+# the trainer and api images (and across rebuilds).
+RUN set -eux; \
+    groupadd --system --gid 10001 cmn; \
+    useradd --system --uid 10001 --gid cmn --home-dir /app --no-create-home \
+        --shell /usr/sbin/nologin cmn; \
+    mkdir -p /app /data; \
+    chown cmn:cmn /data
+
+# --------------------------------------------------------------------------
+# deps: a venv with torch and the serving dependencies (no project source, so
+# this layer is rebuilt only when pyproject.toml or the build args change)
+# --------------------------------------------------------------------------
+FROM python AS deps
+
+ARG TORCH_VERSION=2.13.0
+# empty = pip's default index (on Linux x86_64 PyPI's torch is the CUDA build;
+# pass https://download.pytorch.org/whl/cpu for a small CPU-only image)
+ARG TORCH_INDEX_URL=""
+
+RUN python3 -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+
+# torch first and pinned, so the project's range `torch>=2.3,<3` is already
+# satisfied and pip never picks a build by itself.
+RUN set -eux; \
+    if [ -n "$TORCH_INDEX_URL" ]; then \
+        pip install --index-url "$TORCH_INDEX_URL" "torch==${TORCH_VERSION}"; \
+    else \
+        pip install "torch==${TORCH_VERSION}"; \
+    fi; \
+    python -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)'
+
+# Requirement lists straight from pyproject.toml (core + serve, and train for
+# the trainer target). The project itself is never pip-installed: the images
+# run it from /app, so only dependencies live in the venv.
+COPY pyproject.toml /opt/requirements/pyproject.toml
+RUN set -eux; \
+    python -c 'import tomllib' 2>/dev/null || pip install "tomli>=2"; \
+    python -c "import sys; t = __import__('tomllib' if sys.version_info >= (3, 11) else 'tomli'); \
+p = t.load(open('/opt/requirements/pyproject.toml', 'rb'))['project']; \
+x = p['optional-dependencies']; \
+open('/opt/requirements/serve.txt', 'w').write('\n'.join(p['dependencies'] + x['serve']) + '\n'); \
+open('/opt/requirements/train.txt', 'w').write('\n'.join(x['train']) + '\n')"; \
+    cat /opt/requirements/serve.txt /opt/requirements/train.txt; \
+    pip install -r /opt/requirements/serve.txt; \
+    pip check
+
+# --------------------------------------------------------------------------
+# api: what serving needs at run time, nothing else
+# --------------------------------------------------------------------------
+FROM python AS api
+
+COPY --from=deps /opt/venv /opt/venv
+COPY --from=deps /opt/requirements /opt/requirements
+
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONPATH=/app \
+    CMN_HOST=0.0.0.0 \
+    CMN_PORT=8000 \
+    CMN_DEVICE=auto \
+    CMN_CHECKPOINT=/data/model.ckpt \
+    CMN_FEEDBACK_PATH=/data/feedback.sqlite3
+
+WORKDIR /app
+COPY model/ /app/model/
+COPY app/ /app/app/
+
+USER cmn
+EXPOSE 8000
+
+# curl is not in python:3.11-slim; urlopen raises (exit 1) on anything but 2xx
+HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
+    CMD python -c "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('CMN_PORT', '8000'), timeout=4)" || exit 1
+
+CMD ["python", "-m", "app"]
+
+# --------------------------------------------------------------------------
+# trainer: api + training/ and the `train` extra (scipy, tqdm, matplotlib)
+# --------------------------------------------------------------------------
+FROM api AS trainer
+
+USER root
+RUN pip install -r /opt/requirements/train.txt && pip check
+COPY training/ /app/training/
+USER cmn
+
+ENV CMN_DATA=synthetic \
+    MPLBACKEND=Agg \
+    MPLCONFIGDIR=/tmp/matplotlib
+
+# a one-shot job, not a server
+HEALTHCHECK NONE
+# `docker run -v cmn-data:/data cmn-service:trainer` trains the built-in synthetic
+# data set (or $CMN_DATA) on everything and writes /data/model.ckpt
+CMD ["sh", "-c", "exec python -m training train --data \"$CMN_DATA\" --out \"$CMN_CHECKPOINT\" --holdout none --quiet"]
+
+# --------------------------------------------------------------------------
+# a plain `docker build .` (no --target) yields the api image
+# --------------------------------------------------------------------------
+FROM api AS default
