@@ -1,4 +1,5 @@
 """`python -m app`: serve the configured checkpoint with uvicorn (settings from CMN_* environment variables)."""
+import signal
 import sys
 
 import uvicorn
@@ -15,9 +16,16 @@ def main() -> int:
         print(f"error: {e} (set CMN_CHECKPOINT, or train one: python -m training train --out "
               f"{settings.checkpoint})", file=sys.stderr)
         return 2
+    # uvicorn drains in-flight requests and runs the lifespan shutdown on SIGTERM, then re-raises the signal, which
+    # (default handler) would end a cleanly stopped server with status 143; exit 0 instead.
+    signal.signal(signal.SIGTERM, _stopped)
     uvicorn.run("app.main:app", host=settings.host, port=settings.port, log_config=None, access_log=False,
                 timeout_graceful_shutdown=30)
     return 0
+
+
+def _stopped(signum, frame):
+    raise SystemExit(0)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 from typing import Annotated
 
 from fastapi import Depends, FastAPI, Header, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -19,8 +20,9 @@ from app import metrics
 from app.batcher import QueueFull
 from app.engine import UnknownIds
 from app.middleware import RequestContext, configure_logging
-from app.schemas import (BatchRequest, BatchResponse, FeedbackRequest, FeedbackResponse, Health, RecommendRequest,
-                         RecommendResponse, ReloadRequest, ReloadResponse, ScoredItem, Neighbour)
+from app.schemas import (BatchRequest, BatchResponse, FeedbackRequest, FeedbackResponse, Health, InvalidRequest,
+                         RecommendRequest, RecommendResponse, ReloadRequest, ReloadResponse, ScoredItem, Neighbour,
+                         UnknownIdsError)
 from app.service import NotReady, ReloadFailed, Service
 from app.settings import Settings
 
@@ -55,16 +57,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
-def service_of(request: Request) -> Service:
+async def service_of(request: Request) -> Service:
+    # async on purpose: FastAPI runs a plain `def` dependency in its thread pool, a thread hop per request
     return request.app.state.service
 
 
 ServiceDep = Annotated[Service, Depends(service_of)]
+# /recommend's 422 has two documented shapes: an invalid body, or unknown candidate/exclude ids (listed)
+INVALID_OR_UNKNOWN = {"model": InvalidRequest | UnknownIdsError,
+                      "description": "invalid body, or candidate/exclude ids the model does not know"}
 
 
 def register_routes(app: FastAPI) -> None:
     @app.post("/recommend", response_model=RecommendResponse, response_model_exclude_none=True,
-              responses={403: {"description": "explain requested but disabled"},
+              responses={403: {"description": "explain requested but disabled"}, 422: INVALID_OR_UNKNOWN,
                          413: {"description": "body too large"}, 503: {"description": "not ready or queue full"}})
     async def recommend(req: RecommendRequest, service: ServiceDep):
         start = time.perf_counter()
@@ -74,7 +80,7 @@ def register_routes(app: FastAPI) -> None:
         return response(req.user_id, answer, engine.version, start)
 
     @app.post("/recommend/batch", response_model=BatchResponse, response_model_exclude_none=True,
-              responses={403: {"description": "explain requested but disabled"},
+              responses={403: {"description": "explain requested but disabled"}, 422: INVALID_OR_UNKNOWN,
                          413: {"description": "body too large"}, 503: {"description": "not ready or queue full"}})
     async def recommend_batch(batch: BatchRequest, service: ServiceDep):
         start = time.perf_counter()
@@ -87,7 +93,8 @@ def register_routes(app: FastAPI) -> None:
 
     @app.post("/feedback", response_model=FeedbackResponse,
               responses={202: {"model": FeedbackResponse, "description": "stored; some events take effect at "
-                                                                         "the next training run"}})
+                                                                         "the next training run"},
+                         413: {"description": "body too large"}})
     async def feedback(body: FeedbackRequest, service: ServiceDep):
         result = await service.feedback(body.events)
         return JSONResponse(result.model_dump(), status_code=202 if result.deferred else 200)
@@ -157,6 +164,13 @@ def register_errors(app: FastAPI) -> None:
     @app.exception_handler(ReloadFailed)
     async def reload_failed(request: Request, e: ReloadFailed):
         return JSONResponse({"detail": str(e), "model_version": e.serving}, status_code=409)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, e: HTTPException):
+        if e.status_code == 400:  # only FastAPI raises 400 here: a body it cannot decode (not UTF-8, too deep)
+            return JSONResponse({"detail": [{"type": "json_invalid", "loc": ["body"],
+                                             "msg": "body is not valid JSON"}]}, status_code=422)
+        return await http_exception_handler(request, e)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, e: RequestValidationError):

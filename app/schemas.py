@@ -130,3 +130,25 @@ class Health(BaseModel):
     feedback_events: int | None = None
     uptime_s: float
     detail: str | None = None
+
+
+class FieldError(BaseModel):
+    type: str
+    loc: list[str | int]
+    msg: str
+
+
+class InvalidRequest(BaseModel):
+    """422 for a body that is not JSON or does not match the request model (inputs are never echoed)."""
+    detail: list[FieldError]
+
+
+class UnknownIdsDetail(BaseModel):
+    message: str
+    field: str = Field(description="candidates or exclude")
+    unknown: list[str] = Field(description="the ids the model does not know (at most 1000)")
+
+
+class UnknownIdsError(BaseModel):
+    """422 for candidate or exclude ids the model does not know (unless ignore_unknown)."""
+    detail: UnknownIdsDetail
