@@ -36,7 +36,6 @@ PAPER = dict(hops=3, embed_size=50, batch_size=128, neg=4, l2=0.1, gmf_l2=1e-4, 
 ABLATIONS = {
     "hops1": ("hops 1", dict(hops=1)),
     "hops2": ("hops 2", dict(hops=2)),
-    "hops3": ("hops 3 (= paper setting)", dict(hops=3)),
     "exclude_self": ("exclude_self=True", dict(exclude_self=True)),
     "no_pretrain": ("no GMF pretraining (pretrain_epochs=0)", dict(pretrain_epochs=0)),
     "adam": ("optimizer adam", dict(optimizer="adam")),
@@ -64,11 +63,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--pretrain-epochs", type=int, default=PAPER["pretrain_epochs"],
                    help="GMF pretraining epochs (paper: 50; lower only for smoke tests)")
     p.add_argument("--ablations", action="store_true", help="also run the ablation set")
+    p.add_argument("--ablation-epochs", type=int, default=None, help="CMN epochs of the ablations (default --epochs)")
+    p.add_argument("--ablation-full-eval", action="store_true",
+                   help="also rank the full catalogue at the end of each ablation (several minutes each on CPU)")
+    p.add_argument("--no-gmf-cache", action="store_true",
+                   help="always pretrain GMF afresh instead of reusing a cached pretraining with identical settings")
     p.add_argument("--only", nargs="+", choices=sorted(ABLATIONS), help="with --ablations: run just these")
     p.add_argument("--skip-main", action="store_true", help="do not (re)run the main CMN run")
     p.add_argument("--skip-baselines", action="store_true", help="do not (re)run the baselines")
     p.add_argument("--skip-existing", action="store_true", help="skip parts whose JSON already exists")
     p.add_argument("--report-only", action="store_true", help="only rewrite the report from existing JSONs")
+    p.add_argument("--running-log", nargs=2, action="append", metavar=("NAME", "LOG"), default=[],
+                   help="with --report-only: a run still in progress and its log; its per-epoch lines are "
+                        "reported as interim (repeatable)")
     p.add_argument("--quick", action="store_true", help="a few epochs on a slice of the data (for tests)")
     p.add_argument("--quick-users", type=int, default=300, help="--quick: users kept in the slice")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (also OMP/MKL)")
@@ -140,15 +147,51 @@ def strip_metrics(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if k != "config"}
 
 
-def run_cmn(name: str, label: str, overrides: dict, args, data: str, command: str) -> dict:
+def install_gmf_cache(args, log) -> dict:
+    """Wrap `training.train.pretrain_gmf` so that a GMF pretraining with the same data, seed and GMF settings is
+    computed once and reused (saved under --ckpt-dir). GMF does not depend on the CMN settings that the ablations
+    vary, except through the torch RNG: CMN's hop maps are initialised before GMF, so a run with another number of
+    hops would draw a different GMF init. Reusing the cache there keeps the pretraining fixed across ablations."""
+    import torch
+    import training.train as tt
+    original = getattr(tt.pretrain_gmf, "__wrapped__", tt.pretrain_gmf)
+    info = {"used": False, "path": None}
+
+    def cached(cfg, fit, sampler, device, log_fn):
+        key = (f"gmf_{os.path.basename(cfg.data)}_d{cfg.embed_size}_l2{cfg.gmf_l2}_lr{cfg.gmf_lr}_b{cfg.batch_size}"
+               f"_n{cfg.neg}_c{cfg.clip}_s{cfg.seed}_e{tt.pretrain_epochs_for(cfg, sampler)}"
+               f"_v{int(cfg.validation)}.pt")
+        path = os.path.join(args.ckpt_dir, key)
+        info["path"] = path
+        if not args.no_gmf_cache and os.path.exists(path):
+            blob = torch.load(path, weights_only=True)
+            log_fn(f"GMF pretraining reused from {path} (computed by an earlier run with the same GMF settings)")
+            info["used"] = True
+            return blob["P"].to(device), blob["Q"].to(device), blob["history"]
+        P, Q, history = original(cfg, fit, sampler, device, log_fn)
+        torch.save({"P": P.cpu(), "Q": Q.cpu(), "history": history}, path + ".tmp")
+        os.replace(path + ".tmp", path)
+        return P, Q, history
+
+    cached.__wrapped__ = original
+    tt.pretrain_gmf = cached
+    return info
+
+
+def run_cmn(name: str, label: str, overrides: dict, args, data: str, command: str, epochs: int | None = None,
+            full_eval: bool = True) -> dict:
     from training.train import TrainConfig, train
     os.makedirs(args.ckpt_dir, exist_ok=True)
     ckpt = os.path.join(args.ckpt_dir, f"{name}.ckpt")
     params = {**PAPER, "pretrain_epochs": args.pretrain_epochs, **overrides}
-    cfg = TrainConfig(data=data, out=ckpt, epochs=args.epochs, device=args.device, progress=args.progress, **params)
+    params["full_eval"] = params["full_eval"] and full_eval
+    cfg = TrainConfig(data=data, out=ckpt, epochs=args.epochs if epochs is None else epochs, device=args.device,
+                      progress=args.progress, **params)
 
     def log(msg):
         print(f"[{name} {datetime.now().strftime('%H:%M:%S')}] {msg}", flush=True)
+
+    cache = install_gmf_cache(args, log)
 
     log(f"config {cfg}")
     start = time.perf_counter()
@@ -158,7 +201,7 @@ def run_cmn(name: str, label: str, overrides: dict, args, data: str, command: st
     cmn_s = sum(r["seconds"] for r in metrics.get("epochs", []))
     blob = {"name": name, "label": label, "kind": "cmn", "command": command, "overrides": overrides,
             "config": metrics["config"], "wall_seconds": wall, "gmf_train_seconds": gmf_s,
-            "cmn_train_seconds": cmn_s, "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "cmn_train_seconds": cmn_s, "gmf_reused": cache["used"], "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "machine": machine_info(args.threads), "metrics": strip_metrics(metrics)}
     write_json(args.out_dir / f"{name}.json", blob)
     if os.path.exists(ckpt + ".curves.png"):
@@ -221,9 +264,13 @@ def report(args, command_log: list[str]) -> Path:
     target = (args.out_dir.parent / "results.md") if args.out_dir == DEFAULT_OUT else args.out_dir / "results.md"
     main, base = runs.get("main"), runs.get("baselines")
     rel_out = os.path.relpath(args.out_dir, target.parent)
+    try:
+        shown_out = os.path.relpath(args.out_dir, ROOT) if args.out_dir.is_relative_to(ROOT) else str(args.out_dir)
+    except ValueError:
+        shown_out = str(args.out_dir)
     L = ["# CMN on citeulike-a: reproduction and baselines", ""]
     L += ["Generated by `benchmarks/reproduce_citeulike.py` from the per-run JSONs in "
-          f"`{rel_out}/`. Everything below is measured on the machine described under *Machine*; "
+          f"`{shown_out}/`. Everything below is measured on the machine described under *Machine*; "
           "rows from the literature are marked *reference*.", ""]
 
     # ---- main table
@@ -278,10 +325,10 @@ def report(args, command_log: list[str]) -> Path:
             L.append(f"| `full` (whole catalogue less training items) | — | — | {fmt(f['full']['hr@10'])} | "
                      f"{fmt(f['full']['ndcg@10'])} |")
         L.append("")
-        if base:
-            L += ["Baselines under `sampled_raw` (HR@10 / NDCG@10): " + ", ".join(
-                f"{k} {v['metrics']['sampled_raw']['hr@10']:.4f} / {v['metrics']['sampled_raw']['ndcg@10']:.4f}"
-                for k, v in base["results"].items() if "sampled_raw" in v["metrics"]) + ".", ""]
+    if base:
+        L += ["Baselines under `sampled_raw` (no exclusion of training-item negatives; HR@10 / NDCG@10): " + ", ".join(
+            f"{k} {v['metrics']['sampled_raw']['hr@10']:.4f} / {v['metrics']['sampled_raw']['ndcg@10']:.4f}"
+            for k, v in base["results"].items() if "sampled_raw" in v["metrics"]) + ".", ""]
 
     L += ["## Conventions", "",
           "- `sampled`: the paper's leave-one-out protocol (rank the held-out positive among its 100 sampled "
@@ -325,30 +372,51 @@ def report(args, command_log: list[str]) -> Path:
               "user kept in its own neighbourhood). Final-epoch numbers; the number of CMN epochs is in the row.", "",
               "| ablation | HR@5 | NDCG@5 | HR@10 | NDCG@10 | full NDCG@10 | CMN epochs | best-test epoch HR@10 / NDCG@10 (optimistic) |",
               "|---|---|---|---|---|---|---|---|"]
+        if main:
+            e = min(b["config"]["epochs"] for _, b in done)
+            r = next((r for r in main["metrics"]["epochs"] if r["epoch"] == e and "test" in r), None)
+            if r:
+                L.append(row(f"hops 3, paper setting (main run at epoch {e}; from its per-epoch log)", r["test"], None,
+                             f"{e} | —"))
         for n, b in done:
             f = b["metrics"]["final"]
             bt = b["metrics"].get("best_test_epoch") or {}
             L.append(row(ABLATIONS[n][0], f["sampled"], f.get("full", {}).get("ndcg@10"),
                          f"{b['config']['epochs']} | " + (f"{bt['epoch']}: {bt['hr@10']:.4f} / {bt['ndcg@10']:.4f}"
                                                           if bt else "—")))
-        if main and any(b["config"]["epochs"] < main["config"]["epochs"] for _, b in done):
-            e = min(b["config"]["epochs"] for _, b in done)
-            r = next((r for r in main["metrics"]["epochs"] if r["epoch"] == e and "test" in r), None)
-            if r:
-                L += ["", f"For comparison, the main run (paper setting) at epoch {e} of its per-epoch log: sampled "
-                      f"HR@10 {r['test']['hr@10']:.4f}, NDCG@10 {r['test']['ndcg@10']:.4f} (same seed and "
-                      "negative draws as a run stopped there)."]
-        L.append("")
+        L += ["", "The paper-setting row is not a separate run: a run stopped after E epochs has the same seed, the "
+              "same negatives and the same weights as the main run at epoch E, and the per-epoch evaluation is the "
+              "final evaluation's sampled part, so the main run's epoch-E log row is that run's result.",
+              "Ablations other than `no_pretrain` reuse the main run's GMF pretraining (cached under --ckpt-dir). "
+              "For exclude_self and adam this is bit-identical to pretraining afresh (same seed, same RNG draws); for "
+              "hops 1 / 2 a fresh run would draw a different GMF init (CMN's hop maps are initialised first from the "
+              "same RNG), so there the reuse keeps the pretraining fixed across the ablation.",
+              "Ablations skip the full-catalogue ranking (—) unless `--ablation-full-eval` is given: it costs several "
+              "minutes per run on this CPU.", ""]
     missing = [ABLATIONS[n][0] for n, b in abl if not b]
     if missing:
         L += ["**Not run** (no result exists; nothing is estimated for them): " + "; ".join(missing) + ".", ""]
+
+    # ---- runs still in progress
+    for name, log_path in getattr(args, "running_log", []):
+        if name in runs:
+            continue
+        L += [f"## Still running: `{name}` (interim, not a result)", "",
+              f"Log: `{log_path}`. Per-epoch test lines so far (sampled convention, as the trainer logs them):", ""]
+        try:
+            lines = [ln.rstrip() for ln in open(log_path) if "] epoch " in ln or "GMF epoch" in ln]
+        except OSError:
+            lines = ["(log not readable)"]
+        gmf = [ln for ln in lines if "GMF epoch" in ln]
+        cmn = [ln for ln in lines if "] epoch " in ln]
+        L += ["```"] + ([gmf[-1]] if gmf else []) + cmn + ["```", ""]
 
     # ---- wall times
     L += ["## Wall times", "", "| part | wall | GMF pretraining | CMN training (sum of epochs) | finished (UTC) |",
           "|---|---|---|---|---|"]
     for name, b in runs.items():
         L.append(f"| {b.get('label', name) if name != 'main' else 'main CMN run'} (`{name}`) | {hms(b['wall_seconds'])} | "
-                 f"{hms(b.get('gmf_train_seconds')) if b['kind'] == 'cmn' else '—'} | "
+                 f"{('reused from cache' if b.get('gmf_reused') else hms(b.get('gmf_train_seconds'))) if b['kind'] == 'cmn' else '—'} | "
                  f"{hms(b.get('cmn_train_seconds')) if b['kind'] == 'cmn' else '—'} | {b.get('finished', '—')} |")
     L += ["", "Wall includes data loading, per-epoch sampled evaluation, the final full-catalogue evaluation and "
           "checkpoint writing. Baselines: fitting ItemKNN and RP3beta plus their evaluation.", ""]
@@ -418,7 +486,8 @@ def main(argv=None) -> int:
             if exists(f"ablation_{name}"):
                 continue
             label, overrides = ABLATIONS[name]
-            run_cmn(f"ablation_{name}", label, overrides, args, data, command)
+            run_cmn(f"ablation_{name}", label, overrides, args, data, command, epochs=args.ablation_epochs,
+                    full_eval=args.ablation_full_eval)
             report(args, [])
     print(f"wrote {report(args, [])}", flush=True)
     return 0

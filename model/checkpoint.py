@@ -86,8 +86,10 @@ def save_checkpoint(ckpt: Checkpoint, path: str) -> str:
     ckpt.model_version = ckpt.model_version or model_version(state)
     tensors = {f"model.{k}": v for k, v in state.items()}
     tensors["user_ids"], tensors["item_ids"] = _text(ckpt.user_ids), _text(ckpt.item_ids)
-    tensors["train"] = torch.as_tensor(np.asarray(ckpt.train, dtype=np.int64)).reshape(-1, 2)
-    tensors["seen"] = torch.as_tensor(np.asarray(ckpt.seen, dtype=np.int64)).reshape(-1, 2)
+    # torch.tensor copies: `seen` is often the very array `train` is (--holdout none), and safetensors refuses
+    # tensors that share memory
+    tensors["train"] = torch.tensor(np.asarray(ckpt.train, dtype=np.int64)).reshape(-1, 2)
+    tensors["seen"] = torch.tensor(np.asarray(ckpt.seen, dtype=np.int64)).reshape(-1, 2)
     if ckpt.test_users is not None:
         tensors["test.users"] = torch.as_tensor(ckpt.test_users, dtype=torch.long)
         tensors["test.positives"] = torch.as_tensor(ckpt.test_positives, dtype=torch.long)
@@ -111,6 +113,11 @@ def save_checkpoint(ckpt: Checkpoint, path: str) -> str:
     return ckpt.model_version
 
 
+def _one_line(e: Exception) -> str:
+    """An exception's message on one line (load_state_dict's lists one size mismatch per line)."""
+    return " ".join(str(e).split())
+
+
 def load_checkpoint(path: str) -> Checkpoint:
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint not found: {path}")
@@ -128,7 +135,7 @@ def load_checkpoint(path: str) -> Checkpoint:
     except CheckpointError:
         raise
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"{path}: unreadable checkpoint, truncated or corrupt ({e})") from None
+        raise CheckpointError(f"{path}: unreadable checkpoint, truncated or corrupt ({_one_line(e)})") from None
     try:
         config = CMNConfig(**json.loads(meta["config"]))
         state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
@@ -144,7 +151,7 @@ def load_checkpoint(path: str) -> Checkpoint:
             model_version=meta.get("model_version", ""))
         CMN(config).load_state_dict(state)  # shapes and names must match the config
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"{path}: inconsistent checkpoint contents ({type(e).__name__}: {e})") from None
+        raise CheckpointError(f"{path}: inconsistent checkpoint contents ({type(e).__name__}: {_one_line(e)})") from None
     if len(ckpt.user_ids) != config.n_users or len(ckpt.item_ids) != config.n_items:
         raise CheckpointError(f"{path}: id maps ({len(ckpt.user_ids)} users, {len(ckpt.item_ids)} items) do not "
                               f"match the model ({config.n_users}, {config.n_items})")

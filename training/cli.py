@@ -31,9 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
             ("clip", float, "per-tensor gradient norm clip"), ("seed", int, "random seed"),
             ("early-stop", int, "stop after N epochs without validation improvement (needs --validation)"),
             ("min-rating", float, "CSV only: keep interactions with rating >= X")):
-        attr = name.replace("-", "_")
-        t.add_argument(f"--{name}", type=kind, default=getattr(DEFAULTS, attr),
-                       help=f"{text} (default {getattr(DEFAULTS, attr)})")
+        default = getattr(DEFAULTS, name.replace("-", "_"))
+        t.add_argument(f"--{name}", type=kind, default=default,
+                       help=text if default is None else f"{text} (default {default})")
     t.add_argument("--optimizer", choices=("rmsprop", "adam"), default=DEFAULTS.optimizer,
                    help="rmsprop = TensorFlow 1 RMSProp semantics (the paper's); adam")
     t.add_argument("--device", default=DEFAULTS.device, help="auto (cuda if available), cpu or cuda[:N]")

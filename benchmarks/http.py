@@ -1,0 +1,287 @@
+"""HTTP throughput and latency of the real server against the web stack's ceiling, with wrk, same run.
+
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/http.py                     # citeulike-a-sized random model
+    python benchmarks/http.py --checkpoint artifacts/model.ckpt --duration 20 --json /tmp/http.json
+    python benchmarks/http.py --quick                                     # 3 s per point, concurrency 1 and 32
+
+Two servers on 127.0.0.1, both uvicorn with app/__main__.py's settings (one worker, log_config None, no access log):
+- `real`: `python -m app` (CMN_* environment: checkpoint, port, a throw-away feedback store; the rest default);
+- `bare`: a FastAPI app defined here that parses the same pydantic body (app.schemas.RecommendRequest) and answers
+  a same-shaped RecommendResponse of k items without scoring anything: the web stack's ceiling.
+For each request kind (100 candidates; full catalogue) and concurrency (1, 8, 32, 64 connections), wrk
+(`-t1`, `--latency`, a short warm-up first) hits bare then real, alternately, so both see the same machine.
+Requests cycle through 512 bodies of random known users (benchmarks/wrk_post.lua). Reported: req/s, p50, p99,
+non-2xx responses and socket errors, real/bare throughput, and the server's CPU time per request (whole process
+and its main thread, from /proc: robust to other jobs on a shared machine). Target: 100 candidates at concurrency 32
+>= 70% of bare, p99 <= 50 ms, zero errors.
+
+Needs wrk (`apt-get install -y wrk`). Without --checkpoint one is written to --workdir: a CMN with random
+weights (memories scaled to std 0.5) on citeulike-a's training pairs, string ids as a service would see.
+"""
+
+import os
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+# this file is named http.py: its folder must not shadow the standard library's `http` package
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
+sys.path.insert(0, str(ROOT))
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import re  # noqa: E402
+import shutil  # noqa: E402
+import signal  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+DEFAULT_DATA = (ROOT / ".." / "shared" / "data" / "citeulike-a.npz").resolve()
+LUA = HERE / "wrk_post.lua"
+
+
+# --------------------------------------------------------------------------- checkpoint
+
+def make_checkpoint(path: Path, data: str = str(DEFAULT_DATA), hops: int = 3, seed: int = 0) -> Path:
+    """A servable checkpoint with random weights on the data set's training pairs (cost does not depend on
+    the weights). Written once; reused when it exists."""
+    if path.exists():
+        return path
+    import torch
+
+    from model.checkpoint import Checkpoint, save_checkpoint
+    from model.cmn import CMN, CMNConfig
+    from training import data as data_mod
+    ds = data_mod.load(data)
+    torch.manual_seed(seed)
+    model = CMN(CMNConfig(ds.n_users, ds.n_items, 50, hops))
+    with torch.no_grad():
+        for table in (model.user_memory, model.user_output, model.item_memory):
+            table.mul_(50)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(Checkpoint(model.cfg, model.state_dict(), list(ds.user_ids), list(ds.item_ids),
+                               train=ds.train, seen=ds.all_pairs(), meta={"data": ds.name, "note": "random weights"}),
+                    str(path))
+    return path
+
+
+# --------------------------------------------------------------------------- the bare ceiling app
+
+def bare_app():
+    from fastapi import FastAPI
+
+    from app.schemas import RecommendRequest, RecommendResponse, ScoredItem
+    app = FastAPI()
+    filler = [str(i) for i in range(1000)]
+
+    @app.post("/recommend", response_model=RecommendResponse, response_model_exclude_none=True)
+    async def recommend(req: RecommendRequest):
+        start = time.perf_counter()
+        ids = (req.candidates or filler)[:req.k]
+        return RecommendResponse(user_id=req.user_id, items=[ScoredItem(item_id=i, score=1.0 / (n + 1))
+                                                             for n, i in enumerate(ids)],
+                                 model_version="bare", took_ms=round((time.perf_counter() - start) * 1000, 3))
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+    return app
+
+
+def serve_bare(port: int) -> None:
+    import uvicorn
+    uvicorn.run(bare_app(), host="127.0.0.1", port=port, log_config=None, access_log=False,
+                timeout_graceful_shutdown=30)
+
+
+# --------------------------------------------------------------------------- servers and wrk
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
+    import httpx
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before becoming healthy")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise TimeoutError(f"{url} not healthy after {timeout} s")
+
+
+def start_server(kind: str, checkpoint: Path, workdir: Path, extra_env: dict) -> tuple[str, subprocess.Popen]:
+    port = free_port()
+    env = {**os.environ, **extra_env}
+    if kind == "real":
+        env.update(CMN_CHECKPOINT=str(checkpoint), CMN_PORT=str(port), CMN_HOST="127.0.0.1",
+                   CMN_FEEDBACK_PATH=str(workdir / f"feedback-{port}.sqlite3"))
+        cmd = [sys.executable, "-m", "app"]
+    else:
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--serve-bare", str(port)]
+    log = open(workdir / f"server-{kind}-{port}.log", "wb")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    wait_healthy(url, proc)
+    return url, proc
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3}
+
+
+def parse_wrk(out: str) -> dict:
+    def ms(text: str) -> float:
+        number, unit = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text).groups()
+        return float(number) * UNITS[unit]
+    pct = {p: ms(v) for p, v in re.findall(r"^\s+(\d+)%\s+([\d.]+\w+)\s*$", out, re.M)}
+    socket_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    total = re.search(r"(\d+) requests in ([\d.]+)(\w+)", out)
+    return {"req_per_s": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
+            "p50_ms": pct.get("50"), "p99_ms": pct.get("99"), "requests": int(total.group(1)) if total else None,
+            "non_2xx": int(non2xx.group(1)) if non2xx else 0,
+            "socket_errors": sum(map(int, socket_errors.groups())) if socket_errors else 0}
+
+
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """(whole process, main thread) user+system CPU seconds, from /proc."""
+    def read(path: str) -> float:
+        fields = open(path).read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return read(f"/proc/{pid}/stat"), read(f"/proc/{pid}/task/{pid}/stat")
+
+
+def run_wrk(url: str, bodies: Path, connections: int, seconds: float, pid: int | None = None,
+            timeout_s: int = 30) -> dict:
+    cmd = ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", f"--timeout={timeout_s}s", "--latency",
+           "-s", str(LUA), url, "--", str(bodies), "/recommend"]
+    before = cpu_seconds(pid) if pid else None
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    result = parse_wrk(out)
+    if pid and result["requests"]:
+        after = cpu_seconds(pid)  # server CPU per request: robust to other jobs taking the cores away
+        result["cpu_ms_per_request"] = (after[0] - before[0]) * 1e3 / result["requests"]
+        result["main_thread_cpu_ms_per_request"] = (after[1] - before[1]) * 1e3 / result["requests"]
+    return result
+
+
+def write_bodies(path: Path, user_ids: list[str], item_ids: list[str], candidates: int | None, n: int,
+                 seed: int) -> Path:
+    rng = np.random.default_rng(seed)
+    with open(path, "w") as f:
+        for u in rng.choice(len(user_ids), n, replace=False):
+            body = {"user_id": user_ids[u], "k": 10}
+            if candidates:
+                body["candidates"] = [item_ids[i] for i in rng.choice(len(item_ids), candidates, replace=False)]
+            f.write(json.dumps(body) + "\n")
+    return path
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--serve-bare", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    ap.add_argument("--checkpoint", help="serve this checkpoint (default: a random citeulike-a-sized one)")
+    ap.add_argument("--data", default=str(DEFAULT_DATA))
+    ap.add_argument("--workdir", default="/tmp/cmn_bench")
+    ap.add_argument("--duration", type=float, default=10.0, help="seconds per measured point")
+    ap.add_argument("--warmup", type=float, default=2.0, help="seconds of load before each measured point")
+    ap.add_argument("--concurrency", default="1,8,32,64")
+    ap.add_argument("--kinds", default="candidates,full", help="candidates (100 per request) and/or full")
+    ap.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="extra server environment")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--json")
+    args = ap.parse_args(argv)
+    if args.serve_bare:
+        serve_bare(args.serve_bare)
+        return 0
+    if not shutil.which("wrk"):
+        print("error: wrk not found (apt-get install -y wrk)", file=sys.stderr)
+        return 2
+    if args.quick:
+        args.duration, args.warmup, args.concurrency = 3.0, 1.0, "1,32"
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    checkpoint = Path(args.checkpoint) if args.checkpoint else make_checkpoint(workdir / "citeulike-random.ckpt",
+                                                                                args.data)
+    from model.checkpoint import load_checkpoint
+    ckpt = load_checkpoint(str(checkpoint))
+    extra_env = dict(kv.split("=", 1) for kv in args.env)
+    bodies = {}
+    if "candidates" in args.kinds:
+        bodies["candidates"] = write_bodies(workdir / "bodies-candidates.jsonl", ckpt.user_ids, ckpt.item_ids,
+                                            100, min(512, len(ckpt.user_ids)), 1)
+    if "full" in args.kinds:
+        bodies["full"] = write_bodies(workdir / "bodies-full.jsonl", ckpt.user_ids, ckpt.item_ids, None,
+                                      min(512, len(ckpt.user_ids)), 2)
+    print(f"checkpoint {checkpoint} ({checkpoint.stat().st_size / 1e6:.1f} MB; {len(ckpt.user_ids)} users, "
+          f"{len(ckpt.item_ids)} items); nproc {os.cpu_count()}; load average {os.getloadavg()}; "
+          f"server env {extra_env or '(defaults)'}; OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}")
+    del ckpt
+    servers = {}
+    try:
+        for kind in ("bare", "real"):
+            servers[kind] = start_server(kind, checkpoint, workdir, extra_env)
+        rows = []
+        header = f"{'kind':>10} {'conc':>4} {'server':>6} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'non2xx':>6} " \
+                 f"{'sockerr':>7} {'real/bare':>9} {'CPU ms/req':>10} {'main thr':>8}"
+        print(header)
+        for kind, path in bodies.items():
+            for n, c in enumerate(int(x) for x in args.concurrency.split(",")):
+                pair = {}
+                for server in (("bare", "real") if n % 2 == 0 else ("real", "bare")):
+                    url, proc = servers[server]
+                    if args.warmup:
+                        run_wrk(url, path, c, args.warmup)
+                    pair[server] = run_wrk(url, path, c, args.duration, proc.pid)
+                for server in ("bare", "real"):
+                    r = pair[server]
+                    ratio = pair["real"]["req_per_s"] / pair["bare"]["req_per_s"]
+                    row = {"kind": kind, "concurrency": c, "server": server, **r,
+                           "real_over_bare": ratio if server == "real" else None}
+                    rows.append(row)
+                    print(f"{kind:>10} {c:>4} {server:>6} {r['req_per_s']:>9.1f} {r['p50_ms']:>8.2f} "
+                          f"{r['p99_ms']:>8.2f} {r['non_2xx']:>6} {r['socket_errors']:>7} "
+                          f"{(f'{ratio:.0%}' if server == 'real' else ''):>9} "
+                          f"{r.get('cpu_ms_per_request', float('nan')):>10.3f} "
+                          f"{r.get('main_thread_cpu_ms_per_request', float('nan')):>8.3f}", flush=True)
+    finally:
+        for _, proc in servers.values():
+            stop(proc)
+    target = [r for r in rows if r["kind"] == "candidates" and r["concurrency"] == 32 and r["server"] == "real"]
+    if target:
+        t = target[0]
+        ok = t["real_over_bare"] >= 0.7 and t["p99_ms"] <= 50 and t["non_2xx"] + t["socket_errors"] == 0
+        print(f"\ntarget (100 candidates, concurrency 32): real/bare {t['real_over_bare']:.0%} (>= 70%), "
+              f"p99 {t['p99_ms']:.1f} ms (<= 50), errors {t['non_2xx'] + t['socket_errors']} (0) -> "
+              f"{'met' if ok else 'MISSED'}")
+    print(f"load average at the end {os.getloadavg()}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"checkpoint": str(checkpoint), "rows": rows, "env": extra_env,
+                                               "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+                                               "duration_s": args.duration, "command": " ".join(sys.argv)},
+                                              indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

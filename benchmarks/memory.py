@@ -1,0 +1,142 @@
+"""Server memory: RSS of `python -m app` after start-up (model loaded, warm-up calls done) and after a load
+burst, next to the checkpoint's file size, the scorer cache's own tensors and a bare FastAPI process.
+
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/memory.py                   # citeulike-a-sized random model
+    python benchmarks/memory.py --checkpoint artifacts/model.ckpt --burst 20 --json /tmp/memory.json
+
+The burst is wrk at 64 connections: --burst seconds of full-catalogue requests (64 users per scorer call, the
+largest activations), then --burst seconds of 100-candidate requests. RSS is read from /proc (VmRSS; VmHWM is
+the peak). The scorer cache is counted in this process by building the same Scorer over the checkpoint.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+# benchmarks/http.py would shadow the standard library's `http` for anything imported from this folder
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
+sys.path.insert(0, str(ROOT))
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import shutil  # noqa: E402
+import time  # noqa: E402
+
+import torch  # noqa: E402
+
+from benchmarks.http import DEFAULT_DATA, make_checkpoint, run_wrk, start_server, stop, write_bodies  # noqa: E402
+
+
+def status_mb(pid: int) -> dict:
+    out = {}
+    for line in open(f"/proc/{pid}/status"):
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
+            out[key] = int(value.split()[0]) / 1024
+    return out
+
+
+def tensor_mb(obj) -> float:
+    seen, total = set(), 0
+    def add(t):
+        nonlocal total
+        if isinstance(t, torch.Tensor):
+            if t.layout == torch.sparse_csr:
+                for part in (t.crow_indices(), t.col_indices(), t.values()):
+                    add(part)
+                return
+            key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+            if key not in seen:
+                seen.add(key)
+                total += t.untyped_storage().nbytes()
+    for value in vars(obj).values():
+        if isinstance(value, list):
+            for item in value:
+                for field in (vars(item).values() if hasattr(item, "__dict__") else [item]):
+                    add(field)
+        elif hasattr(value, "__dataclass_fields__"):
+            for field in vars(value).values():
+                add(field)
+        else:
+            add(value)
+    return total / 2 ** 20
+
+
+def scorer_cache_mb(checkpoint: Path) -> tuple[float, float]:
+    """(model parameters, scorer cache beyond them) in MiB."""
+    from model.checkpoint import load_checkpoint
+    from model.scorer import Scorer
+    ckpt = load_checkpoint(str(checkpoint))
+    model = ckpt.build_model()
+    params = sum(p.numel() * p.element_size() for p in model.parameters()) / 2 ** 20
+    return params, tensor_mb(Scorer(model, *ckpt.item_users()))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--checkpoint")
+    ap.add_argument("--data", default=str(DEFAULT_DATA))
+    ap.add_argument("--workdir", default="/tmp/cmn_bench")
+    ap.add_argument("--burst", type=float, default=10.0, help="seconds of each burst kind")
+    ap.add_argument("--env", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--json")
+    args = ap.parse_args(argv)
+    if not shutil.which("wrk"):
+        print("error: wrk not found (apt-get install -y wrk)", file=sys.stderr)
+        return 2
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    checkpoint = Path(args.checkpoint) if args.checkpoint else make_checkpoint(workdir / "citeulike-random.ckpt",
+                                                                                args.data)
+    from model.checkpoint import load_checkpoint
+    ckpt = load_checkpoint(str(checkpoint))
+    full = write_bodies(workdir / "bodies-full.jsonl", ckpt.user_ids, ckpt.item_ids, None,
+                        min(512, len(ckpt.user_ids)), 2)
+    cand = write_bodies(workdir / "bodies-candidates.jsonl", ckpt.user_ids, ckpt.item_ids, 100,
+                        min(512, len(ckpt.user_ids)), 1)
+    del ckpt
+    params_mb, cache_mb = scorer_cache_mb(checkpoint)
+    extra_env = dict(kv.split("=", 1) for kv in args.env)
+    rows = {}
+    for kind in ("bare", "real"):
+        start = time.perf_counter()
+        url, proc = start_server(kind, checkpoint, workdir, extra_env)
+        try:
+            ready_s = time.perf_counter() - start
+            time.sleep(1.0)
+            rows[kind] = {"ready_seconds": ready_s, "after_start": status_mb(proc.pid)}
+            if kind == "real":
+                served = {}
+                for name, bodies in (("full", full), ("candidates", cand)):
+                    served[name] = run_wrk(url, bodies, 64, args.burst, proc.pid)
+                rows[kind]["burst"] = {k: {"requests": v["requests"], "req_per_s": v["req_per_s"],
+                                           "errors": v["non_2xx"] + v["socket_errors"]} for k, v in served.items()}
+                time.sleep(1.0)
+                rows[kind]["after_burst"] = status_mb(proc.pid)
+        finally:
+            stop(proc)
+    size_mb = checkpoint.stat().st_size / 2 ** 20
+    print(f"checkpoint {checkpoint}: {size_mb:.1f} MiB on disk; model parameters {params_mb:.1f} MiB; scorer cache "
+          f"(buckets, packed CSR, cached terms) {cache_mb:.1f} MiB; nproc {os.cpu_count()}, torch {torch.__version__}")
+    b, r = rows["bare"]["after_start"], rows["real"]
+    print(f"bare FastAPI process (imports, no model):  RSS {b['VmRSS']:.0f} MiB")
+    print(f"real server after start-up + warm-up:      RSS {r['after_start']['VmRSS']:.0f} MiB "
+          f"(anon {r['after_start']['RssAnon']:.0f}, file {r['after_start']['RssFile']:.0f}); "
+          f"ready in {r['ready_seconds']:.1f} s")
+    print(f"real server after the burst:               RSS {r['after_burst']['VmRSS']:.0f} MiB, peak (VmHWM) "
+          f"{r['after_burst']['VmHWM']:.0f} MiB; burst "
+          + ", ".join(f"{k} {v['requests']} requests ({v['req_per_s']:.0f}/s, {v['errors']} errors)"
+                      for k, v in r["burst"].items()))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"checkpoint": str(checkpoint), "checkpoint_mib": size_mb,
+                                               "model_parameters_mib": params_mb, "scorer_cache_mib": cache_mb,
+                                               "servers": rows, "env": extra_env,
+                                               "command": " ".join([sys.executable] + sys.argv)}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

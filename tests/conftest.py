@@ -1,0 +1,162 @@
+"""Shared helpers and fixtures for the core test suite.
+
+- `reference_forward`: an independent numpy rendering of CMN's forward equations
+  (../shared/docs/cmn-reference.md) on PADDED neighbourhood arrays with masks; the module uses packed segments.
+- small random data/model builders, a hand-built item → users CSR, a CLI runner;
+- `trained_checkpoint`: ONE real `python -m training train` run on the synthetic default, shared by the session.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from model.cmn import CMN, CMNConfig
+
+REPO = Path(__file__).resolve().parents[1]
+CITEULIKE = Path(__file__).resolve().parents[2] / "shared" / "data" / "citeulike-a.npz"
+ACCEPTANCE_EPOCHS = 3
+
+
+# --------------------------------------------------------------------------- data helpers
+
+def random_train(rng: np.random.Generator, n_users: int, lengths: list[int]) -> np.ndarray:
+    """(n, 2) unique (user, item) pairs in which item j has exactly `lengths[j]` distinct users."""
+    pairs = [(int(u), j) for j, n in enumerate(lengths) for u in rng.choice(n_users, size=n, replace=False)]
+    return np.array(pairs, dtype=np.int64).reshape(-1, 2)
+
+
+def item_user_csr(train: np.ndarray, n_items: int, rng: np.random.Generator | None = None):
+    """Item → users CSR built by hand (not with model.checkpoint.csr). With `rng`, users are shuffled within
+    each item: attention is order-free, so the model must not depend on the order."""
+    by_item = [sorted(set(train[train[:, 1] == j, 0].tolist())) for j in range(n_items)]
+    if rng is not None:
+        by_item = [list(rng.permutation(users)) for users in by_item]
+    indptr = np.zeros(n_items + 1, dtype=np.int64)
+    indptr[1:] = np.cumsum([len(users) for users in by_item])
+    indices = np.array([u for users in by_item for u in users], dtype=np.int64)
+    return torch.from_numpy(indptr), torch.from_numpy(indices)
+
+
+def neighbourhood(train: np.ndarray, user: int, item: int, exclude_self: bool = False) -> list[int]:
+    """N(i) by the spec: the item's training users (minus the querying user with exclude_self); empty → [u]."""
+    users = sorted(set(train[train[:, 1] == item, 0].tolist()))
+    if exclude_self:
+        users = [v for v in users if v != user]
+    return users or [user]
+
+
+# --------------------------------------------------------------------------- model helpers
+
+def make_cmn(n_users: int, n_items: int, d: int, hops: int, seed: int = 0, embed_std: float = 0.5,
+             sparse_grad: bool = True) -> CMN:
+    """A CMN whose memories are large enough for non-uniform attention and whose biases are random (so a
+    forgotten bias or a wrong one shows up in the scores)."""
+    torch.manual_seed(seed)
+    model = CMN(CMNConfig(n_users, n_items, d, hops), sparse_grad=sparse_grad)
+    with torch.no_grad():
+        for table in (model.user_memory, model.user_output, model.item_memory):
+            table.normal_(0.0, embed_std)
+        for m in list(model.hop_maps) + [model.output]:
+            m.bias.uniform_(-0.5, 0.5)
+    return model
+
+
+def numpy_params(model: CMN) -> dict:
+    """The model's weights as float64 numpy arrays under the spec's names."""
+    np_ = lambda t: t.detach().cpu().double().numpy()
+    return {"M": np_(model.user_memory), "C": np_(model.user_output), "E": np_(model.item_memory),
+            "W": [np_(m.weight) for m in model.hop_maps], "b": [np_(m.bias) for m in model.hop_maps],
+            "U": np_(model.output.weight), "U_b": np_(model.output.bias), "v": np_(model.v.weight)[0]}
+
+
+def relu(x):
+    return np.maximum(x, 0.0)
+
+
+def reference_forward(P: dict, users, items, nbrs: list[list[int]]):
+    """Scores and last-hop attention of the pairs (users[b], items[b]) with neighbourhoods nbrs[b].
+
+    Padded layout: neighbours in a (B, L) array, L = the longest neighbourhood, plus a boolean mask.
+        z¹ = m_u + e_i;  zʰ = ReLU(W_h zʰ⁻¹ + b_h + oʰ⁻¹) for h ≥ 2
+        p  = softmax over the real slots of q_v = zʰ·M[v]   (padding: weight 0)
+        oʰ = Σ_v p_v C[v]
+        r  = vᵀ ReLU(U [m_u ⊙ e_i ; o^H] + b)
+    Returns (scores (B,), attention (B, L), padded neighbour ids (B, L), mask (B, L)).
+    """
+    users, items = np.asarray(users), np.asarray(items)
+    B, L = len(users), max(len(n) for n in nbrs)
+    nbr = np.zeros((B, L), dtype=np.int64)
+    mask = np.zeros((B, L), dtype=bool)
+    for b, n in enumerate(nbrs):
+        nbr[b, :len(n)] = n
+        mask[b, :len(n)] = True
+    m_u, e_i = P["M"][users], P["E"][items]
+    keys, values = P["M"][nbr], P["C"][nbr]                      # (B, L, d)
+    z, o, p = m_u + e_i, None, None
+    for h in range(len(P["W"]) + 1):
+        if h > 0:
+            z = relu(z @ P["W"][h - 1].T + P["b"][h - 1] + o)
+        q = np.einsum("bld,bd->bl", keys, z)
+        q = np.where(mask, q, -np.inf)
+        q = q - q.max(axis=1, keepdims=True)
+        w = np.where(mask, np.exp(q), 0.0)
+        p = w / w.sum(axis=1, keepdims=True)
+        o = np.einsum("bl,bld->bd", p, values)
+    hidden = relu(np.concatenate([m_u * e_i, o], axis=1) @ P["U"].T + P["U_b"])
+    return hidden @ P["v"], p, nbr, mask
+
+
+# --------------------------------------------------------------------------- checkpoint helper
+
+def small_checkpoint(path, n_users: int = 7, n_items: int = 6, seed: int = 0) -> str:
+    """Writes a small but complete checkpoint (random CMN, id maps, CSR pairs, test split) with the real
+    `save_checkpoint`; returns its path."""
+    from model.checkpoint import Checkpoint, save_checkpoint
+    rng = np.random.default_rng(seed)
+    model = make_cmn(n_users, n_items, d=4, hops=2, seed=seed)
+    train = random_train(rng, n_users, [3, 1, 0, 2, 4, 2])
+    ckpt = Checkpoint(model.cfg, model.state_dict(), [f"u{i}" for i in range(n_users)],
+                      [f"i{i}" for i in range(n_items)], train=train, seen=train,
+                      test_users=np.array([0, 1]), test_positives=np.array([2, 5]),
+                      test_negatives=np.array([[1, 3], [0, 4]]))
+    save_checkpoint(ckpt, str(path))
+    return str(path)
+
+
+# --------------------------------------------------------------------------- CLI
+
+def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`python -m training ARGS` as a real subprocess from the repository root.
+
+    One intra-op thread unless the caller's environment says otherwise: the model's ops are small, and on a
+    busy machine (other test sessions training too) OpenMP threads that spin at barriers made the acceptance
+    run ~100x slower (measured: GMF 1.4k triples/s with 2 threads against 130k with 1 at load ~6 on 2 cores).
+    """
+    env = {"OMP_NUM_THREADS": "1", **os.environ, "MPLBACKEND": "Agg", "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, "-m", "training", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@dataclass
+class TrainedCheckpoint:
+    path: Path                              # the checkpoint; metrics JSON and PNG lie next to it
+    train: subprocess.CompletedProcess      # the finished `train` run (stdout, stderr)
+
+
+@pytest.fixture(scope="session")
+def trained_checkpoint(tmp_path_factory) -> TrainedCheckpoint:
+    """`python -m training train --data synthetic --out X --epochs 3 --seed 0`, run once per session
+    (~60 s on 2 cores, most of it the auto-sized GMF pretraining)."""
+    out = tmp_path_factory.mktemp("trained") / "model.ckpt"
+    # ~60 s on an idle 2-core machine; the generous limit is for a busy one, where it has taken over 10 minutes
+    proc = run_cli("train", "--data", "synthetic", "--out", str(out), "--epochs", str(ACCEPTANCE_EPOCHS),
+                   "--seed", "0", timeout=1800)
+    assert proc.returncode == 0, f"training failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}"
+    return TrainedCheckpoint(out, proc)

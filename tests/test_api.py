@@ -1,0 +1,503 @@
+"""The HTTP contract (docs/api.md) in-process: the real FastAPI app over httpx's ASGI transport, lifespan run.
+
+Every answer is checked against ground truth computed here from the checkpoint itself (its seen pairs, its
+training popularity, its neighbourhoods, and the offline scorer), not against the server's own helpers.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from contextlib import asynccontextmanager
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from prometheus_client.parser import text_string_to_metric_families
+
+import app.service as service_module
+from app.engine import Engine
+from app.main import create_app
+from app.settings import Settings
+from model.checkpoint import load_checkpoint
+from model.scorer import Scorer
+
+pytestmark = pytest.mark.anyio
+
+TOL = 1e-4           # served vs offline scores (float32 arithmetic in different batch shapes)
+UNKNOWN_USER = "no-such-user-\u00e9"
+
+
+# --------------------------------------------------------------------------- ground truth
+
+class Truth:
+    """What the checkpoint says, in external ids."""
+
+    def __init__(self, path: str):
+        ckpt = load_checkpoint(path)
+        self.ckpt = ckpt
+        self.version = ckpt.model_version
+        self.user_ids, self.item_ids = ckpt.user_ids, ckpt.item_ids
+        self.user_index = {u: n for n, u in enumerate(self.user_ids)}
+        self.item_index = {i: n for n, i in enumerate(self.item_ids)}
+        self.seen = [set() for _ in self.user_ids]
+        for u, i in ckpt.seen.tolist():
+            self.seen[u].add(self.item_ids[i])
+        self.popularity = np.bincount(ckpt.train[:, 1], minlength=len(self.item_ids))
+        indptr, indices = ckpt.item_users()
+        self.neighbours = [[self.user_ids[v] for v in indices[indptr[j]:indptr[j + 1]]]
+                           for j in range(len(self.item_ids))]
+        exclude_self = bool(ckpt.meta.get("train_config", {}).get("exclude_self", False))
+        self.scorer = Scorer(ckpt.build_model("cpu"), indptr, indices, device="cpu", exclude_self=exclude_self)
+        self.full = torch.cat([self.scorer.score(torch.arange(s, min(s + 100, len(self.user_ids))))
+                               for s in range(0, len(self.user_ids), 100)]).numpy()
+
+    def score(self, user: str, item: str) -> float:
+        return float(self.full[self.user_index[user], self.item_index[item]])
+
+    def sample_users(self, n: int, seed: int = 0) -> list[str]:
+        """`n` users, always including the one with the most seen items (the hardest exclude_seen case)."""
+        rng = np.random.default_rng(seed)
+        busiest = int(np.argmax([len(s) for s in self.seen]))
+        others = rng.choice(len(self.user_ids), size=n - 1, replace=False)
+        return [self.user_ids[busiest]] + [self.user_ids[u] for u in others if u != busiest][:n - 1]
+
+
+@pytest.fixture(scope="module")
+def ckpt_path(trained_checkpoint) -> str:
+    return str(trained_checkpoint.path)
+
+
+@pytest.fixture(scope="module")
+def truth(ckpt_path) -> Truth:
+    return Truth(ckpt_path)
+
+
+# --------------------------------------------------------------------------- app under test
+
+@asynccontextmanager
+async def serving(settings: Settings):
+    """The app with its lifespan running and a client on it (the lifespan starts the load in the background)."""
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://cmn.test",
+                                     timeout=60) as client:
+            yield client
+
+
+async def wait_ready(client: httpx.AsyncClient, timeout: float = 120) -> httpx.Response:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while loop.time() < deadline:
+        r = await client.get("/health")
+        if r.status_code == 200:
+            return r
+        assert r.status_code == 503, r.text
+        await asyncio.sleep(0.05)
+    raise TimeoutError(f"not healthy after {timeout} s: {r.text}")
+
+
+def settings_for(path: str, tmp, **kw) -> Settings:
+    return Settings(checkpoint=path, feedback_path=str(tmp / "feedback.sqlite3"), device="cpu", warmup_calls=1,
+                    **kw)
+
+
+@pytest.fixture(scope="module")
+async def client(ckpt_path, tmp_path_factory):
+    async with serving(settings_for(ckpt_path, tmp_path_factory.mktemp("api"))) as c:
+        await wait_ready(c)
+        yield c
+
+
+@pytest.fixture(scope="module")
+async def explain_client(ckpt_path, tmp_path_factory):
+    async with serving(settings_for(ckpt_path, tmp_path_factory.mktemp("api-explain"), allow_explain=True)) as c:
+        await wait_ready(c)
+        yield c
+
+
+async def recommend(client, **body) -> dict:
+    r = await client.post("/recommend", json=body)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def ids(answer: dict) -> list[str]:
+    return [x["item_id"] for x in answer["items"]]
+
+
+def scores(answer: dict) -> list[float]:
+    return [x["score"] for x in answer["items"]]
+
+
+def assert_sorted(answer: dict) -> None:
+    s = scores(answer)
+    assert all(a >= b for a, b in zip(s, s[1:])), f"scores not descending: {s}"
+    assert len(set(ids(answer))) == len(answer["items"]), "an item is listed twice"
+
+
+# --------------------------------------------------------------------------- health and readiness
+
+async def test_health_before_and_after_load(ckpt_path, truth, tmp_path, monkeypatch):
+    """Loading is held on a gate, so 'before' is deterministic: /health 503 loading, /recommend 503 + Retry-After."""
+    gate = threading.Event()
+
+    class GatedEngine(Engine):
+        def __init__(self, *args, **kwargs):
+            gate.wait(60)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(service_module, "Engine", GatedEngine)
+    async with serving(settings_for(ckpt_path, tmp_path)) as c:
+        try:
+            r = await c.get("/health")
+            assert r.status_code == 503
+            body = r.json()
+            assert body["status"] == "loading"
+            assert "model_version" not in body and "users" not in body
+            for path, payload in (("/recommend", {"user_id": truth.user_ids[0]}),
+                                  ("/recommend/batch", {"requests": [{"user_id": truth.user_ids[0]}]})):
+                r = await c.post(path, json=payload)
+                assert r.status_code == 503, r.text
+                assert int(r.headers["retry-after"]) > 0
+                assert "loading" in r.json()["detail"]
+            # validation still answers 422 (not 503, not 500) while loading
+            assert (await c.post("/recommend", json={"user_id": "1", "k": 0})).status_code == 422
+        finally:
+            gate.set()
+        r = await wait_ready(c)
+    body = r.json()
+    assert body["status"] == "ok"
+    assert body["model_version"] == truth.version
+    assert body["device"] == "cpu"
+    assert body["users"] == len(truth.user_ids) and body["items"] == len(truth.item_ids)
+    assert isinstance(body["uptime_s"], (int, float)) and body["uptime_s"] >= 0
+
+
+async def test_health_when_the_checkpoint_cannot_load(tmp_path):
+    async with serving(settings_for(str(tmp_path / "missing.ckpt"), tmp_path)) as c:
+        for _ in range(200):
+            r = await c.get("/health")
+            if r.json()["status"] != "loading":
+                break
+            await asyncio.sleep(0.05)
+        assert r.status_code == 503
+        assert r.json()["status"] == "failed" and "missing.ckpt" in r.json()["detail"]
+        r = await c.post("/recommend", json={"user_id": "1"})
+        assert r.status_code == 503 and "retry-after" in r.headers
+
+
+async def test_health_ok(client, truth):
+    r = await client.get("/health")
+    assert r.status_code == 200
+    body = r.json()
+    assert body["status"] == "ok" and body["model_version"] == truth.version and body["device"] == "cpu"
+    assert (body["users"], body["items"]) == (len(truth.user_ids), len(truth.item_ids))
+    assert body["uptime_s"] >= 0
+
+
+# --------------------------------------------------------------------------- /recommend
+
+async def test_full_catalogue_is_the_true_top_k_of_unseen_items(client, truth):
+    for user in truth.sample_users(6):
+        a = await recommend(client, user_id=user, k=25)
+        assert a["user_id"] == user and a["model_version"] == truth.version
+        assert a.get("fallback") is None
+        assert isinstance(a["took_ms"], (int, float)) and a["took_ms"] >= 0
+        assert len(a["items"]) == 25
+        assert_sorted(a)
+        assert not set(ids(a)) & truth.seen[truth.user_index[user]], "exclude_seen returned a seen item"
+        for item, s in zip(ids(a), scores(a)):
+            assert abs(s - truth.score(user, item)) <= TOL
+        # nothing left out scores higher than the last item served
+        row = truth.full[truth.user_index[user]].copy()
+        banned = [truth.item_index[i] for i in truth.seen[truth.user_index[user]] | set(ids(a))]
+        row[banned] = -np.inf
+        assert row.max() <= scores(a)[-1] + TOL
+
+
+async def test_k_defaults_to_10_and_is_honoured(client, truth):
+    user = truth.user_ids[3]
+    assert len((await recommend(client, user_id=user))["items"]) == 10
+    for k in (1, 7, 1000):
+        assert len((await recommend(client, user_id=user, k=k))["items"]) == k
+
+
+async def test_exclude_seen_false_returns_seen_items(client, truth):
+    user = truth.sample_users(1)[0]
+    seen = sorted(truth.seen[truth.user_index[user]])
+    a = await recommend(client, user_id=user, candidates=seen, exclude_seen=False, k=1000)
+    assert sorted(ids(a)) == seen
+    # by default every one of them is removed: nothing remains, and that is not an error
+    a = await recommend(client, user_id=user, candidates=seen, k=1000)
+    assert a["items"] == []
+
+
+async def test_k_larger_than_what_remains_returns_what_remains(client, truth):
+    user = truth.sample_users(1, seed=1)[0]
+    seen = sorted(truth.seen[truth.user_index[user]])[:3]
+    unseen = [i for i in truth.item_ids if i not in truth.seen[truth.user_index[user]]][:4]
+    a = await recommend(client, user_id=user, candidates=seen + unseen, k=10)
+    assert sorted(ids(a)) == sorted(unseen)
+    assert_sorted(a)
+    a = await recommend(client, user_id=user, candidates=seen + unseen, exclude=unseen[:1], k=10)
+    assert sorted(ids(a)) == sorted(unseen[1:])
+
+
+async def test_exclude_removes_items(client, truth):
+    user = truth.user_ids[10]
+    top = ids(await recommend(client, user_id=user, k=10))
+    a = await recommend(client, user_id=user, k=10, exclude=top[:3])
+    assert not set(top[:3]) & set(ids(a))
+    assert ids(a)[:7] == top[3:]
+    a = await recommend(client, user_id=user, k=10, exclude=top[:3], exclude_seen=False)
+    assert not set(top[:3]) & set(ids(a))
+
+
+async def test_candidates_restrict_the_answer(client, truth):
+    rng = np.random.default_rng(7)
+    user = truth.user_ids[int(rng.integers(len(truth.user_ids)))]
+    candidates = [truth.item_ids[j] for j in rng.choice(len(truth.item_ids), size=40, replace=False)]
+    a = await recommend(client, user_id=user, candidates=candidates, exclude_seen=False, k=1000)
+    assert sorted(ids(a)) == sorted(candidates)
+    assert_sorted(a)
+    for item, s in zip(ids(a), scores(a)):  # the candidate route agrees with the full-catalogue scores
+        assert abs(s - truth.score(user, item)) <= TOL
+    a = await recommend(client, user_id=user, candidates=candidates, exclude_seen=False, k=5)
+    assert len(a["items"]) == 5 and set(ids(a)) <= set(candidates)
+
+
+async def test_integer_and_string_ids_are_the_same(client, truth):
+    user = next((u for u in truth.user_ids if u.isdigit() and not u.startswith("0")), None)
+    if user is None:
+        pytest.skip("the checkpoint has no integer-like user ids")
+    as_str = await recommend(client, user_id=user, k=20)
+    as_int = await recommend(client, user_id=int(user), k=20)
+    assert as_int["user_id"] == user and as_int.get("fallback") is None
+    assert as_int["items"] == as_str["items"]
+    items = [i for i in truth.item_ids if i.isdigit() and not i.startswith("0")][:30]
+    by_str = await recommend(client, user_id=user, candidates=items, exclude_seen=False, k=30)
+    by_int = await recommend(client, user_id=int(user), candidates=[int(i) for i in items], exclude_seen=False,
+                             k=30)
+    assert by_int["items"] == by_str["items"] and len(by_int["items"]) == 30
+
+
+async def test_unknown_user_gets_popularity(client, truth):
+    for user in (UNKNOWN_USER, 10 ** 12):
+        a = await recommend(client, user_id=user, k=20)
+        assert a["fallback"] == "unknown_user" and a["user_id"] == str(user)
+        assert a["model_version"] == truth.version and a["took_ms"] >= 0
+        assert_sorted(a)
+        assert scores(a) == [float(truth.popularity[truth.item_index[i]]) for i in ids(a)]
+        assert scores(a) == sorted(truth.popularity.tolist(), reverse=True)[:20]
+    # candidates and exclusions still apply
+    candidates = truth.item_ids[:50]
+    a = await recommend(client, user_id=UNKNOWN_USER, candidates=candidates, exclude=candidates[:5], k=1000)
+    assert sorted(ids(a)) == sorted(candidates[5:])
+    assert scores(a) == sorted((float(truth.popularity[truth.item_index[i]]) for i in candidates[5:]), reverse=True)
+
+
+async def test_request_id_is_echoed_or_generated(client, truth):
+    r = await client.post("/recommend", json={"user_id": truth.user_ids[0]}, headers={"X-Request-ID": "req-42"})
+    assert r.status_code == 200 and r.headers["x-request-id"] == "req-42"
+    r = await client.post("/recommend", json={"user_id": truth.user_ids[0], "k": 0},
+                          headers={"X-Request-ID": "req-43"})
+    assert r.status_code == 422 and r.headers["x-request-id"] == "req-43"
+    first = (await client.post("/recommend", json={"user_id": truth.user_ids[0]})).headers.get("x-request-id")
+    second = (await client.get("/health")).headers.get("x-request-id")
+    assert first and second and first != second
+
+
+# --------------------------------------------------------------------------- explain
+
+async def test_explain_is_refused_unless_enabled(client, truth):
+    for path, body in (("/recommend", {"user_id": truth.user_ids[0], "explain": True}),
+                       ("/recommend/batch", {"requests": [{"user_id": truth.user_ids[0]},
+                                                          {"user_id": truth.user_ids[1], "explain": True}]})):
+        r = await client.post(path, json=body)
+        assert r.status_code == 403, r.text
+        assert "CMN_ALLOW_EXPLAIN" in r.json()["detail"]
+
+
+async def test_explain_lists_attended_neighbours(explain_client, truth):
+    for user in truth.sample_users(4, seed=3):
+        plain = await recommend(explain_client, user_id=user, k=10)
+        assert all("explanation" not in x for x in plain["items"])
+        a = await recommend(explain_client, user_id=user, k=10, explain=True)
+        assert [(x["item_id"], x["score"]) for x in a["items"]] == [(x["item_id"], x["score"]) for x in plain["items"]]
+        expected = truth.scorer.attention(truth.user_index[user],
+                                          torch.tensor([truth.item_index[i] for i in ids(a)]), top=5)
+        for x, want in zip(a["items"], expected):
+            expl = x["explanation"]
+            neighbourhood = truth.neighbours[truth.item_index[x["item_id"]]] or [user]
+            users = [n["user_id"] for n in expl]
+            weights = [n["weight"] for n in expl]
+            assert 1 <= len(expl) <= 5 and len(set(users)) == len(users)
+            assert set(users) <= set(neighbourhood), "explanation names a user outside the item's neighbourhood"
+            assert all(0 < w <= 1 for w in weights)
+            assert weights == sorted(weights, reverse=True)
+            if len(neighbourhood) <= 5:  # the whole last-hop attention is shown: it sums to 1
+                assert len(expl) == len(neighbourhood) and abs(sum(weights) - 1) < 1e-4
+            assert users == [truth.user_ids[v] for v, _ in want]
+            assert np.allclose(weights, [w for _, w in want], atol=1e-5)
+    a = await recommend(explain_client, user_id=UNKNOWN_USER, k=3, explain=True)  # popularity: nothing to explain
+    assert a["fallback"] == "unknown_user" and all("explanation" not in x for x in a["items"])
+
+
+# --------------------------------------------------------------------------- /recommend/batch
+
+async def test_batch_answers_each_request_as_recommend_would(client, truth):
+    users = truth.sample_users(5, seed=5)
+    candidates = truth.item_ids[100:160]
+    requests = [{"user_id": users[0], "k": 15},
+                {"user_id": users[1], "k": 3, "exclude_seen": False},
+                {"user_id": users[2], "candidates": candidates, "k": 1000},
+                {"user_id": UNKNOWN_USER, "k": 5},
+                {"user_id": users[3], "k": 8, "exclude": truth.item_ids[:200]},
+                {"user_id": int(users[4]) if users[4].isdigit() else users[4], "candidates": candidates,
+                 "exclude_seen": False, "k": 7},
+                {"user_id": users[0], "k": 15}]
+    r = await client.post("/recommend/batch", json={"requests": requests})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model_version"] == truth.version and body["took_ms"] >= 0
+    assert len(body["results"]) == len(requests)
+    for req, got in zip(requests, body["results"]):
+        single = await recommend(client, **req)
+        assert got["user_id"] == single["user_id"] == str(req["user_id"])
+        assert got.get("fallback") == single.get("fallback")
+        assert ids(got) == ids(single)
+        assert np.allclose(scores(got), scores(single), rtol=0, atol=1e-5)
+    assert body["results"][3]["fallback"] == "unknown_user"
+
+
+# --------------------------------------------------------------------------- errors
+
+async def test_unknown_candidate_and_exclude_ids(client, truth):
+    user, known = truth.user_ids[0], truth.item_ids[:3]
+    for field in ("candidates", "exclude"):
+        r = await client.post("/recommend", json={"user_id": user, field: known + ["nope-1", 404404]})
+        assert r.status_code == 422, r.text
+        detail = r.json()["detail"]
+        assert detail["field"] == field and detail["unknown"] == ["nope-1", "404404"]
+    r = await client.post("/recommend/batch", json={"requests": [{"user_id": user},
+                                                                 {"user_id": user, "candidates": ["nope-1"]}]})
+    assert r.status_code == 422 and r.json()["detail"]["unknown"] == ["nope-1"]
+    a = await recommend(client, user_id=user, candidates=known + ["nope-1"], exclude=["nope-2", known[0]],
+                        exclude_seen=False, ignore_unknown=True, k=10)
+    assert sorted(ids(a)) == sorted(known[1:])
+    a = await recommend(client, user_id=user, candidates=["nope-1", "nope-3"], ignore_unknown=True)
+    assert a["items"] == []
+
+
+INVALID_BODIES = {
+    "k=0": {"user_id": "1", "k": 0},
+    "k=1001": {"user_id": "1", "k": 1001},
+    "k='ten'": {"user_id": "1", "k": "ten"},
+    "k=2.5": {"user_id": "1", "k": 2.5},
+    "k=null": {"user_id": "1", "k": None},
+    "missing user_id": {"k": 5},
+    "user_id null": {"user_id": None},
+    "user_id empty": {"user_id": ""},
+    "user_id float": {"user_id": 1.5},
+    "user_id list": {"user_id": ["1"]},
+    "extra field": {"user_id": "1", "N": 10},
+    "empty candidates": {"user_id": "1", "candidates": []},
+    "duplicate candidates": {"user_id": "1", "candidates": ["5", "9", "5"]},
+    "duplicate candidates int and str": {"user_id": "1", "candidates": ["5", 5]},
+    "10,001 candidates": {"user_id": "1", "candidates": [str(n) for n in range(10_001)]},
+    "candidates not a list": {"user_id": "1", "candidates": "5"},
+    "exclude of objects": {"user_id": "1", "exclude": [{"id": "5"}]},
+    "explain not a bool": {"user_id": "1", "explain": "please"},
+    "not an object": ["user_id", "1"],
+    "batch empty": ("/recommend/batch", {"requests": []}),
+    "batch of 257": ("/recommend/batch", {"requests": [{"user_id": "1"}] * 257}),
+    "batch with an invalid request": ("/recommend/batch", {"requests": [{"user_id": "1"}, {"user_id": "1", "k": 0}]}),
+    "batch extra field": ("/recommend/batch", {"requests": [{"user_id": "1"}], "k": 3}),
+}
+RAW_BODIES = {
+    "malformed JSON": b'{"user_id": "1", "k": ',
+    "trailing garbage": b'{"user_id": "1"} x',
+    "empty body": b"",
+    "not UTF-8": b'{"user_id": "\xff\xfe"}',
+    "NaN k": b'{"user_id": "1", "k": NaN}',
+}
+
+
+@pytest.mark.parametrize("name", list(INVALID_BODIES) + list(RAW_BODIES))
+async def test_invalid_bodies_are_422(client, name):
+    path, body = "/recommend", INVALID_BODIES.get(name, RAW_BODIES.get(name))
+    if isinstance(body, tuple):
+        path, body = body
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    r = await client.post(path, content=content, headers={"Content-Type": "application/json"})
+    assert r.status_code == 422, f"{name}: {r.status_code} {r.text[:300]}"
+    assert r.headers["content-type"].startswith("application/json")
+    assert r.json()["detail"]
+    if name == "10,001 candidates":  # inputs are not echoed back
+        assert len(r.content) < 2000
+
+
+async def test_body_size_limit(client, truth):
+    limit = Settings().max_body_bytes
+    head, tail = b'{"user_id": "%s", "k": 3' % truth.user_ids[0].encode(), b"}"
+    under = head + b" " * (limit - len(head) - len(tail)) + tail   # exactly at the limit: accepted
+    r = await client.post("/recommend", content=under, headers={"Content-Type": "application/json"})
+    assert r.status_code == 200, r.text
+    over = head + b" " * (limit + 1 - len(head) - len(tail)) + tail
+    r = await client.post("/recommend", content=over, headers={"Content-Type": "application/json"})
+    assert r.status_code == 413 and "exceeds" in r.json()["detail"]
+
+    async def chunks():  # no Content-Length: the limit is enforced while reading
+        yield head
+        for _ in range(limit // 65536 + 2):
+            yield b" " * 65536
+        yield tail
+    r = await client.post("/recommend/batch", content=chunks(), headers={"Content-Type": "application/json"})
+    assert r.status_code == 413 and r.headers["content-type"].startswith("application/json")
+
+
+async def test_unknown_routes_and_methods(client):
+    for method, path in (("GET", "/nope"), ("POST", "/recommend/nope"), ("PUT", "/v2/recommend")):
+        r = await client.request(method, path)
+        assert r.status_code == 404, (method, path, r.status_code)
+        assert r.headers["content-type"].startswith("application/json") and r.json()["detail"]
+    r = await client.get("/recommend")
+    assert r.status_code == 405 and r.json()["detail"]
+    assert "POST" in r.headers.get("allow", "")
+    r = await client.delete("/recommend/batch")
+    assert r.status_code == 405
+
+
+# --------------------------------------------------------------------------- /metrics
+
+def samples(text: str) -> dict:
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def value(metrics: dict, name: str, **labels) -> float:
+    return metrics.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+async def test_metrics(client, truth):
+    before = samples((await client.get("/metrics")).text)
+    await recommend(client, user_id=UNKNOWN_USER, k=2)
+    await recommend(client, user_id=truth.user_ids[0], k=2)
+    r = await client.get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    text = r.text
+    for name in ("cmn_request_seconds", "cmn_batch_size", "cmn_queue_wait_seconds", "cmn_queue_depth",
+                 "cmn_fallbacks_total", "cmn_model_info"):
+        assert f"# TYPE {name} " in text, f"{name} missing from /metrics"
+    after = samples(text)
+    assert value(after, "cmn_fallbacks_total", reason="unknown_user") - \
+        value(before, "cmn_fallbacks_total", reason="unknown_user") == 1
+    ok = dict(route="/recommend", method="POST", status="200")
+    assert value(after, "cmn_request_seconds_count", **ok) - value(before, "cmn_request_seconds_count", **ok) == 2
+    assert value(after, "cmn_batch_size_count") - value(before, "cmn_batch_size_count") == 2
+    assert value(after, "cmn_queue_wait_seconds_count") - value(before, "cmn_queue_wait_seconds_count") == 2
+    assert value(after, "cmn_queue_depth") == 0
+    info = [labels for (name, labels), v in after.items() if name == "cmn_model_info" and v == 1]
+    assert any(dict(labels).get("model_version") == truth.version for labels in info), info
