@@ -274,11 +274,12 @@ def fuzz_operation(schema, url: str, method: str, path: str, mode: str, examples
     run()
 
 
-@pytest.mark.parametrize("mode", ["positive", "negative"])
-@pytest.mark.parametrize("method,path", FUZZED, ids=[f"{m} {p}" for m, p in FUZZED])
+# GET routes take no input, so there is nothing to violate: they are fuzzed with valid requests only
+FUZZ_CASES = [(m, p, mode) for m, p in FUZZED for mode in ("positive", "negative") if m == "POST" or mode == "positive"]
+
+
+@pytest.mark.parametrize("method,path,mode", FUZZ_CASES, ids=[f"{m} {p} {mode}" for m, p, mode in FUZZ_CASES])
 def test_schemathesis_no_5xx_and_schema_conformance(api_schema, main_server, method, path, mode):
-    if mode == "negative" and method == "GET":
-        pytest.skip("no input to violate")
     fuzz_operation(api_schema, main_server["url"], method, path, mode, SCHEMATHESIS_EXAMPLES, schemathesis_cases)
 
 

@@ -164,6 +164,8 @@ def train(cfg: TrainConfig, log=print) -> dict:
     indptr, indices = (torch.from_numpy(a).to(device) for a in csr(fit.train[:, 1], fit.train[:, 0], data.n_items))
     resume_path = cfg.out + ".resume"
     state = {"epoch": 0, "history": [], "gmf": [], "best": None, "best_model": None}
+    if cfg.resume and not os.path.exists(resume_path):
+        log(f"--resume: no interrupted run at {resume_path}; starting from scratch")
     if cfg.resume and os.path.exists(resume_path):
         state = load_resume(resume_path, cfg, model, optimizer)
         log(f"resuming from {resume_path} after epoch {state['epoch']}")
