@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from app import metrics
 from app.schemas import RecommendRequest
 from model.checkpoint import load_checkpoint
 from model.feedback import Event, FeedbackLog
@@ -103,6 +104,7 @@ class Engine:
         full = [n for n, j in enumerate(jobs) if j.user is not None and j.candidates is None]
         pairs = [n for n, j in enumerate(jobs) if j.user is not None and j.candidates is not None]
         unknown = [n for n, j in enumerate(jobs) if j.user is None]
+        metrics.SCORED_ITEMS.inc(len(full) * self.n_items + sum(len(jobs[n].candidates) for n in pairs))
         if full:
             users = torch.tensor([jobs[n].user for n in full], device=self.device)
             scores = self.scorer.score(users)

@@ -138,6 +138,7 @@ def elapsed_ms(start: float) -> float:
 
 
 def response(user_id: str, answer, version: str, start: float) -> RecommendResponse:
+    metrics.RECOMMENDATIONS.labels("fallback" if answer.fallback else "personalised").inc()
     if answer.fallback:
         metrics.FALLBACKS.labels(answer.fallback).inc()
     items = [ScoredItem(item_id=i, score=s,
