@@ -20,9 +20,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# not this folder on the path: its http.py would shadow the standard library's http package (httpx needs it)
-sys.path[:] = [str(ROOT), str(ROOT / "tests")] + [p for p in sys.path
-                                                   if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+# the project and tests/servers.py, from a checkout without installing
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import argparse  # noqa: E402
 import asyncio  # noqa: E402

@@ -24,11 +24,6 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-# `python benchmarks/reproduce_citeulike.py` puts benchmarks/ first on sys.path, where sibling scripts (http.py)
-# would shadow standard-library modules that torch imports; the project is imported as an installed package.
-if sys.path and os.path.abspath(sys.path[0] or os.getcwd()) == os.path.dirname(os.path.abspath(__file__)):
-    sys.path.pop(0)
-
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = (ROOT / ".." / "shared" / "data" / "citeulike-a.npz").resolve()
 DEFAULT_OUT = ROOT / "docs" / "results"

@@ -31,8 +31,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-# benchmarks/http.py would shadow the standard library's `http` for anything imported from this folder
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
+# runnable from a checkout without installing the project
 sys.path.insert(0, str(ROOT))
 
 import argparse  # noqa: E402
@@ -171,6 +170,19 @@ class NotebookReference:
 
 # --------------------------------------------------------------------------- timings
 
+def load_baseline(rev: str):
+    """model/scorer.py as of a git revision, imported as its own module."""
+    import subprocess
+    import types
+    source = subprocess.run(["git", "show", f"{rev}:model/scorer.py"], cwd=ROOT, capture_output=True, text=True,
+                            check=True).stdout
+    module = types.ModuleType("baseline_scorer")
+    module.__file__ = f"{rev}:model/scorer.py"
+    sys.modules[module.__name__] = module  # dataclasses look their module up
+    exec(compile(source, module.__file__, "exec"), module.__dict__)
+    return module
+
+
 def gemm_rates(clock: Clock, sizes: tuple[int, ...], reps: int) -> dict[int, float]:
     rates = {}
     for n in sizes:
@@ -199,6 +211,8 @@ def main(argv=None) -> int:
     ap.add_argument("--reference-repeats", type=int, default=2)
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--quick", action="store_true", help="2 rounds, no padded reference")
+    ap.add_argument("--baseline-rev", metavar="GIT_REV",
+                    help="also time model/scorer.py as of this git revision (e.g. HEAD), side by side")
     ap.add_argument("--json", help="also write the figures here")
     args = ap.parse_args(argv)
     if args.threads:
@@ -248,10 +262,17 @@ def main(argv=None) -> int:
         scores[rows, torch.cat(banned)] = -torch.inf
         return top_k(scores, args.k)
 
+    baseline = None
+    if args.baseline_rev:
+        baseline = load_baseline(args.baseline_rev).Scorer(model, indptr, indices)
+        diff = float((baseline.score(check_users) - pairs).abs().max())
+        print(f"baseline: model/scorer.py at {args.baseline_rev}; max |baseline full - pairs| {diff:.2e}")
+
     batches = [int(b) for b in args.batches.split(",")]
     counted = counted_flops(lengths, d, hops)
     pools = {b: [torch.as_tensor(rng.choice(n_users, b, replace=False)) for _ in range(4)] for b in batches}
     best = {b: float("inf") for b in batches}
+    base_best = {b: float("inf") for b in batches}
     gemm_best = {2048: 0.0, 4096: 0.0}
     skinny = 0.0
     for b in batches:  # warm-up
@@ -264,8 +285,13 @@ def main(argv=None) -> int:
             reps = 8 if b == 1 else (4 if b <= 8 else 2)
             calls = iter([pools[b][k % 4] for k in range(reps)])
             best[b] = min(best[b], clock.best(lambda: recommend(next(calls)), reps))
+            if baseline is not None:
+                calls = iter([pools[b][k % 4] for k in range(reps)])
+                base_best[b] = min(base_best[b], clock.best(lambda: baseline.score(next(calls)), reps))
         print(f"  round {r + 1}/{args.rounds}: " + ", ".join(f"{b} users {best[b] * 1e3:.1f} ms" for b in batches)
-              + f"; GEMM {max(gemm_best.values()):.1f} GFLOP/s", flush=True)
+              + f"; GEMM {max(gemm_best.values()):.1f} GFLOP/s"
+              + ("; baseline " + ", ".join(f"{b}: {base_best[b] * 1e3:.1f} ms" for b in batches) if baseline else ""),
+              flush=True)
     gemm = max(gemm_best.values())
 
     reference_s = None
@@ -293,10 +319,15 @@ def main(argv=None) -> int:
         row = {"users": b, "route": route, "seconds": best[b], "counted_flops": counted * b,
                "executed_flops": executed * b, "counted_gflops_per_s": rate, "share_of_gemm": rate / gemm,
                "executed_gflops_per_s": executed * b / best[b] / 1e9}
+        if baseline is not None:
+            row["baseline_score_seconds"] = base_best[b]
         rows.append(row)
         print(f"{b:>5} {route:>8} {best[b] * 1e3:>11.2f} {best[b] * 1e3 / b:>11.2f} {rate:>12.1f} "
               f"{rate / gemm * 100:>6.0f}% {executed * b / 1e9:>11.2f} {row['executed_gflops_per_s']:>9.1f}")
 
+    if baseline is not None:
+        print("vs the baseline scorer (its score() alone, no exclusion/top-k): " + ", ".join(
+            f"{b} users {base_best[b] / best[b]:.2f}x faster" for b in batches))
     targets = {}
     if 1 in best:
         bound = counted / (gemm * 1e9)

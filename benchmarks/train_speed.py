@@ -21,8 +21,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-# benchmarks/http.py would shadow the standard library's `http` for anything imported from this folder
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
+# runnable from a checkout without installing the project
 sys.path.insert(0, str(ROOT))
 
 import argparse  # noqa: E402

@@ -1,4 +1,4 @@
--- wrk script for benchmarks/http.py: POSTs JSON bodies read from a file (one body per line), in turn.
+-- wrk script for benchmarks/http_load.py: POSTs JSON bodies read from a file (one body per line), in turn.
 --   wrk -s benchmarks/wrk_post.lua http://127.0.0.1:8000 -- /tmp/bodies.jsonl /recommend
 local bodies = {}
 local path = "/recommend"

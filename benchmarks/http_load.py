@@ -1,8 +1,8 @@
 """HTTP throughput and latency of the real server against the web stack's ceiling, with wrk, same run.
 
-    OMP_WAIT_POLICY=PASSIVE python benchmarks/http.py                     # citeulike-a-sized random model
-    python benchmarks/http.py --checkpoint artifacts/model.ckpt --duration 20 --json /tmp/http.json
-    python benchmarks/http.py --quick                                     # 3 s per point, concurrency 1 and 32
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/http_load.py                     # citeulike-a-sized random model
+    python benchmarks/http_load.py --checkpoint artifacts/model.ckpt --duration 20 --json /tmp/http.json
+    python benchmarks/http_load.py --quick                                     # 3 s per point, concurrency 1 and 32
 
 Two servers on 127.0.0.1, both uvicorn with app/__main__.py's settings (one worker, log_config None, no access log):
 - `real`: `python -m app` (CMN_* environment: checkpoint, port, a throw-away feedback store; the rest default);
@@ -25,8 +25,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-# this file is named http.py: its folder must not shadow the standard library's `http` package
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
+# runnable from a checkout without installing the project
 sys.path.insert(0, str(ROOT))
 
 import argparse  # noqa: E402
