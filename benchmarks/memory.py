@@ -26,7 +26,7 @@ import time  # noqa: E402
 
 import torch  # noqa: E402
 
-from benchmarks.http import DEFAULT_DATA, make_checkpoint, run_wrk, start_server, stop, write_bodies  # noqa: E402
+from benchmarks.http_load import DEFAULT_DATA, make_checkpoint, run_wrk, start_server, stop, write_bodies  # noqa: E402
 
 
 def status_mb(pid: int) -> dict:
