@@ -66,12 +66,13 @@ ServiceDep = Annotated[Service, Depends(service_of)]
 # /recommend's 422 has two documented shapes: an invalid body, or unknown candidate/exclude ids (listed)
 INVALID_OR_UNKNOWN = {"model": InvalidRequest | UnknownIdsError,
                       "description": "invalid body, or candidate/exclude ids the model does not know"}
+RECOMMEND_ERRORS = {403: {"description": "explain requested but disabled"}, 413: {"description": "body too large"},
+                    422: INVALID_OR_UNKNOWN, 503: {"description": "not ready, or the request queue is full"}}
 
 
 def register_routes(app: FastAPI) -> None:
     @app.post("/recommend", response_model=RecommendResponse, response_model_exclude_none=True,
-              responses={403: {"description": "explain requested but disabled"}, 422: INVALID_OR_UNKNOWN,
-                         413: {"description": "body too large"}, 503: {"description": "not ready or queue full"}})
+              responses=RECOMMEND_ERRORS)
     async def recommend(req: RecommendRequest, service: ServiceDep):
         start = time.perf_counter()
         engine = service.engine_or_503()
@@ -80,8 +81,7 @@ def register_routes(app: FastAPI) -> None:
         return response(req.user_id, answer, engine.version, start)
 
     @app.post("/recommend/batch", response_model=BatchResponse, response_model_exclude_none=True,
-              responses={403: {"description": "explain requested but disabled"}, 422: INVALID_OR_UNKNOWN,
-                         413: {"description": "body too large"}, 503: {"description": "not ready or queue full"}})
+              responses=RECOMMEND_ERRORS)
     async def recommend_batch(batch: BatchRequest, service: ServiceDep):
         start = time.perf_counter()
         engine = service.engine_or_503()
