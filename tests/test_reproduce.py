@@ -1,0 +1,100 @@
+"""The reproduction path (`benchmarks/reproduce_citeulike.py`), end to end on a slice of citeulike-a.
+
+The full run is a benchmark (an hour on 2 cores, figures in docs/results.md); here `--quick` runs every kind of
+part it has (main run, baselines, one ablation, one tuning run, the validation-fit baselines) for a couple of
+epochs on 300 users, and the test checks what a reader of the report relies on: the paper's hyperparameters
+are the ones used, the table's figures are the checkpoint's, and the tuning run reports the epoch it selected
+on validation, not the last one.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import CITEULIKE, REPO, run_cli
+from model.checkpoint import csr, load_checkpoint
+from model.scorer import Scorer
+from training.data import holdout_validation, load
+from training.evaluate import evaluate
+
+pytestmark = pytest.mark.skipif(not CITEULIKE.exists(), reason=f"citeulike-a not available at {CITEULIKE}")
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("reproduce")
+    env = {**os.environ, "MPLBACKEND": "Agg", "PYTHONWARNINGS": "ignore"}
+    done = subprocess.run(
+        [sys.executable, "benchmarks/reproduce_citeulike.py", "--quick", "--data", str(CITEULIKE),
+         "--out-dir", str(out), "--ablations", "--only", "hops1", "--tune", "--only-tune", "tune_l2_0.01",
+         "--tune-epochs", "3"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = {p.stem: json.loads(p.read_text()) for p in out.glob("*.json")}
+    return out, runs, (out / "results.md").read_text()
+
+
+def test_every_part_writes_its_result_and_the_report(quick_run):
+    out, runs, report = quick_run
+    assert set(runs) == {"main", "baselines", "ablation_hops1", "tune_l2_0.01", "baselines_validation_fit"}
+    for name in ("main", "ablation_hops1", "tune_l2_0.01"):
+        assert (out / f"{name}.curves.png").stat().st_size > 0
+    assert "| **CMN (ours), final epoch 2** |" in report
+    for label in ("TopPop (ours)", "ItemKNN CF (ours)", "RP3beta (ours)", "| hops 1 |", "l2 0.01 **(selected)**",
+                  "RP3beta fit on the same pairs (ours)", "## Wall times", "## Commands", "## Machine"):
+        assert label in report, label
+    assert "benchmarks/reproduce_citeulike.py --quick" in report
+
+
+def test_main_run_uses_the_paper_hyperparameters(quick_run):
+    _, runs, _ = quick_run
+    cfg = runs["main"]["config"]
+    assert {k: cfg[k] for k in ("hops", "embed_size", "batch_size", "neg", "l2", "gmf_l2", "lr", "optimizer")} == \
+        dict(hops=3, embed_size=50, batch_size=128, neg=4, l2=0.1, gmf_l2=1e-4, lr=1e-3, optimizer="rmsprop")
+    assert cfg["validation"] is False and cfg["exclude_self"] is False
+    assert runs["ablation_hops1"]["config"]["hops"] == 1
+    assert runs["tune_l2_0.01"]["config"]["l2"] == 0.01 and runs["tune_l2_0.01"]["config"]["validation"] is True
+
+
+def test_reported_figures_are_the_checkpoints(quick_run):
+    """The main table's CMN row is what `python -m training evaluate` measures on the saved checkpoint."""
+    out, runs, report = quick_run
+    final = runs["main"]["metrics"]["final"]
+    done = run_cli("evaluate", "--checkpoint", str(out / "ckpt" / "main.ckpt"), "--json")
+    assert done.returncode == 0, done.stderr
+    measured = json.loads(done.stdout)
+    for conv in ("sampled", "full"):
+        for key in ("hr@10", "ndcg@10"):
+            assert measured[conv][key] == pytest.approx(final[conv][key], abs=1e-9), (conv, key)
+    s = final["sampled"]
+    assert f"| {s['hr@5']:.4f} | {s['ndcg@5']:.4f} | {s['hr@10']:.4f} | {s['ndcg@10']:.4f} |" in report
+    # the main run selects nothing: its final figures are its last epoch's
+    assert runs["main"]["metrics"]["epochs"][-1]["test"] == final["sampled"]
+
+
+def test_tuning_keeps_the_epoch_selected_on_validation(quick_run):
+    """The tuning run's checkpoint holds the weights of its best-validation epoch, not of its last one: scored
+    with the neighbourhoods it was trained on, it gives exactly that epoch's logged test figures."""
+    out, runs, _ = quick_run
+    m = runs["tune_l2_0.01"]["metrics"]
+    epochs = m["epochs"]
+    best = max(epochs, key=lambda r: r["validation"]["ndcg@10"])
+    assert m["best_validation_epoch"] == best["epoch"]
+    assert best["epoch"] < len(epochs)  # (epoch 1 of 3 with seed 0) else "restored" and "last" would coincide
+    data = load(str(out / "quick_slice.npz"), seed=0)
+    fit = holdout_validation(data, 0)
+    ckpt = load_checkpoint(str(out / "ckpt" / "tune_l2_0.01.ckpt"))
+    scorer = Scorer(ckpt.build_model("cpu"), *(torch.from_numpy(a) for a in csr(fit.train[:, 1], fit.train[:, 0],
+                                                                                data.n_items)))
+    assert evaluate(scorer, data.test, data.train, full=False)["sampled"] == pytest.approx(best["test"], abs=1e-9)
+
+
+def test_baselines_beat_popularity_on_the_slice(quick_run):
+    _, runs, _ = quick_run
+    for name in ("baselines", "baselines_validation_fit"):
+        r = runs[name]["results"]
+        pop = r["toppop"]["metrics"]["sampled"]["hr@10"]
+        for model in ("itemknn", "rp3beta"):
+            assert r[model]["metrics"]["sampled"]["hr@10"] > pop + 0.1, (name, model)
