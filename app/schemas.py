@@ -29,7 +29,7 @@ def no_duplicates(values: list | None, what: str) -> list[str] | None:
 
 
 class RecommendRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", json_schema_extra={
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={
         "examples": [{"user_id": "123", "k": 10, "exclude_seen": True}]})
 
     user_id: ExternalId
@@ -77,7 +77,7 @@ class RecommendResponse(BaseModel):
 
 
 class BatchRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     requests: list[RecommendRequest] = Field(min_length=1, max_length=256)
 
 
@@ -88,7 +88,7 @@ class BatchResponse(BaseModel):
 
 
 class FeedbackEvent(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     user_id: ExternalId
     item_id: ExternalId
     timestamp: float | None = Field(None, ge=0, le=1e11, description="unix seconds; default: time received")
@@ -97,7 +97,7 @@ class FeedbackEvent(BaseModel):
 
 
 class FeedbackRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     events: list[FeedbackEvent] = Field(min_length=1, max_length=1000)
 
 
@@ -110,7 +110,7 @@ class FeedbackResponse(BaseModel):
 
 
 class ReloadRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     checkpoint: str | None = Field(None, max_length=4096, description="path; default: the configured one")
 
 

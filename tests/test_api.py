@@ -397,6 +397,11 @@ INVALID_BODIES = {
     "k='ten'": {"user_id": "1", "k": "ten"},
     "k=2.5": {"user_id": "1", "k": 2.5},
     "k=null": {"user_id": "1", "k": None},
+    "k=true": {"user_id": "1", "k": True},        # no lax coercion: a bool, a numeric string or 5.0 is not a count
+    "k='5'": {"user_id": "1", "k": "5"},
+    "k=5.0": {"user_id": "1", "k": 5.0},
+    "exclude_seen=0": {"user_id": "1", "exclude_seen": 0},
+    "explain='true'": {"user_id": "1", "explain": "true"},
     "missing user_id": {"k": 5},
     "user_id null": {"user_id": None},
     "user_id empty": {"user_id": ""},
