@@ -27,17 +27,18 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 # runnable from a checkout without installing the project
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # tests/servers.py: starting, probing and stopping a server
 
 import argparse  # noqa: E402
 import json  # noqa: E402
 import re  # noqa: E402
 import shutil  # noqa: E402
-import signal  # noqa: E402
-import socket  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
 
 import numpy as np  # noqa: E402
+
+from servers import free_port, stop, wait_healthy  # noqa: E402,F401 (stop: used by benchmarks/memory.py)
 
 DEFAULT_DATA = (ROOT / ".." / "shared" / "data" / "citeulike-a.npz").resolve()
 LUA = HERE / "wrk_post.lua"
@@ -99,27 +100,6 @@ def serve_bare(port: int) -> None:
 
 # --------------------------------------------------------------------------- servers and wrk
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
-    import httpx
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode} before becoming healthy")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    raise TimeoutError(f"{url} not healthy after {timeout} s")
-
-
 def start_server(kind: str, checkpoint: Path, workdir: Path, extra_env: dict) -> tuple[str, subprocess.Popen]:
     port = free_port()
     env = {**os.environ, **extra_env}
@@ -132,17 +112,8 @@ def start_server(kind: str, checkpoint: Path, workdir: Path, extra_env: dict) ->
     log = open(workdir / f"server-{kind}-{port}.log", "wb")
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
-    wait_healthy(url, proc)
+    wait_healthy(url, proc, timeout=300)
     return url, proc
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3}

@@ -1,4 +1,5 @@
-"""Start the real server (`python -m app`) as a subprocess on a free loopback port, for end-to-end tests."""
+"""Start the real server (`python -m app`) as a subprocess on a free loopback port, for end-to-end tests
+(and for the benchmarks, which import these helpers)."""
 from __future__ import annotations
 
 import os
@@ -36,13 +37,18 @@ def running_server(checkpoint: str, tmp_path: Path, timeout: float = 60, **env):
         wait_healthy(url, proc, timeout)
         yield url, proc
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop(proc)
         log.close()
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """SIGTERM (a graceful drain), then SIGKILL after 30 s."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 def wait_healthy(url: str, proc: subprocess.Popen, timeout: float) -> None:

@@ -6,7 +6,6 @@ import os
 import time
 from dataclasses import asdict, dataclass
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
