@@ -14,6 +14,7 @@ from torch.func import functional_call
 
 from conftest import item_user_csr, make_cmn, neighbourhood, numpy_params, random_train, reference_forward
 from model.cmn import CMN, CMNConfig, gather_neighbourhoods
+from model.scorer import EXP_FLOOR, Scorer
 
 N_USERS, N_ITEMS, D = 10, 8, 6
 # item 0 has one user, item 1 none, item 6 every user: one batch holds lengths 0 (→ [u]), 1, 2, ... 10
@@ -53,6 +54,31 @@ def test_forward_matches_reference(case, hops, exclude_self):
     assert np.nanmax(np.nanmax(spread, 1) - np.nanmin(spread, 1)) > 0.2
     assert np.count_nonzero(expected) > len(expected) // 2 and expected.std() > 0.1
     np.testing.assert_allclose(scores.double().numpy(), expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("hops", [1, 3])
+def test_peaked_attention_beyond_float32_exp_range(case, hops):
+    """A trained CMN attends almost one-hot: most logits sit more than 87 below their neighbourhood's maximum,
+    where float32 exp underflows (and the scorer clamps, see EXP_FLOOR). Module and every scorer route must still
+    equal the float64 reference there."""
+    model = make_cmn(N_USERS, N_ITEMS, D, hops, seed=3, embed_std=6.0)
+    expected, p, _, mask = reference_scores(model, case)
+    _, indptr, indices, users, items = case
+    nbr, seg = gather_neighbourhoods(indptr, indices, users, items)
+    with torch.no_grad():
+        keys, z = model.user_memory[nbr], (model.user_memory[users] + model.item_memory[items])[seg]
+        gaps = (keys * z).sum(1)
+        gaps = gaps - torch.full((len(users),), -torch.inf).scatter_reduce(0, seg, gaps, "amax")[seg]
+    assert (gaps < EXP_FLOOR).float().mean() > 0.3                          # the case really is in that range
+    scale = np.abs(expected).max()
+    scores, _, _ = module_scores(model, case)
+    np.testing.assert_allclose(scores.double().numpy(), expected, rtol=0, atol=1e-5 * scale)
+    for route in (dict(packed_max_users=10**6), dict(packed_max_users=0)):
+        scorer = Scorer(model, indptr, indices, **route)
+        got = scorer.score(torch.arange(N_USERS)).T.reshape(-1)  # case order: item-major
+        np.testing.assert_allclose(got.double().numpy(), expected, rtol=0, atol=1e-5 * scale)
+        np.testing.assert_allclose(scorer.score_pairs(users, items).double().numpy(), expected, rtol=0,
+                                   atol=1e-5 * scale)
 
 
 @pytest.mark.parametrize("hops", [1, 3])
