@@ -79,11 +79,12 @@ class Engine:
     # ------------------------------------------------------------------ requests
 
     def _items(self, ids: list[str], field: str, ignore_unknown: bool) -> torch.Tensor:
-        index = self.item_index
-        unknown = [i for i in ids if i not in index]
-        if unknown and not ignore_unknown:
-            raise UnknownIds(field, unknown)
-        return torch.tensor([index[i] for i in ids if i in index], dtype=torch.long)
+        found = list(map(self.item_index.get, ids))  # one C-level pass: this runs on the event loop per request
+        if None in found:
+            if not ignore_unknown:
+                raise UnknownIds(field, [i for i, n in zip(ids, found) if n is None])
+            found = [n for n in found if n is not None]
+        return torch.tensor(found, dtype=torch.long)
 
     def prepare(self, req: RecommendRequest) -> Job:
         """Resolve ids; raises UnknownIds (→ 422) before anything is queued."""
