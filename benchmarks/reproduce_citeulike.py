@@ -484,6 +484,15 @@ def report(args, command_log: list[str]) -> Path:
                  f"{hms(b.get('cmn_train_seconds')) if b['kind'] == 'cmn' else '—'} | {b.get('finished', '—')} |")
     L += ["", "Wall includes data loading, per-epoch sampled evaluation, the final full-catalogue evaluation and "
           "checkpoint writing. Baselines: fitting ItemKNN and RP3beta plus their evaluation.", ""]
+    for name, b in runs.items():
+        if b.get("resumed_after_epoch"):
+            L += [f"`{name}` was resumed (`--resume`) from the state the trainer saves after every epoch: epochs 1-"
+                  f"{b['resumed_after_epoch']} and the GMF pretraining ran in an earlier process that was stopped, "
+                  "so its wall covers the remaining epochs only; the GMF and CMN-training columns count every epoch "
+                  "(each epoch's own time, as logged). Resuming restores weights, optimiser state, the epoch "
+                  "counter and the history; each epoch's negatives are drawn from a generator keyed by the epoch, "
+                  "so the run is the one an uninterrupted process would have made (bit for bit: "
+                  "`tests/test_training.py::test_resume_continues_an_interrupted_run`).", ""]
     if main:
         L += ["CMN training throughput (main run, mean over epochs): "
               f"{sum(r['triples_per_s'] for r in main['metrics']['epochs']) / max(1, len(main['metrics']['epochs'])):,.0f} "
