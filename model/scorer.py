@@ -238,7 +238,7 @@ class Scorer:
 
     @torch.no_grad()
     def attention(self, user: int, items: torch.Tensor, top: int = 5) -> list[list[tuple[int, float]]]:
-        """For each item, the `top` most attended neighbour users in the last hop with their weights."""
+        """For each item, the `top` most attended neighbour users in the last hop with their (non-zero) weights."""
         items = torch.as_tensor(items, dtype=torch.long, device=self.device)
         users = torch.full_like(items, user)
         nbr, seg = gather_neighbourhoods(self.indptr, self.indices, users, items, self.exclude_self)
@@ -250,7 +250,7 @@ class Scorer:
         nbr, seg, p = nbr[order].tolist(), seg[order].tolist(), p[order].tolist()
         out: list[list[tuple[int, float]]] = [[] for _ in range(len(items))]
         for v, s, w in zip(nbr, seg, p):
-            if len(out[s]) < top:
+            if len(out[s]) < top and w > 0:  # peaked attention underflows to exactly 0: nobody to name
                 out[s].append((v, w))
         return out
 

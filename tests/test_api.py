@@ -337,8 +337,8 @@ async def test_explain_lists_attended_neighbours(explain_client, truth):
             assert set(users) <= set(neighbourhood), "explanation names a user outside the item's neighbourhood"
             assert all(0 < w <= 1 for w in weights)
             assert weights == sorted(weights, reverse=True)
-            if len(neighbourhood) <= 5:  # the whole last-hop attention is shown: it sums to 1
-                assert len(expl) == len(neighbourhood) and abs(sum(weights) - 1) < 1e-4
+            if len(neighbourhood) <= 5:  # all the last-hop attention is shown (zero weights left out): it sums to 1
+                assert len(expl) <= len(neighbourhood) and abs(sum(weights) - 1) < 1e-4
             assert users == [truth.user_ids[v] for v, _ in want]
             assert np.allclose(weights, [w for _, w in want], atol=1e-5)
     a = await recommend(explain_client, user_id=UNKNOWN_USER, k=3, explain=True)  # popularity: nothing to explain

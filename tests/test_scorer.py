@@ -127,9 +127,11 @@ def test_attention(train):
 
 
 def test_attention_order_is_exact_for_peaked_weights(train):
-    """Large memories make attention weights span many orders of magnitude (1 down to 1e-20): each item's
-    list must still be its `top` largest weights in descending order, for every item position in the call."""
+    """Large memories make attention weights span many orders of magnitude (1 down to 1e-20, many underflow
+    to exactly 0): each item's list must still be its `top` largest non-zero weights in descending order, for
+    every item position in the call."""
     model = make_cmn(N_USERS, N_ITEMS, D, hops=3, seed=6, embed_std=2.0)
+    zeros = 0
     scorer = Scorer(model, *item_user_csr(train, N_ITEMS))
     indptr, indices = item_user_csr(train, N_ITEMS)
     for user in range(N_USERS):
@@ -140,5 +142,8 @@ def test_attention_order_is_exact_for_peaked_weights(train):
         for i, listed in enumerate(scorer.attention(user, items, top=5)):
             weights = [w for _, w in listed]
             assert weights == sorted(weights, reverse=True), (user, i, weights)
-            assert weights == sorted(p[seg == i].tolist(), reverse=True)[:5], (user, i)
+            everything = sorted(p[seg == i].tolist(), reverse=True)
+            assert weights == [w for w in everything if w > 0][:5], (user, i)
+            zeros += everything[:5].count(0.0)
+    assert zeros > 0  # the case does reach exact zeros among the top 5, which are left out
 
