@@ -56,8 +56,9 @@ TARGET_HR10, TARGET_NDCG10 = 0.885, 0.685
 TUNING = {
     "tune_paper": ("paper setting (l2 0.1)", dict(validation=True)),
     "tune_l2_0.01": ("l2 0.01", dict(validation=True, l2=0.01)),
-    "tune_l2_0.001": ("l2 0.001", dict(validation=True, l2=0.001)),
-    "tune_l2_0.01_hops1": ("l2 0.01, hops 1", dict(validation=True, l2=0.01, hops=1)),
+    # the user left out of its positive item's neighbourhood in training, as it is absent from its test item's
+    "tune_exclude_self": ("exclude_self", dict(validation=True, exclude_self=True)),
+    "tune_exclude_self_l2_0.01": ("exclude_self, l2 0.01", dict(validation=True, exclude_self=True, l2=0.01)),
 }
 
 
