@@ -59,6 +59,7 @@ TUNING = {
     # the user left out of its positive item's neighbourhood in training, as it is absent from its test item's
     "tune_exclude_self": ("exclude_self", dict(validation=True, exclude_self=True)),
     "tune_exclude_self_l2_0.01": ("exclude_self, l2 0.01", dict(validation=True, exclude_self=True, l2=0.01)),
+    "tune_d100": ("d 100 (GMF pretrained at d 100)", dict(validation=True, embed_size=100)),
 }
 
 
