@@ -63,7 +63,6 @@ TUNING = {
     "tune_exclude_self": ("exclude_self", dict(validation=True, exclude_self=True)),
     "tune_exclude_self_l2_0.01": ("exclude_self, l2 0.01", dict(validation=True, exclude_self=True, l2=0.01)),
     "tune_adam": ("optimizer adam", dict(validation=True, optimizer="adam")),
-    "tune_d100": ("d 100 (GMF pretrained at d 100)", dict(validation=True, embed_size=100)),
 }
 
 
