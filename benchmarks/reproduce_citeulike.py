@@ -529,7 +529,14 @@ def report(args, command_log: list[str]) -> Path:
     for b in runs.values():
         if b.get("command") and b["command"] not in cmds:
             cmds.append(b["command"])
+    if main and main.get("resumed_after_epoch"):
+        cmds.append("")
+        cmds.append(f"(main: its first {main['resumed_after_epoch']} epochs and GMF pretraining ran in an earlier "
+                    "process started with the script's defaults, --epochs 50; the first command above resumed it)")
     L += cmds + ["```", "",
+                 "Everything at once, from scratch (about 3 hours on 2 cores, one job at a time): `OMP_NUM_THREADS=1 "
+                 "python benchmarks/reproduce_citeulike.py --ablations --ablation-epochs 10 --tune --tune-epochs 12`.",
+                 "",
                  "The script calls `training.train.train(TrainConfig(...))` in-process with: "
                  + ", ".join(f"{k}={v}" for k, v in PAPER.items())
                  + " (CMN epochs from `--epochs`); then `training.baselines.run_baselines(data)`.", ""]
