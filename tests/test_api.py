@@ -175,6 +175,49 @@ async def test_health_before_and_after_load(ckpt_path, truth, tmp_path, monkeypa
     assert isinstance(body["uptime_s"], (int, float)) and body["uptime_s"] >= 0
 
 
+async def test_a_full_queue_sheds_load_with_503_and_loses_nothing_queued(ckpt_path, truth, tmp_path, monkeypatch):
+    """The model thread is held on a gate: one 4-user batch being scored, one queued (max_queue 4), so the next
+    request cannot be queued: 503 + Retry-After at once, and both earlier requests are still answered in full."""
+    holding, entered, gate = threading.Event(), threading.Event(), threading.Event()
+
+    class GatedEngine(Engine):
+        def recommend(self, jobs):
+            if holding.is_set():
+                entered.set()
+                gate.wait(60)
+            return super().recommend(jobs)
+
+    monkeypatch.setattr(service_module, "Engine", GatedEngine)
+    users = truth.sample_users(8, seed=5)
+    batch = [{"requests": [{"user_id": u, "k": 3} for u in users[n:n + 4]]} for n in (0, 4)]
+    async with serving(settings_for(ckpt_path, tmp_path, max_queue=4)) as c:
+        await wait_ready(c)
+        holding.set()
+        try:
+            scoring = asyncio.create_task(c.post("/recommend/batch", json=batch[0]))
+            assert await asyncio.to_thread(entered.wait, 30)
+            queued = asyncio.create_task(c.post("/recommend/batch", json=batch[1]))
+            for _ in range(600):
+                depth = [s.value for f in text_string_to_metric_families((await c.get("/metrics")).text)
+                         if f.name == "cmn_queue_depth" for s in f.samples]
+                if depth == [4]:
+                    break
+                await asyncio.sleep(0.05)
+            assert depth == [4]
+            r = await c.post("/recommend", json={"user_id": users[0], "k": 3})
+            assert r.status_code == 503, r.text
+            assert r.headers["retry-after"] == "1"
+            assert "queue is full" in r.json()["detail"]
+        finally:
+            gate.set()
+        for task, sent in ((scoring, batch[0]), (queued, batch[1])):
+            r = await task
+            assert r.status_code == 200, r.text
+            assert [a["user_id"] for a in r.json()["results"]] == [q["user_id"] for q in sent["requests"]]
+        holding.clear()
+        assert (await c.post("/recommend", json={"user_id": users[0], "k": 3})).status_code == 200
+
+
 async def test_health_when_the_checkpoint_cannot_load(tmp_path):
     async with serving(settings_for(str(tmp_path / "missing.ckpt"), tmp_path)) as c:
         for _ in range(200):
