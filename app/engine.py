@@ -10,6 +10,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
+from itertools import chain
 
 import numpy as np
 import torch
@@ -35,8 +36,8 @@ class Job:
     user_id: str
     user: int | None                  # None: unknown user, served by popularity
     k: int
-    candidates: torch.Tensor | None   # item ids, or None for the whole catalogue
-    exclude: torch.Tensor             # item ids removed besides the seen-set
+    candidates: list[int] | None      # item ids, or None for the whole catalogue
+    exclude: list[int]                # item ids removed besides the seen-set
     exclude_seen: bool
     explain: bool
 
@@ -78,13 +79,15 @@ class Engine:
 
     # ------------------------------------------------------------------ requests
 
-    def _items(self, ids: list[str], field: str, ignore_unknown: bool) -> torch.Tensor:
-        found = list(map(self.item_index.get, ids))  # one C-level pass: this runs on the event loop per request
+    def _items(self, ids: list[str], field: str, ignore_unknown: bool) -> list[int]:
+        # one C-level pass, and no torch call: this runs on the event loop, where every torch call is a chance
+        # for the model thread to take the GIL (tensors are made once per batch, in `recommend`)
+        found = list(map(self.item_index.get, ids))
         if None in found:
             if not ignore_unknown:
                 raise UnknownIds(field, [i for i, n in zip(ids, found) if n is None])
             found = [n for n in found if n is not None]
-        return torch.tensor(found, dtype=torch.long)
+        return found
 
     def prepare(self, req: RecommendRequest) -> Job:
         """Resolve ids; raises UnknownIds (→ 422) before anything is queued."""
@@ -92,11 +95,6 @@ class Engine:
                                                                       req.ignore_unknown)
         return Job(req.user_id, self.user_index.get(req.user_id), req.k, candidates,
                    self._items(req.exclude, "exclude", req.ignore_unknown), req.exclude_seen, req.explain)
-
-    def banned(self, job: Job) -> torch.Tensor:
-        if job.exclude_seen and job.user is not None and self.seen[job.user]:
-            return torch.cat([job.exclude, torch.tensor(sorted(self.seen[job.user]), dtype=torch.long)])
-        return job.exclude
 
     @torch.no_grad()
     def recommend(self, jobs: list[Job]) -> list[Answer]:
@@ -116,32 +114,48 @@ class Engine:
             for n, v, i in zip(full, values.tolist(), index.tolist()):
                 answers[n] = self._answer(jobs[n], v[:jobs[n].k], i[:jobs[n].k], None)
         if pairs:
-            users = torch.cat([torch.full((len(jobs[n].candidates),), jobs[n].user) for n in pairs])
-            items = torch.cat([jobs[n].candidates for n in pairs])
+            listed = [jobs[n] for n in pairs]
+            items, counts = self._item_lists(listed)
+            users = torch.repeat_interleave(torch.tensor([j.user for j in listed]), counts)
             scores = self.scorer.score_pairs(users.to(self.device), items.to(self.device)).cpu()
-            for n, answer in zip(pairs, self._rank_candidates([jobs[n] for n in pairs], scores, None)):
+            for n, answer in zip(pairs, self._rank_candidates(listed, items, counts, scores, None)):
                 answers[n] = answer
         if unknown:
-            lists = [jobs[n] for n in unknown]
-            scores = torch.cat([self.popularity if j.candidates is None else self.popularity[j.candidates]
-                                for j in lists])
-            for n, answer in zip(unknown, self._rank_candidates(lists, scores, "unknown_user")):
+            listed = [jobs[n] for n in unknown]
+            items, counts = self._item_lists(listed)
+            for n, answer in zip(unknown, self._rank_candidates(listed, items, counts, self.popularity[items],
+                                                                "unknown_user")):
                 answers[n] = answer
         return answers
 
-    def _ban_rows(self, jobs: list[Job]) -> tuple[torch.Tensor, torch.Tensor]:
-        banned = [self.banned(j) for j in jobs]
-        rows = torch.repeat_interleave(torch.arange(len(jobs)), torch.tensor([len(b) for b in banned]))
-        return rows, torch.cat(banned) if banned else torch.empty(0, dtype=torch.long)
+    def _item_lists(self, jobs: list[Job]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every job's item list (its candidates, or the catalogue) back to back, and their lengths."""
+        counts = torch.tensor([self.n_items if j.candidates is None else len(j.candidates) for j in jobs])
+        if any(j.candidates is None for j in jobs):
+            items = torch.cat([torch.arange(self.n_items) if j.candidates is None
+                               else torch.tensor(j.candidates, dtype=torch.long) for j in jobs])
+        else:
+            items = torch.tensor(list(chain.from_iterable(j.candidates for j in jobs)), dtype=torch.long)
+        return items, counts
 
-    def _rank_candidates(self, jobs: list[Job], scores: torch.Tensor, fallback: str | None) -> list[Answer]:
-        """Top-k of each job's own item list (its candidates, or the catalogue), `scores` holding all the lists
-        back to back: one masked, padded top-k for the whole batch instead of a handful of ops per request."""
-        lists = [j.candidates if j.candidates is not None else torch.arange(self.n_items) for j in jobs]
-        counts = torch.tensor([len(c) for c in lists])
+    def _ban_rows(self, jobs: list[Job]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(job row, item) of everything each job removes: its exclude list, and its seen-set if asked."""
+        banned, counts = [], []
+        for j in jobs:
+            before = len(banned)
+            banned += j.exclude
+            if j.exclude_seen and j.user is not None:
+                banned += self.seen[j.user]
+            counts.append(len(banned) - before)
+        return (torch.repeat_interleave(torch.arange(len(jobs)), torch.tensor(counts)),
+                torch.tensor(banned, dtype=torch.long))
+
+    def _rank_candidates(self, jobs: list[Job], items: torch.Tensor, counts: torch.Tensor, scores: torch.Tensor,
+                         fallback: str | None) -> list[Answer]:
+        """Top-k of each job's own item list, `items` and `scores` holding all the lists back to back (lengths
+        `counts`): one masked, padded top-k for the whole batch instead of a handful of ops per request."""
         row = torch.repeat_interleave(torch.arange(len(jobs)), counts)
         col = torch.arange(len(row)) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
-        items = torch.cat(lists)
         rows, banned = self._ban_rows(jobs)
         keep = ~torch.isin(row * self.n_items + items, rows * self.n_items + banned)
         width = int(counts.max())
@@ -191,7 +205,6 @@ class Engine:
         """Real scoring calls so the first request does not pay for lazy initialisation."""
         for n in range(calls):
             user = n % self.n_users
-            job = Job(self.user_ids[user], user, 10, None, torch.empty(0, dtype=torch.long), True, False)
-            pairs = Job(self.user_ids[user], user, 10, torch.arange(min(100, self.n_items)),
-                        torch.empty(0, dtype=torch.long), True, False)
+            job = Job(self.user_ids[user], user, 10, None, [], True, False)
+            pairs = Job(self.user_ids[user], user, 10, list(range(min(100, self.n_items))), [], True, False)
             self.recommend([job, pairs])

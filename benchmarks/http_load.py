@@ -12,7 +12,9 @@ For each request kind (100 candidates; full catalogue) and concurrency (1, 8, 32
 (`-t1`, `--latency`, a short warm-up first) hits bare then real, alternately, so both see the same machine.
 Requests cycle through 512 bodies of random known users (benchmarks/wrk_post.lua). Reported: req/s, p50, p99,
 non-2xx responses and socket errors, real/bare throughput, and the server's CPU time per request (whole process
-and its main thread, from /proc: robust to other jobs on a shared machine). Target: 100 candidates at concurrency 32
+and its main thread, from /proc: robust to other jobs on a shared machine), and the share of the machine's cores
+left idle meanwhile (idle cores under load: the server is bound by its GIL, not by the CPU). Target: 100 candidates
+at concurrency 32
 >= 70% of bare, p99 <= 50 ms, zero errors.
 
 Needs wrk (`apt-get install -y wrk`). Without --checkpoint one is written to --workdir: a CMN with random
@@ -141,17 +143,26 @@ def cpu_seconds(pid: int) -> tuple[float, float]:
     return read(f"/proc/{pid}/stat"), read(f"/proc/{pid}/task/{pid}/stat")
 
 
+def machine_ticks() -> tuple[int, int]:
+    """(idle + iowait, total) jiffies of all cores, from /proc/stat."""
+    fields = [int(x) for x in open("/proc/stat").readline().split()[1:]]
+    return fields[3] + fields[4], sum(fields[:8])
+
+
 def run_wrk(url: str, bodies: Path, connections: int, seconds: float, pid: int | None = None,
             timeout_s: int = 30) -> dict:
     cmd = ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", f"--timeout={timeout_s}s", "--latency",
            "-s", str(LUA), url, "--", str(bodies), "/recommend"]
-    before = cpu_seconds(pid) if pid else None
+    before, ticks = (cpu_seconds(pid) if pid else None), machine_ticks()
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     result = parse_wrk(out)
     if pid and result["requests"]:
         after = cpu_seconds(pid)  # server CPU per request: robust to other jobs taking the cores away
         result["cpu_ms_per_request"] = (after[0] - before[0]) * 1e3 / result["requests"]
         result["main_thread_cpu_ms_per_request"] = (after[1] - before[1]) * 1e3 / result["requests"]
+        # cores left idle while the server was loaded: with idle cores, the bound is the server's GIL, not the CPU
+        idle, total = (now - then for now, then in zip(machine_ticks(), ticks))
+        result["machine_idle"] = idle / total if total else None
     return result
 
 
@@ -213,7 +224,7 @@ def main(argv=None) -> int:
             servers[kind] = start_server(kind, checkpoint, workdir, extra_env)
         rows = []
         header = f"{'kind':>10} {'conc':>4} {'server':>6} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'non2xx':>6} " \
-                 f"{'sockerr':>7} {'real/bare':>9} {'CPU ms/req':>10} {'main thr':>8}"
+                 f"{'sockerr':>7} {'real/bare':>9} {'CPU ms/req':>10} {'main thr':>8} {'idle':>5}"
         print(header)
         for kind, path in bodies.items():
             for n, c in enumerate(int(x) for x in args.concurrency.split(",")):
@@ -233,7 +244,8 @@ def main(argv=None) -> int:
                           f"{r['p99_ms']:>8.2f} {r['non_2xx']:>6} {r['socket_errors']:>7} "
                           f"{(f'{ratio:.0%}' if server == 'real' else ''):>9} "
                           f"{r.get('cpu_ms_per_request', float('nan')):>10.3f} "
-                          f"{r.get('main_thread_cpu_ms_per_request', float('nan')):>8.3f}", flush=True)
+                          f"{r.get('main_thread_cpu_ms_per_request', float('nan')):>8.3f} "
+                          f"{(r.get('machine_idle') or float('nan')):>5.0%}", flush=True)
     finally:
         for _, proc in servers.values():
             stop(proc)
