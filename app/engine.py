@@ -54,9 +54,7 @@ class Engine:
         self.device = resolve_device(device)
         ckpt = load_checkpoint(checkpoint)
         self.path, self.version = checkpoint, ckpt.model_version
-        train_cfg = ckpt.meta.get("train_config", {})
-        self.scorer = Scorer(ckpt.build_model(self.device), *ckpt.item_users(), device=self.device,
-                             exclude_self=bool(train_cfg.get("exclude_self", False)))
+        self.scorer = Scorer(ckpt.build_model(self.device), *ckpt.item_users(), device=self.device)
         self.user_ids, self.item_ids = ckpt.user_ids, ckpt.item_ids
         self.user_index = {u: n for n, u in enumerate(self.user_ids)}
         self.item_index = {i: n for n, i in enumerate(self.item_ids)}

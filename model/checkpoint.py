@@ -22,7 +22,8 @@ from safetensors.torch import save as save_tensors
 from model.cmn import CMN, CMNConfig
 
 FORMAT = "cmn-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: exclude_self is in the config (1 kept it in meta['train_config'])
+READABLE_VERSIONS = ("1", "2")
 
 
 class CheckpointError(ValueError):
@@ -118,6 +119,13 @@ def _one_line(e: Exception) -> str:
     return " ".join(str(e).split())
 
 
+def _format1_settings(metadata: dict, meta: dict) -> dict:
+    """Format 1 kept the inference setting `exclude_self` with the training options; format 2 has it in the config."""
+    if metadata.get("format_version") != "1":
+        return {}
+    return {"exclude_self": bool(meta.get("train_config", {}).get("exclude_self", False))}
+
+
 def load_checkpoint(path: str) -> Checkpoint:
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint not found: {path}")
@@ -128,16 +136,18 @@ def load_checkpoint(path: str) -> Checkpoint:
             meta = f.metadata() or {}
             if meta.get("format") != FORMAT:
                 raise CheckpointError(f"{path}: not a CMN checkpoint (format {meta.get('format')!r})")
-            if meta.get("format_version") != str(FORMAT_VERSION):
+            if meta.get("format_version") not in READABLE_VERSIONS:
                 raise CheckpointError(f"{path}: checkpoint format version {meta.get('format_version')} is not "
-                                      f"supported (this build reads version {FORMAT_VERSION}); retrain or convert it")
+                                      f"supported (this build reads versions {', '.join(READABLE_VERSIONS)}); "
+                                      "retrain it")
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except CheckpointError:
         raise
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{path}: unreadable checkpoint, truncated or corrupt ({_one_line(e)})") from None
     try:
-        config = CMNConfig(**json.loads(meta["config"]))
+        extra = json.loads(meta.get("meta", "{}"))
+        config = CMNConfig(**json.loads(meta["config"]), **_format1_settings(meta, extra))
         state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
         ckpt = Checkpoint(
             config=config, state=state,
@@ -147,7 +157,7 @@ def load_checkpoint(path: str) -> Checkpoint:
             test_users=tensors["test.users"].numpy() if "test.users" in tensors else None,
             test_positives=tensors["test.positives"].numpy() if "test.positives" in tensors else None,
             test_negatives=tensors["test.negatives"].numpy() if "test.negatives" in tensors else None,
-            metrics=json.loads(meta.get("metrics", "{}")), meta=json.loads(meta.get("meta", "{}")),
+            metrics=json.loads(meta.get("metrics", "{}")), meta=extra,
             model_version=meta.get("model_version", ""))
         CMN(config).load_state_dict(state)  # shapes and names must match the config
     except (KeyError, TypeError, ValueError, RuntimeError) as e:

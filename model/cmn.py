@@ -21,6 +21,8 @@ class CMNConfig:
     embed_size: int = 50
     hops: int = 3
     l2: float = 0.1
+    # N(i) leaves the querying user out (not the paper's rule): an inference setting too, so it lives here
+    exclude_self: bool = False
 
     def __post_init__(self):
         if self.hops < 1:

@@ -95,7 +95,7 @@ class Scorer:
     """
 
     def __init__(self, model: CMN, indptr, indices, device: str | torch.device | None = None,
-                 chunk_items: int = 2048, exclude_self: bool = False, block_pairs: int = BLOCK_PAIRS,
+                 chunk_items: int = 2048, block_pairs: int = BLOCK_PAIRS,
                  packed_max_users: int = PACKED_MAX_USERS):
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.model = model.to(self.device).eval()
@@ -104,7 +104,7 @@ class Scorer:
         self.chunk_items = chunk_items
         self.block_pairs = block_pairs
         self.packed_max_users = packed_max_users
-        self.exclude_self = exclude_self
+        self.exclude_self = model.cfg.exclude_self
         self.set_neighbourhoods(indptr, indices)
 
     def set_neighbourhoods(self, indptr, indices) -> None:

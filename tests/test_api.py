@@ -48,8 +48,7 @@ class Truth:
         indptr, indices = ckpt.item_users()
         self.neighbours = [[self.user_ids[v] for v in indices[indptr[j]:indptr[j + 1]]]
                            for j in range(len(self.item_ids))]
-        exclude_self = bool(ckpt.meta.get("train_config", {}).get("exclude_self", False))
-        self.scorer = Scorer(ckpt.build_model("cpu"), indptr, indices, device="cpu", exclude_self=exclude_self)
+        self.scorer = Scorer(ckpt.build_model("cpu"), indptr, indices, device="cpu")
         self.full = torch.cat([self.scorer.score(torch.arange(s, min(s + 100, len(self.user_ids))))
                                for s in range(0, len(self.user_ids), 100)]).numpy()
 

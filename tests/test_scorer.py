@@ -59,7 +59,8 @@ def test_candidate_lists_and_exclude_self(train):
     full = forward_all(model, train, users)
     torch.testing.assert_close(scores, full.gather(1, candidates), rtol=0, atol=1e-5)
 
-    excl = Scorer(model, *csr, exclude_self=True)
+    model.cfg.exclude_self = True
+    excl = Scorer(model, *csr)
     nbrs = [neighbourhood(train, u, i, exclude_self=True) for u in users.tolist() for i in range(N_ITEMS)]
     ref, *_ = reference_forward(numpy_params(model), users.repeat_interleave(N_ITEMS).numpy(),
                                 np.tile(np.arange(N_ITEMS), len(users)), nbrs)

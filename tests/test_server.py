@@ -50,8 +50,7 @@ def server(ckpt_path, tmp_path_factory):
 
 def offline_scorer(ckpt) -> Scorer:
     """What `python -m training evaluate` builds."""
-    return Scorer(ckpt.build_model("cpu"), *ckpt.item_users(),
-                  exclude_self=ckpt.meta.get("train_config", {}).get("exclude_self", False))
+    return Scorer(ckpt.build_model("cpu"), *ckpt.item_users())
 
 
 async def post_all(url: str, path: str, bodies: list[dict], concurrency: int = CONCURRENCY) -> list[dict]:

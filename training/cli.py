@@ -86,8 +86,7 @@ def cmd_evaluate(args) -> int:
     if split is None or len(split) == 0:
         raise ValueError(f"{args.checkpoint} holds no test split (trained with --holdout none); pass --data")
     device = resolve_device(args.device)
-    scorer = Scorer(ckpt.build_model(device), *ckpt.item_users(),
-                    exclude_self=ckpt.meta.get("train_config", {}).get("exclude_self", False))
+    scorer = Scorer(ckpt.build_model(device), *ckpt.item_users())
     result = evaluate(scorer, split, train_pairs)
     result["toppop"] = evaluate(TopPop(train_pairs, ckpt.config.n_items), split, train_pairs)
     result["model_version"] = ckpt.model_version

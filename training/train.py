@@ -156,7 +156,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
     data = prepare_data(cfg)
     log(data.summary())
     fit = data_mod.holdout_validation(data, cfg.seed) if cfg.validation else data
-    model_cfg = CMNConfig(data.n_users, data.n_items, cfg.embed_size, cfg.hops, cfg.l2)
+    model_cfg = CMNConfig(data.n_users, data.n_items, cfg.embed_size, cfg.hops, cfg.l2, cfg.exclude_self)
     model = CMN(model_cfg).to(device)
     optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr)
     sampler = TripleSampler(fit.train, data.n_items, cfg.neg, cfg.seed)
@@ -178,7 +178,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
         stats = fit_epoch(model, pair_scores, optimizer, sampler, epoch, cfg, device,
                           desc=f"CMN {epoch + 1}/{cfg.epochs}")
         row = {"epoch": epoch + 1, **stats}
-        scorer = Scorer(model, indptr, indices, exclude_self=cfg.exclude_self)
+        scorer = Scorer(model, indptr, indices)
         if cfg.validation:
             row["validation"] = evaluate(scorer, fit.test, fit.train, full=False)["sampled"]
         if data.test is not None:
@@ -215,8 +215,7 @@ def final_metrics(cfg: TrainConfig, data: data_mod.Dataset, model: CMN, state: d
     metrics = {"config": asdict(cfg), "data": data.summary(), "gmf_epochs": state["gmf"],
                "epochs": state["history"], "best_validation_epoch": state["best"]}
     if data.test is not None:
-        scorer = Scorer(model, *csr(data.train[:, 1], data.train[:, 0], data.n_items),
-                        exclude_self=cfg.exclude_self)
+        scorer = Scorer(model, *csr(data.train[:, 1], data.train[:, 0], data.n_items))
         metrics["final"] = evaluate(scorer, data.test, data.train, full=cfg.full_eval, progress=cfg.progress)
         metrics["toppop"] = evaluate(TopPop(data.train, data.n_items), data.test, data.train, full=cfg.full_eval)
         tested = [r for r in state["history"] if "test" in r]
