@@ -164,4 +164,3 @@ def test_errors_as_subprocess(tmp_path, args, fragment):
     proc = run_cli(*args, timeout=120)
     assert_one_line_error(proc.returncode, proc.stderr, fragment)
     assert proc.stdout == "" and not out.exists()
-
