@@ -1,36 +1,51 @@
 """THE scorer: the one code path that scores (user, item) pairs for evaluation and for `/recommend`.
 
-Exact routes to the same numbers (tests hold every route to CMN.forward within 1e-4):
-- candidate lists: CMN.forward's equations on packed neighbourhoods (see the packed route below for how);
-  attention weights for explanations come from CMN.forward itself;
-- the whole catalogue goes through a per-model cache: items grouped into buckets of similar neighbourhood
-  length (padding stays within a bucket, not to the data set's maximum), each bucket's neighbour keys and
-  values precomputed, so a batch of users costs batched GEMMs. The cache also holds every user-independent
-  term, rewritten by linearity (exact up to float rounding):
-  * hop 1 logits `(m_u + e_i)·M[v] = e_i·M[v] + m_u·M[v]`: the item half cached, the user half one GEMM
-    `m_u Mᵀ` per call, gathered per slot;
+`Scorer` is the facade every caller uses. It picks one of three exact routes to the numbers of `CMN.forward`
+(tests hold every route to it within 1e-4):
+- `PairRoute`, candidate lists (per-epoch evaluation, `/recommend` with candidates): CMN.forward's equations on
+  each pair's packed neighbourhood, with logits and value sums as in the packed route below and none of its
+  (slots × d) temporaries. Attention weights for explanations come from CMN.forward itself.
+- `PackedCatalogue`, the whole catalogue for a few users (at most `packed_max_users`), one user at a time, with
+  no padding: later hops' logits by `torch.sparse.sampled_addmm` on the item → users CSR, softmax by segment,
+  and the value sums by `F.embedding_bag` with the weights as per-sample weights, which reads the
+  (cache-resident) user tables instead of streaming a padded copy of them per slot: one user is memory-bound
+  otherwise.
+- `BucketedCatalogue`, the whole catalogue for more users: items grouped into `Bucket`s of similar
+  neighbourhood length (padding stays within a bucket, not to the data set's maximum), each bucket's neighbour
+  keys and values precomputed, so a batch of users costs batched GEMMs. Items are scored in blocks of about
+  `BLOCK_PAIRS` (user, item) pairs: the hop maps and the output layer run as one GEMM over a block whatever the
+  buckets in it, a block's activations stay cache-sized and one `Workspace` serves every block (fresh large
+  allocations page-fault on every call). The buckets are built by the first call that needs them: training
+  builds a scorer every epoch for candidate lists only.
+
+User-independent terms are rewritten by linearity (exact up to float rounding) and cached, in `Tables` or in
+the catalogue routes:
+  * hop 1 logits `(m_u + e_i)·M[v] = e_i·M[v] + m_u·M[v]`: the item half cached per slot, the user half one
+    product `m_u Mᵀ` per call, gathered per slot;
   * hop 2 query `W_2(m_u + e_i) + b_2 = (W_2 e_i + b_2) + W_2 m_u`: the item half cached per item;
   * the output layer's `U_2 o^H + b = Σ_v p_v (U_2 C[v] + b)` (attention weights sum to 1): the last hop
     sums cached `U_2 C[v] + b` rows instead of `C[v]`, so the `U_2` product never runs per (user, item);
   * `U_1 (m_u ⊙ e_i) = (U_1 diag(m_u)) e_i`: one GEMM of all items against every user's `U_1 diag(m_u)`.
-  Items are scored in blocks of about `BLOCK_PAIRS` (user, item) pairs: the hop maps and the output layer run
-  as one GEMM over a block whatever the buckets in it, a block's activations stay cache-sized and its buffers
-  are reused from block to block (fresh large allocations page-fault on every call).
-- a few users (at most `packed_max_users`) take the packed route instead, one user at a time, with no padding
-  (candidate lists too, all pairs at once):
-  logits of later hops by `torch.sparse.sampled_addmm` on the item → users CSR, softmax by segment, and the
-  value sums by `F.embedding_bag` with the weights as per-sample weights, which reads the (cache-resident)
-  user tables instead of streaming a padded copy of them per slot: one user is memory-bound otherwise.
+The pair route uses the third only: its pairs share neither users nor items.
+
+The private torch calls the hot loops want (a softmax into a reused buffer, an unchecked segment maximum) sit
+in model/kernels.py, which falls back to public calls where they do not work.
 """
 from __future__ import annotations
 
+import copy
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
+from model import kernels
 from model.cmn import CMN, gather_neighbourhoods
+
+if TYPE_CHECKING:
+    from model.checkpoint import Checkpoint
 
 BUCKET_CAPS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
 BLOCK_PAIRS = 16384  # (user, item) pairs per block of the bucketed route: (pairs × d) floats per activation, L2-sized
@@ -43,17 +58,6 @@ PACKED_MAX_USERS = 8  # up to this many users per call: the packed per-user rout
 # largest (exactly 1): invisible in a float32 sum. Packed routes only: measured on a trained checkpoint, the
 # extra pass costs the bucketed route's fused softmax (and training) about what it saves.
 EXP_FLOOR = -87.0
-
-
-@dataclass
-class Bucket:
-    items: torch.Tensor        # (n,) item ids
-    keys: torch.Tensor | None  # (n, L, d) M[v] of the neighbours, zero at padding (None with one hop)
-    values: torch.Tensor | None  # (n, L, d) C[v], for hops 1..H-1 (None with one hop)
-    out_values: torch.Tensor   # (n, L, d) U_2 C[v] + b, the last hop's values already in the output layer
-    item_logits: torch.Tensor  # (n, L) e_i·M[v], -inf at padding
-    pad: torch.Tensor          # (n, L, 1) 0 or -inf, added to later hops' logits
-    nbr: torch.Tensor          # (n, L) neighbour ids, for reading attention
 
 
 @dataclass
@@ -71,11 +75,14 @@ def pack(rows: torch.Tensor, users: torch.Tensor, n_rows: int, n_users: int) -> 
     lengths = torch.bincount(rows, minlength=n_rows)
     crow = torch.zeros(n_rows + 1, dtype=torch.long, device=rows.device)
     torch.cumsum(lengths, 0, out=crow[1:])
+    return Packed(users, rows, lengths, crow[:-1], _pattern(crow, users, n_rows, n_users))
+
+
+def _pattern(crow: torch.Tensor, users: torch.Tensor, n_rows: int, n_users: int) -> torch.Tensor:
     with warnings.catch_warnings():  # "sparse CSR support is in beta": sampled_addmm on CSR is all we use
         warnings.simplefilter("ignore", UserWarning)
-        pattern = torch.sparse_csr_tensor(crow, users, torch.zeros(len(users), device=rows.device),
-                                          size=(n_rows, n_users))
-    return Packed(users, rows, lengths, crow[:-1], pattern)
+        return torch.sparse_csr_tensor(crow, users, torch.zeros(len(users), device=users.device),
+                                       size=(n_rows, n_users))
 
 
 def bucket_cap(length: int) -> int:
@@ -85,20 +92,294 @@ def bucket_cap(length: int) -> int:
     return 1 << (length - 1).bit_length()
 
 
+@dataclass
+class Tables:
+    """User-independent tables of one model's weights, shared by the routes."""
+    out_values: torch.Tensor        # (n_users, d) U_2 C[v] + b: the last hop's values already in the output layer
+    values_ones: torch.Tensor       # (n_users, d') C[v], then a ones column (see `of`)
+    out_values_ones: torch.Tensor   # (n_users, d') U_2 C[v] + b, then a ones column
+    keys_t: torch.Tensor            # (d, n_users) Mᵀ, a view: sampled_addmm then reads M[v] as one contiguous row
+    hop2_item: torch.Tensor | None  # (n_items, d) W_2 e_i + b_2, hop 2's item half (None with one hop)
+
+    @classmethod
+    def of(cls, model: CMN) -> Tables:
+        m, d = model, model.cfg.embed_size
+        out_values = F.linear(m.user_output, m.output.weight[:, d:], m.output.bias)
+        # the ones column makes embedding_bag sum the softmax denominator too; zero columns after it round rows up
+        # to a multiple of 16 floats (64-byte rows: embedding_bag runs measurably faster on them)
+        ones = torch.zeros(m.cfg.n_users, -(-(d + 1) // 16) * 16 - d, device=out_values.device)
+        ones[:, 0] = 1
+        hop2_item = F.linear(m.item_memory, m.hop_maps[0].weight, m.hop_maps[0].bias) if m.hop_maps else None
+        return cls(out_values, torch.cat([m.user_output, ones], 1), torch.cat([out_values, ones], 1),
+                   m.user_memory.T, hop2_item)
+
+
+def attend(packed: Packed, logits: torch.Tensor, table_ones: torch.Tensor, d: int) -> torch.Tensor:
+    """Σ_v softmax(logits)_v table[v] per row: segment max, exp, one embedding_bag whose ones column yields the
+    softmax denominator. Overwrites `logits`."""
+    peak = kernels.segment_max(logits, packed.lengths, packed.rows)
+    weights = logits.sub_(peak.index_select(0, packed.rows)).clamp_(min=EXP_FLOOR).exp_()
+    sums = F.embedding_bag(packed.users, table_ones, packed.offsets, mode="sum", per_sample_weights=weights)
+    return torch.div(sums[:, :d], sums[:, d:d + 1])
+
+
+class PairRoute:
+    """Candidate lists: CMN.forward's equations on each (user, item) pair's packed neighbourhood."""
+
+    def __init__(self, model: CMN, tables: Tables, exclude_self: bool):
+        self.model, self.tables, self.exclude_self = model, tables, exclude_self
+
+    def score(self, users: torch.Tensor, items: torch.Tensor, indptr: torch.Tensor,
+              indices: torch.Tensor) -> torch.Tensor:
+        m, t = self.model, self.tables
+        d, hops = m.cfg.embed_size, m.cfg.hops
+        packed = self.neighbourhoods(users, items, indptr, indices)
+        m_u, e_i = m.user_memory.index_select(0, users), m.item_memory.index_select(0, items)
+        z, o = m_u + e_i, None
+        for hop in range(hops):
+            if hop > 0:
+                hop_map = m.hop_maps[hop - 1]
+                z = torch.addmm(hop_map.bias, z, hop_map.weight.T).add_(o).relu_()
+            logits = torch.sparse.sampled_addmm(packed.pattern, z, t.keys_t, beta=0).values()
+            o = attend(packed, logits, t.out_values_ones if hop == hops - 1 else t.values_ones, d)
+        h = o.addmm_(m_u * e_i, m.output.weight[:, :d].T).relu_()       # + U_1 (m_u ⊙ e_i); o is U_2 o + b
+        return torch.mv(h, m.v.weight[0])
+
+    def neighbourhoods(self, users: torch.Tensor, items: torch.Tensor, indptr: torch.Tensor,
+                       indices: torch.Tensor) -> Packed:
+        """N(items[b]) for every pair b, packed pair after pair (as gather_neighbourhoods, rows kept in order)."""
+        n_users, device = self.model.cfg.n_users, indptr.device
+        if self.exclude_self:
+            nbr, seg = gather_neighbourhoods(indptr, indices, users, items, True)
+            order = torch.argsort(seg, stable=True)  # its empty neighbourhoods come last
+            return pack(seg[order], nbr[order], len(users), n_users)
+        start = indptr.index_select(0, items)
+        lengths = indptr.index_select(0, items + 1) - start
+        alone = lengths == 0                           # N(i) = [u]
+        lengths = lengths.masked_fill(alone, 1)
+        crow = torch.zeros(len(items) + 1, dtype=torch.long, device=device)
+        torch.cumsum(lengths, 0, out=crow[1:])
+        n_slots = int(crow[-1])
+        rows = torch.repeat_interleave(torch.arange(len(items), device=device), lengths, output_size=n_slots)
+        slot = torch.arange(n_slots, device=device).add_((start - crow[:-1]).index_select(0, rows))
+        nbr = indices.index_select(0, slot.clamp_(max=max(len(indices) - 1, 0))) if len(indices) \
+            else torch.zeros(n_slots, dtype=torch.long, device=device)
+        if bool(alone.any()):
+            nbr = torch.where(alone.index_select(0, rows), users.index_select(0, rows), nbr)
+        return Packed(nbr, rows, lengths, crow[:-1], _pattern(crow, nbr, len(items), n_users))
+
+
+class PackedCatalogue:
+    """The whole catalogue for one user at a time: every item's neighbourhood packed back to back, no padding."""
+
+    def __init__(self, model: CMN, tables: Tables, indptr: torch.Tensor, indices: torch.Tensor):
+        self.model, self.tables = model, tables
+        n_items, n_users = model.cfg.n_items, model.cfg.n_users
+        lengths = indptr[1:] - indptr[:-1]
+        rows = torch.repeat_interleave(torch.arange(n_items, device=indptr.device), lengths)
+        users, keys = indices, rows * n_users + indices
+        if len(keys) > 1 and not bool((keys[1:] > keys[:-1]).all()):  # sampled_addmm's CSR wants users sorted
+            users = indices[torch.argsort(keys)]
+        self.neighbours = pack(rows, users, n_items, n_users)
+        self.item_logits = torch.sparse.sampled_addmm(self.neighbours.pattern, model.item_memory, tables.keys_t,
+                                                      beta=0).values()  # e_i·M[v] per slot
+        self.empty_items = torch.nonzero(lengths == 0).squeeze(1)
+
+    def score(self, user: int) -> torch.Tensor:
+        """(n_items,) scores of one user."""
+        m, t, nbrs = self.model, self.tables, self.neighbours
+        d, hops = m.cfg.embed_size, m.cfg.hops
+        m_u = m.user_memory[user]
+        logits = self.item_logits + (m.user_memory @ m_u).index_select(0, nbrs.users)
+        z = None
+        for hop in range(hops):
+            last = hop == hops - 1
+            if hop > 0:
+                logits = torch.sparse.sampled_addmm(nbrs.pattern, z, t.keys_t, beta=0).values()
+            o = attend(nbrs, logits, t.out_values_ones if last else t.values_ones, d)
+            if last:
+                break
+            if hop == 0:  # z² = ReLU(W_2 e_i + b_2 + W_2 m_u + o¹)
+                z = o.add_(t.hop2_item).add_(F.linear(m_u, m.hop_maps[0].weight)).relu_()
+            else:
+                hop_map = m.hop_maps[hop]
+                z = o.addmm_(z, hop_map.weight.T).add_(hop_map.bias).relu_()
+        if len(self.empty_items):  # N(i) = [u]: o^H = C[u]
+            o[self.empty_items] = t.out_values[user]
+        h = o.addmm_(m.item_memory, m.output.weight[:, :d].T * m_u[:, None]).relu_()   # U_1 diag(m_u) e_i
+        return torch.mv(h, m.v.weight[0])
+
+
+@dataclass
+class Bucket:
+    items: torch.Tensor               # (n,) item ids
+    keys: torch.Tensor | None         # (n, L, d) M[v] of the neighbours, zero at padding (None with one hop)
+    values: torch.Tensor | None       # (n, L, d) C[v], for hops 1..H-1 (None with one hop)
+    out_values: torch.Tensor          # (n, L, d) U_2 C[v] + b, the last hop's values already in the output layer
+    item_logits: torch.Tensor         # (n, L) e_i·M[v], -inf at padding
+    pad: torch.Tensor                 # (n, L, 1) 0 or -inf, added to later hops' logits
+    nbr: torch.Tensor                 # (n, L) neighbour ids, for reading attention
+
+
+@dataclass
+class Workspace:
+    """One bucketed call's buffers, reused by every block."""
+    activations: tuple[torch.Tensor, torch.Tensor]  # (step, U, d) each: zʰ and oʰ, trading buffers hop by hop
+    output: torch.Tensor    # (step, U, d) the last hop's U_2 o^H + b, then the output layer's hidden activations
+    logits: torch.Tensor    # (slots·U,) one bucket piece's attention logits, laid out (items, slots, users)
+    weights: torch.Tensor   # (slots·U,) their softmax over slots
+
+
+class BucketedCatalogue:
+    """The whole catalogue for a batch of users: buckets of padded neighbourhoods, scored block by block."""
+
+    def __init__(self, model: CMN, tables: Tables, indptr: torch.Tensor, indices: torch.Tensor,
+                 chunk_items: int, block_pairs: int):
+        self.model, self.tables, self.block_pairs = model, tables, block_pairs
+        self.indptr, self.indices = indptr, indices
+        device = indptr.device
+        lengths = (indptr[1:] - indptr[:-1]).cpu()
+        caps = torch.tensor([bucket_cap(int(n)) if n > 0 else 0 for n in lengths.tolist()])
+        self.empty_items = torch.nonzero(caps == 0).squeeze(1).to(device)
+        self.buckets: list[Bucket] = []
+        self.item_bucket = torch.full((model.cfg.n_items,), -1, dtype=torch.long)
+        for cap in sorted(set(caps.tolist()) - {0}):
+            items_cap = torch.nonzero(caps == cap).squeeze(1)
+            for chunk in items_cap.split(max(1, min(chunk_items, chunk_items * 16 // cap))):
+                self.item_bucket[chunk] = len(self.buckets)
+                self.buckets.append(self._bucket(chunk.to(device), cap))
+        self._layout()
+
+    def add_neighbours(self, indptr: torch.Tensor, indices: torch.Tensor, touched: torch.Tensor) -> None:
+        """The CSR after the neighbourhoods of `touched` items grew: only their buckets are rebuilt (a bucket whose
+        cap is outgrown gets a larger cap; items that had no neighbours form a new bucket)."""
+        self.indptr, self.indices = indptr, indices
+        counts = (indptr[1:] - indptr[:-1]).cpu()
+        for b in torch.unique(self.item_bucket[touched]).tolist():
+            if b >= 0:
+                bucket = self.buckets[b]
+                cap = max(bucket.nbr.shape[1], bucket_cap(int(counts[bucket.items.cpu()].max())))
+                self.buckets[b] = self._bucket(bucket.items, cap)
+        newly = touched[self.item_bucket[touched] < 0]
+        if len(newly):
+            self.item_bucket[newly] = len(self.buckets)
+            self.buckets.append(self._bucket(newly.to(indptr.device), bucket_cap(int(counts[newly].max()))))
+            self.empty_items = self.empty_items[~torch.isin(self.empty_items, newly.to(indptr.device))]
+        self._layout()
+
+    def _bucket(self, items: torch.Tensor, cap: int) -> Bucket:
+        m, indptr, indices = self.model, self.indptr, self.indices
+        start, length = indptr[items], indptr[items + 1] - indptr[items]
+        slot = torch.arange(cap, device=items.device)
+        real = slot[None, :] < length[:, None]
+        nbr = torch.where(real, indices[(start[:, None] + slot[None, :]).clamp(max=len(indices) - 1)], 0)
+        keys = m.user_memory[nbr] * real[..., None]
+        item_logits = torch.einsum("nld,nd->nl", keys, m.item_memory[items]).masked_fill(~real, -torch.inf)
+        pad = torch.zeros(real.shape, device=items.device).masked_fill(~real, -torch.inf).unsqueeze(2)
+        deep = m.cfg.hops > 1
+        return Bucket(items, keys if deep else None, m.user_output[nbr] * real[..., None] if deep else None,
+                      self.tables.out_values[nbr] * real[..., None], item_logits, pad, nbr)
+
+    def _layout(self) -> None:
+        """The item order of a call: bucket after bucket, then the items without neighbours."""
+        order = torch.cat([b.items for b in self.buckets] + [self.empty_items])
+        self.position = torch.empty_like(order)
+        self.position[order] = torch.arange(len(order), device=order.device)
+        self.bucket_start = [0]
+        for b in self.buckets:
+            self.bucket_start.append(self.bucket_start[-1] + len(b.items))
+        self.item_memory = self.model.item_memory[order].contiguous()
+        hop2_item = self.tables.hop2_item
+        self.hop2_item = None if hop2_item is None else hop2_item[order].contiguous()
+
+    def score(self, users: torch.Tensor) -> torch.Tensor:
+        """(U, n_items) scores."""
+        m = self.model
+        n_users, n_items, d = len(users), m.cfg.n_items, m.cfg.embed_size
+        m_u = m.user_memory[users]                                         # (U, d)
+        user_logits = m.user_memory @ m_u.T                                # (n_users, U): m_u·M[v], rows per v
+        # U_1 diag(m_u) for every user side by side: (d, U·d), so U_1(m_u ⊙ e_i) is e_i @ gmf
+        gmf = (m.output.weight[:, :d].T[:, None, :] * m_u.T[:, :, None]).reshape(d, n_users * d)
+        hop2_user = F.linear(m_u, m.hop_maps[0].weight) if m.hop_maps else None   # W_2 m_u
+        n_real = self.bucket_start[-1]
+        step = min(max(1, self.block_pairs // n_users), n_items)
+        scores = torch.empty(n_items, n_users, device=users.device)       # in block order, item-major
+        ws = self._workspace(step, n_users, d)
+        for s in range(0, n_items, step):
+            e = min(s + step, n_items)
+            o = ws.output[:e - s]
+            if e > n_real:  # no neighbours: N(i) = [u], every hop attends to u alone, so o^H = C[u]
+                o[max(s, n_real) - s:] = self.tables.out_values[users]
+            if s < n_real:
+                self._hops(s, min(e, n_real), ws, user_logits, hop2_user)
+            h = o.view(e - s, n_users * d).addmm_(self.item_memory[s:e], gmf).relu_()
+            torch.mv(h.view(-1, d), m.v.weight[0], out=scores[s:e].view(-1))
+        return scores.T.index_select(1, self.position)
+
+    def _workspace(self, step: int, n_users: int, d: int) -> Workspace:
+        slots = max((min(len(b.items), step) * b.nbr.shape[1] for b in self.buckets), default=1)
+        new = lambda *shape: torch.empty(*shape, device=self.indptr.device)
+        return Workspace((new(step, n_users, d), new(step, n_users, d)), new(step, n_users, d),
+                         new(slots * n_users), new(slots * n_users))
+
+    def _hops(self, s: int, e: int, ws: Workspace, user_logits: torch.Tensor,
+              hop2_user: torch.Tensor | None) -> None:
+        """Every hop for the items at block positions s..e (all with neighbours); the last hop's U_2 o + b
+        lands in ws.output[:e - s]."""
+        m = self.model
+        hops, n_users, d = m.cfg.hops, user_logits.shape[1], m.cfg.embed_size
+        n = e - s
+        pieces = [(b, max(s, lo) - lo, min(e, hi) - lo, max(s, lo) - s)
+                  for b, lo, hi in zip(self.buckets, self.bucket_start, self.bucket_start[1:]) if lo < e and hi > s]
+        out, spare = ws.activations[0][:n], ws.activations[1][:n]
+        z = None
+        for hop in range(hops):
+            last = hop == hops - 1
+            if hop == 1:    # z² = ReLU(W_2 e_i + b_2 + W_2 m_u + o¹), in o¹'s buffer
+                z = out.add_(self.hop2_item[s:e, None]).add_(hop2_user).relu_()
+                out = spare
+            elif hop > 1:   # zʰ = ReLU(W_h zʰ⁻¹ + b_h + oʰ⁻¹), in oʰ⁻¹'s buffer; zʰ⁻¹'s is free after it
+                hop_map = m.hop_maps[hop - 1]
+                z_next = out.view(-1, d).addmm_(z.view(-1, d), hop_map.weight.T).add_(hop_map.bias).relu_()
+                z, out = z_next.view(n, n_users, d), z
+            if last:
+                out = ws.output[:n]
+            for b, lo, hi, at in pieces:
+                # logits laid out (items, slots, users): softmax over slots then runs along contiguous users
+                k, cap = hi - lo, b.nbr.shape[1]
+                logits = ws.logits[:k * cap * n_users].view(k, cap, n_users)
+                if hop == 0:  # (m_u + e_i)·M[v]: the user half gathered per slot, the item half cached
+                    torch.index_select(user_logits, 0, b.nbr[lo:hi].reshape(-1), out=logits.view(-1, n_users))
+                    logits.add_(b.item_logits[lo:hi, :, None])
+                else:
+                    torch.baddbmm(b.pad[lo:hi], b.keys[lo:hi], z[at:at + k].transpose(1, 2), out=logits)
+                weights = kernels.softmax_into(logits, 1, ws.weights[:k * cap * n_users].view(k, cap, n_users))
+                values = b.out_values if last else b.values
+                torch.bmm(weights.transpose(1, 2), values[lo:hi], out=out[at:at + k])
+
+
+def _holds(model: CMN, device: torch.device) -> bool:
+    """Whether every parameter of `model` is on `device` (a bare `cuda` meaning the current GPU)."""
+    target = torch.empty(0, device=device).device
+    return all(p.device == target for p in model.parameters())
+
+
 class Scorer:
     """Scores users against candidate items or the full catalogue for one trained CMN and one neighbourhood set.
 
-    `indptr`/`indices` are the item → users CSR that defines N(i). The cache is rebuilt by `refresh()` after the
-    model's weights or the neighbourhoods change. `chunk_items` bounds a bucket's size (so online feedback
-    rebuilds little); `block_pairs` sets the bucketed route's block of (user, item) pairs; calls with at most
-    `packed_max_users` users take the packed route (0: never).
+    `indptr`/`indices` are the item → users CSR that defines N(i). The caller's model is used as it is when it
+    already lives on `device`, else a copy is moved there; either way the scorer never changes it (CMN has no
+    dropout or batch norm: its training mode does not change scores). The cached tables are rebuilt by
+    `refresh()` after the model's weights or the neighbourhoods change. `chunk_items` bounds a bucket's size (so
+    online feedback rebuilds little); `block_pairs` sets the bucketed route's block of (user, item) pairs; calls
+    with at most `packed_max_users` users take the packed route (0: never).
     """
 
     def __init__(self, model: CMN, indptr, indices, device: str | torch.device | None = None,
                  chunk_items: int = 2048, block_pairs: int = BLOCK_PAIRS,
                  packed_max_users: int = PACKED_MAX_USERS):
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
-        self.model = model.to(self.device).eval()
+        self.model = model if _holds(model, self.device) else copy.deepcopy(model).to(self.device)
         self.n_items = model.cfg.n_items
         self.n_users = model.cfg.n_users
         self.chunk_items = chunk_items
@@ -106,6 +387,12 @@ class Scorer:
         self.packed_max_users = packed_max_users
         self.exclude_self = model.cfg.exclude_self
         self.set_neighbourhoods(indptr, indices)
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: Checkpoint, device: str | torch.device = "cpu", **options) -> Scorer:
+        """The scorer of a checkpoint's model over its training neighbourhoods; `options` as for `Scorer`."""
+        device = resolve_device(device) if isinstance(device, str) else device
+        return cls(ckpt.build_model(device), *ckpt.item_users(), device=device, **options)
 
     def set_neighbourhoods(self, indptr, indices) -> None:
         self.indptr = torch.as_tensor(indptr, dtype=torch.long, device=self.device)
@@ -116,55 +403,23 @@ class Scorer:
 
     @torch.no_grad()
     def refresh(self) -> None:
-        m = self.model
-        # user-independent tables (model weights only)
-        self.out_memory = F.linear(m.user_output, m.output.weight[:, m.cfg.embed_size:], m.output.bias)  # U_2 C + b
-        # an extra column of ones: embedding_bag sums the weights too; zero columns after it round rows up to a
-        # multiple of 16 floats (64-byte rows: embedding_bag runs measurably faster on them)
-        d = m.cfg.embed_size
-        ones = torch.zeros(self.n_users, -(-(d + 1) // 16) * 16 - d, device=self.device)
-        ones[:, 0] = 1
-        self.values_ones = torch.cat([m.user_output, ones], 1)
-        self.out_values_ones = torch.cat([self.out_memory, ones], 1)
-        self.keys_t = m.user_memory.T  # a view: sampled_addmm then reads M[v] as one contiguous row
-        self.hop2_item = F.linear(m.item_memory, m.hop_maps[0].weight, m.hop_maps[0].bias) if m.hop_maps else None
-        lengths = (self.indptr[1:] - self.indptr[:-1]).cpu()
-        caps = torch.tensor([bucket_cap(int(n)) if n > 0 else 0 for n in lengths.tolist()])
-        self.empty_items = torch.nonzero(caps == 0).squeeze(1).to(self.device)
-        self.buckets = []
-        self.item_bucket = torch.full((self.n_items,), -1, dtype=torch.long)
-        for cap in sorted(set(caps.tolist()) - {0}):
-            items_cap = torch.nonzero(caps == cap).squeeze(1)
-            for chunk in items_cap.split(max(1, min(self.chunk_items, self.chunk_items * 16 // cap))):
-                self.item_bucket[chunk] = len(self.buckets)
-                self.buckets.append(self._bucket(chunk.to(self.device), cap))
-        self._layout()
+        self.tables = Tables.of(self.model)
+        self.pairs = PairRoute(self.model, self.tables, self.exclude_self)
+        self.packed = PackedCatalogue(self.model, self.tables, self.indptr, self.indices)
+        self.bucketed: BucketedCatalogue | None = None  # built by the first call that takes that route
 
-    def _layout(self) -> None:
-        """The full-catalogue path's item order: bucket after bucket, then the items without neighbours."""
-        m = self.model
-        self.order = torch.cat([b.items for b in self.buckets] + [self.empty_items])
-        self.position = torch.empty_like(self.order)
-        self.position[self.order] = torch.arange(len(self.order), device=self.device)
-        self.bucket_start = [0]
-        for b in self.buckets:
-            self.bucket_start.append(self.bucket_start[-1] + len(b.items))
-        self.item_memory_ordered = m.item_memory[self.order].contiguous()
-        self.hop2_item_ordered = None if self.hop2_item is None else self.hop2_item[self.order].contiguous()
-        # the packed route: the CSR with users sorted within each item (as sampled_addmm's CSR wants them)
-        rows = torch.repeat_interleave(torch.arange(self.n_items, device=self.device),
-                                       self.indptr[1:] - self.indptr[:-1])
-        users, keys = self.indices, rows * self.n_users + self.indices
-        if len(keys) > 1 and not bool((keys[1:] > keys[:-1]).all()):
-            users = self.indices[torch.argsort(keys)]
-        self.packed = pack(rows, users, self.n_items, self.n_users)
-        self.packed_item_logits = torch.sparse.sampled_addmm(self.packed.pattern, m.item_memory, self.keys_t,
-                                                             beta=0).values()  # e_i·M[v]
+    @torch.no_grad()
+    def bucketed_catalogue(self) -> BucketedCatalogue:
+        """The bucketed route, its buckets built now if they are not yet."""
+        if self.bucketed is None:
+            self.bucketed = BucketedCatalogue(self.model, self.tables, self.indptr, self.indices,
+                                              self.chunk_items, self.block_pairs)
+        return self.bucketed
 
     @torch.no_grad()
     def add_interactions(self, users, items) -> int:
-        """Online feedback: put `users[k]` into N(items[k]). Returns the number of new pairs. Only the cache
-        buckets holding a touched item are rebuilt (a bucket whose cap is outgrown gets a larger cap)."""
+        """Online feedback: put `users[k]` into N(items[k]). Returns the number of new pairs. Built buckets are
+        updated in place (see `BucketedCatalogue.add_neighbours`)."""
         users = torch.as_tensor(users, dtype=torch.long).cpu()
         items = torch.as_tensor(items, dtype=torch.long).cpu()
         indptr, indices = self.indptr.cpu(), self.indices.cpu()
@@ -177,31 +432,10 @@ class Scorer:
         counts = torch.bincount(keys // self.n_users, minlength=self.n_items)
         self.indptr = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(counts, 0)]).to(self.device)
         self.indices = (keys % self.n_users).to(self.device)
-        for b in torch.unique(self.item_bucket[touched]).tolist():
-            if b >= 0:
-                bucket = self.buckets[b]
-                cap = max(bucket.nbr.shape[1], bucket_cap(int(counts[bucket.items.cpu()].max())))
-                self.buckets[b] = self._bucket(bucket.items, cap)
-        newly = touched[self.item_bucket[touched] < 0]
-        if len(newly):  # first users of items that had none
-            self.item_bucket[newly] = len(self.buckets)
-            self.buckets.append(self._bucket(newly.to(self.device), bucket_cap(int(counts[newly].max()))))
-            self.empty_items = self.empty_items[~torch.isin(self.empty_items, newly.to(self.device))]
-        self._layout()
+        self.packed = PackedCatalogue(self.model, self.tables, self.indptr, self.indices)
+        if self.bucketed is not None:
+            self.bucketed.add_neighbours(self.indptr, self.indices, touched)
         return len(keys) - len(old)
-
-    def _bucket(self, items: torch.Tensor, cap: int) -> Bucket:
-        m = self.model
-        start, length = self.indptr[items], self.indptr[items + 1] - self.indptr[items]
-        slot = torch.arange(cap, device=self.device)
-        real = slot[None, :] < length[:, None]
-        nbr = torch.where(real, self.indices[(start[:, None] + slot[None, :]).clamp(max=len(self.indices) - 1)], 0)
-        keys = m.user_memory[nbr] * real[..., None]
-        item_logits = torch.einsum("nld,nd->nl", keys, m.item_memory[items]).masked_fill(~real, -torch.inf)
-        pad = torch.zeros(real.shape, device=self.device).masked_fill(~real, -torch.inf).unsqueeze(2)
-        deep = m.cfg.hops > 1
-        return Bucket(items, keys if deep else None, m.user_output[nbr] * real[..., None] if deep else None,
-                      self.out_memory[nbr] * real[..., None], item_logits, pad, nbr)
 
     @torch.no_grad()
     def score(self, users, items=None) -> torch.Tensor:
@@ -217,25 +451,17 @@ class Scorer:
     def score_pairs(self, users: torch.Tensor, items: torch.Tensor, chunk: int = 65536) -> torch.Tensor:
         out = torch.empty(len(users), device=self.device)
         for s in range(0, len(users), chunk):
-            out[s:s + chunk] = self._score_pairs_packed(users[s:s + chunk], items[s:s + chunk])
+            out[s:s + chunk] = self.pairs.score(users[s:s + chunk], items[s:s + chunk], self.indptr, self.indices)
         return out
 
-    def _score_pairs_packed(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        """CMN.forward's equations on packed neighbourhoods, without its per-slot (slots × d) temporaries:
-        logits by sampled_addmm, value sums by embedding_bag (as the packed full-catalogue route)."""
-        m = self.model
-        d, hops = m.cfg.embed_size, m.cfg.hops
-        packed = self._pair_neighbourhoods(users, items)
-        m_u, e_i = m.user_memory.index_select(0, users), m.item_memory.index_select(0, items)
-        z, o = m_u + e_i, None
-        for hop in range(hops):
-            if hop > 0:
-                hop_map = m.hop_maps[hop - 1]
-                z = torch.addmm(hop_map.bias, z, hop_map.weight.T).add_(o).relu_()
-            logits = torch.sparse.sampled_addmm(packed.pattern, z, self.keys_t, beta=0).values()
-            o = self._attend_packed(packed, logits, self.out_values_ones if hop == hops - 1 else self.values_ones, d)
-        h = o.addmm_(m_u * e_i, m.output.weight[:, :d].T).relu_()       # + U_1 (m_u ⊙ e_i); o is U_2 o + b
-        return torch.mv(h, m.v.weight[0])
+    @torch.no_grad()
+    def score_all(self, users: torch.Tensor) -> torch.Tensor:
+        if self.exclude_self:  # the catalogue routes hold neighbourhoods with every user in; exclusion takes pairs
+            return self.score(users, torch.arange(self.n_items, device=self.device).expand(len(users), -1))
+        if len(users) <= self.packed_max_users:
+            return torch.stack([self.packed.score(int(u)) for u in users.tolist()]) if len(users) else \
+                torch.empty(0, self.n_items, device=self.device)
+        return self.bucketed_catalogue().score(users)
 
     @torch.no_grad()
     def attention(self, user: int, items: torch.Tensor, top: int = 5) -> list[list[tuple[int, float]]]:
@@ -254,137 +480,6 @@ class Scorer:
             if len(out[s]) < top and w > 0:  # peaked attention underflows to exactly 0: nobody to name
                 out[s].append((v, w))
         return out
-
-    @torch.no_grad()
-    def score_all(self, users: torch.Tensor) -> torch.Tensor:
-        if self.exclude_self:  # the cache holds neighbourhoods with every user in; per-user exclusion takes pairs
-            return self.score(users, torch.arange(self.n_items, device=self.device).expand(len(users), -1))
-        if len(users) <= self.packed_max_users:
-            return torch.stack([self._score_packed(int(u)) for u in users.tolist()]) if len(users) else \
-                torch.empty(0, self.n_items, device=self.device)
-        return self._score_bucketed(users)
-
-    def _score_packed(self, user: int) -> torch.Tensor:
-        """(n_items,) scores of one user: packed neighbourhoods, no padding, no per-slot copy of the tables."""
-        m = self.model
-        d, hops = m.cfg.embed_size, m.cfg.hops
-        m_u = m.user_memory[user]
-        logits = self.packed_item_logits + (m.user_memory @ m_u).index_select(0, self.packed.users)
-        z = None
-        for hop in range(hops):
-            last = hop == hops - 1
-            if hop > 0:
-                logits = torch.sparse.sampled_addmm(self.packed.pattern, z, self.keys_t, beta=0).values()
-            o = self._attend_packed(self.packed, logits, self.out_values_ones if last else self.values_ones, d)
-            if last:
-                break
-            if hop == 0:  # z² = ReLU(W_2 e_i + b_2 + W_2 m_u + o¹)
-                z = o.add_(self.hop2_item).add_(F.linear(m_u, m.hop_maps[0].weight)).relu_()
-            else:
-                hop_map = m.hop_maps[hop]
-                z = o.addmm_(z, hop_map.weight.T).add_(hop_map.bias).relu_()
-        if len(self.empty_items):  # N(i) = [u]: o^H = C[u]
-            o[self.empty_items] = self.out_memory[user]
-        h = o.addmm_(m.item_memory, m.output.weight[:, :d].T * m_u[:, None]).relu_()   # U_1 diag(m_u) e_i
-        return torch.mv(h, m.v.weight[0])
-
-    def _pair_neighbourhoods(self, users: torch.Tensor, items: torch.Tensor) -> Packed:
-        """N(items[b]) for every pair b, packed pair after pair (as gather_neighbourhoods, rows kept in order)."""
-        if self.exclude_self:
-            nbr, seg = gather_neighbourhoods(self.indptr, self.indices, users, items, True)
-            order = torch.argsort(seg, stable=True)  # its empty neighbourhoods come last
-            return pack(seg[order], nbr[order], len(users), self.n_users)
-        start = self.indptr.index_select(0, items)
-        lengths = self.indptr.index_select(0, items + 1) - start
-        alone = lengths == 0                           # N(i) = [u]
-        lengths = lengths.masked_fill(alone, 1)
-        crow = torch.zeros(len(items) + 1, dtype=torch.long, device=self.device)
-        torch.cumsum(lengths, 0, out=crow[1:])
-        n_slots = int(crow[-1])
-        rows = torch.repeat_interleave(torch.arange(len(items), device=self.device), lengths, output_size=n_slots)
-        slot = torch.arange(n_slots, device=self.device).add_((start - crow[:-1]).index_select(0, rows))
-        nbr = self.indices.index_select(0, slot.clamp_(max=max(len(self.indices) - 1, 0))) if len(self.indices) \
-            else torch.zeros(n_slots, dtype=torch.long, device=self.device)
-        if bool(alone.any()):
-            nbr = torch.where(alone.index_select(0, rows), users.index_select(0, rows), nbr)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            pattern = torch.sparse_csr_tensor(crow, nbr, torch.zeros(n_slots, device=self.device),
-                                              size=(len(items), self.n_users))
-        return Packed(nbr, rows, lengths, crow[:-1], pattern)
-
-    @staticmethod
-    def _attend_packed(packed: Packed, logits: torch.Tensor, table_ones: torch.Tensor, d: int) -> torch.Tensor:
-        """Σ_v softmax(logits)_v table[v] per row: segment max, exp, one embedding_bag whose extra ones column
-        yields the softmax denominator."""
-        peak = torch.segment_reduce(logits, "max", lengths=packed.lengths, unsafe=True)
-        weights = logits.sub_(peak.index_select(0, packed.rows)).clamp_(min=EXP_FLOOR).exp_()
-        sums = F.embedding_bag(packed.users, table_ones, packed.offsets, mode="sum", per_sample_weights=weights)
-        return torch.div(sums[:, :d], sums[:, d:d + 1])
-
-    def _score_bucketed(self, users: torch.Tensor) -> torch.Tensor:
-        m = self.model
-        n_users, d = len(users), m.cfg.embed_size
-        m_u = m.user_memory[users]                                         # (U, d)
-        user_logits = m.user_memory @ m_u.T                                # (n_users, U): m_u·M[v], rows per v
-        # U_1 diag(m_u) for every user side by side: (d, U·d), so U_1(m_u ⊙ e_i) is e_i @ gmf
-        gmf = (m.output.weight[:, :d].T[:, None, :] * m_u.T[:, :, None]).reshape(d, n_users * d)
-        hop2_user = F.linear(m_u, m.hop_maps[0].weight) if m.hop_maps else None   # W_2 m_u
-        n_real = self.bucket_start[-1]
-        step = min(max(1, self.block_pairs // n_users), self.n_items)
-        scores = torch.empty(self.n_items, n_users, device=self.device)   # in block order, item-major
-        ws = self._workspace(step, n_users, d)
-        for s in range(0, self.n_items, step):
-            e = min(s + step, self.n_items)
-            o = ws[2][:e - s]
-            if e > n_real:  # no neighbours: N(i) = [u], every hop attends to u alone, so o^H = C[u]
-                o[max(s, n_real) - s:] = self.out_memory[users]
-            if s < n_real:
-                self._hops(s, min(e, n_real), ws, user_logits, hop2_user)
-            h = o.view(e - s, n_users * d).addmm_(self.item_memory_ordered[s:e], gmf).relu_()
-            torch.mv(h.view(-1, d), m.v.weight[0], out=scores[s:e].view(-1))
-        return scores.T.index_select(1, self.position)
-
-    def _workspace(self, step: int, n_users: int, d: int) -> list[torch.Tensor]:
-        """Buffers for one call, reused by every block: three (step, U, d) activations, logits and weights."""
-        slots = max((min(len(b.items), step) * b.nbr.shape[1] for b in self.buckets), default=1)
-        new = lambda *shape: torch.empty(*shape, device=self.device)
-        return [new(step, n_users, d), new(step, n_users, d), new(step, n_users, d),
-                new(slots * n_users), new(slots * n_users)]
-
-    def _hops(self, s: int, e: int, ws: list[torch.Tensor], user_logits: torch.Tensor,
-              hop2_user: torch.Tensor | None) -> None:
-        """Every hop for the items at block positions s..e (all with neighbours); the last hop's U_2 o + b
-        lands in ws[2][:e - s]."""
-        m = self.model
-        hops, n_users, d = m.cfg.hops, user_logits.shape[1], self.model.cfg.embed_size
-        n = e - s
-        pieces = [(b, max(s, lo) - lo, min(e, hi) - lo, max(s, lo) - s)
-                  for b, lo, hi in zip(self.buckets, self.bucket_start, self.bucket_start[1:]) if lo < e and hi > s]
-        spare, z, out = ws[1][:n], None, ws[0][:n]
-        for hop in range(hops):
-            last = hop == hops - 1
-            if hop == 1:    # z² = ReLU(W_2 e_i + b_2 + W_2 m_u + o¹), in o¹'s buffer
-                z = out.add_(self.hop2_item_ordered[s:e, None]).add_(hop2_user).relu_()
-                out = spare
-            elif hop > 1:   # zʰ = ReLU(W_h zʰ⁻¹ + b_h + oʰ⁻¹), in oʰ⁻¹'s buffer; zʰ⁻¹'s is free after it
-                hop_map = m.hop_maps[hop - 1]
-                z_next = out.view(-1, d).addmm_(z.view(-1, d), hop_map.weight.T).add_(hop_map.bias).relu_()
-                z, out = z_next.view(n, n_users, d), z
-            if last:
-                out = ws[2][:n]
-            for b, lo, hi, at in pieces:
-                # logits laid out (items, slots, users): softmax over slots then runs along contiguous users
-                k, cap = hi - lo, b.nbr.shape[1]
-                logits = ws[3][:k * cap * n_users].view(k, cap, n_users)
-                if hop == 0:  # (m_u + e_i)·M[v]: the user half gathered per slot, the item half cached
-                    torch.index_select(user_logits, 0, b.nbr[lo:hi].reshape(-1), out=logits.view(-1, n_users))
-                    logits.add_(b.item_logits[lo:hi, :, None])
-                else:
-                    torch.baddbmm(b.pad[lo:hi], b.keys[lo:hi], z[at:at + k].transpose(1, 2), out=logits)
-                weights = torch._softmax(logits, 1, False, out=ws[4][:k * cap * n_users].view(k, cap, n_users))
-                values = b.out_values if last else b.values
-                torch.bmm(weights.transpose(1, 2), values[lo:hi], out=out[at:at + k])
 
 
 def top_k(scores: torch.Tensor, k: int, banned: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,9 +1,14 @@
-"""The scorer's two routes (bucketed full catalogue, packed candidate pairs) agree with CMN.forward."""
+"""The scorer's routes (candidate pairs, packed and bucketed full catalogue) agree with CMN.forward; the
+scorer builds its buckets only when needed, leaves the caller's model alone, and gives the same numbers with
+the private torch calls of model/kernels.py as with their public fallbacks."""
 import numpy as np
 import pytest
 import torch
 
-from conftest import item_user_csr, make_cmn, neighbourhood, numpy_params, random_train, reference_forward
+from conftest import (item_user_csr, make_cmn, neighbourhood, numpy_params, random_train, reference_forward,
+                      small_checkpoint)
+from model import kernels
+from model.checkpoint import load_checkpoint
 from model.cmn import gather_neighbourhoods
 from model.scorer import Scorer, bucket_cap, top_k
 
@@ -148,3 +153,103 @@ def test_attention_order_is_exact_for_peaked_weights(train):
             zeros += everything[:5].count(0.0)
     assert zeros > 0  # the case does reach exact zeros among the top 5, which are left out
 
+
+
+def test_fallback_kernels_give_the_private_calls_numbers(train, monkeypatch):
+    """Every route, with attention peaked enough to underflow exp, bit for bit with and without the private calls."""
+    if not (kernels.PRIVATE_SOFTMAX and kernels.PRIVATE_SEGMENT_MAX):
+        pytest.skip(f"torch {torch.__version__}: a private call is unavailable, only the fallback runs")
+    model = make_cmn(N_USERS, N_ITEMS, D, hops=3, seed=6, embed_std=2.0)
+    csr = item_user_csr(train, N_ITEMS, rng=np.random.default_rng(0))
+    users = torch.tensor([0, 5, 17, 39, 5])
+    candidates = torch.arange(N_ITEMS).expand(len(users), -1)
+
+    def every_route():
+        packed = Scorer(model, *csr)
+        bucketed = Scorer(model, *csr, packed_max_users=0, block_pairs=7, chunk_items=3)
+        return packed.score(users, candidates), packed.score(users[:3]), bucketed.score(users)
+
+    fast = every_route()
+    monkeypatch.setattr(kernels, "PRIVATE_SOFTMAX", False)
+    monkeypatch.setattr(kernels, "PRIVATE_SEGMENT_MAX", False)
+    for got, want in zip(every_route(), fast):
+        assert torch.equal(got, want)
+
+
+def test_kernel_checks_refuse_a_missing_broken_or_unchecked_private_call(monkeypatch):
+    segment_reduce = torch.segment_reduce
+
+    def without_unsafe(data, reduce, *, lengths=None, axis=0):  # as a torch that dropped the argument
+        return segment_reduce(data, reduce, lengths=lengths, axis=axis)
+
+    with monkeypatch.context() as patch:
+        patch.delattr(torch, "_softmax")
+        assert not kernels._private_softmax_works()
+    with monkeypatch.context() as patch:
+        patch.setattr(torch, "segment_reduce", without_unsafe)
+        assert not kernels._private_segment_max_works()
+    with monkeypatch.context() as patch:
+        patch.setattr(torch, "__version__", torch.torch_version.TorchVersion("3.0.0"))
+        assert not kernels._private_softmax_works() and not kernels._private_segment_max_works()
+
+
+def test_buckets_are_built_by_the_first_bucketed_call_only(train):
+    model = make_cmn(N_USERS, N_ITEMS, D, hops=3, seed=2)
+    scorer = Scorer(model, *item_user_csr(train, N_ITEMS), packed_max_users=1)
+    users = torch.tensor([2, 9, 30])
+    scorer.score(users, torch.tensor([[12, 0, 3], [25, 11, 1], [7, 13, 4]]))   # per-epoch evaluation
+    scorer.score(users[:1])                                                     # full catalogue, packed route
+    assert scorer.bucketed is None
+    new = np.array([[3, 0], [2, 19], [4, 11], [5, 8]])   # into empty items (one the scored user's), longer ones
+    fresh = len({(int(u), int(i)) for u, i in new} - {(int(u), int(i)) for u, i in train})
+    assert fresh >= 2
+    assert scorer.add_interactions(torch.as_tensor(new[:, 0]), torch.as_tensor(new[:, 1])) == fresh
+    assert scorer.bucketed is None
+    expected = forward_all(model, np.concatenate([train, new]), users)
+    torch.testing.assert_close(scorer.score(users[:1]), expected[:1], rtol=0, atol=1e-4)
+    assert scorer.bucketed is None
+    torch.testing.assert_close(scorer.score(users), expected, rtol=0, atol=1e-4)  # 3 users: the bucketed route
+    assert scorer.bucketed is not None
+    scorer.refresh()
+    assert scorer.bucketed is None
+
+
+def test_scorer_leaves_the_callers_model_alone(train):
+    model = make_cmn(N_USERS, N_ITEMS, D, hops=2, seed=3).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    scorer = Scorer(model, *item_user_csr(train, N_ITEMS), device="cpu")
+    users = torch.tensor([1, 2])
+    scorer.score(users)
+    scorer.score(users, torch.tensor([[0, 1], [2, 3]]))
+    scorer.attention(1, torch.arange(N_ITEMS))
+    assert scorer.model is model  # already on the scoring device: used as it is, not copied
+    assert model.training and all(p.device.type == "cpu" for p in model.parameters())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_scorer_on_another_device_scores_a_copy(train):
+    model = make_cmn(N_USERS, N_ITEMS, D, hops=3, seed=3).train()
+    csr = item_user_csr(train, N_ITEMS)
+    scorer = Scorer(model, *csr, device="cuda")
+    assert scorer.model is not model
+    assert model.training and all(p.device.type == "cpu" for p in model.parameters())
+    users = torch.tensor([1, 2, 30])
+    expected = forward_all(model, train, users)
+    for route in (dict(packed_max_users=10**6), dict(packed_max_users=0)):
+        got = Scorer(model, *csr, device="cuda", **route).score(users).cpu()
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
+    torch.testing.assert_close(scorer.score(users, torch.arange(N_ITEMS).expand(3, -1)).cpu(), expected,
+                               rtol=0, atol=1e-4)
+
+
+def test_from_checkpoint(tmp_path):
+    ckpt = load_checkpoint(small_checkpoint(tmp_path / "model.ckpt"))
+    scorer = Scorer.from_checkpoint(ckpt, packed_max_users=0)
+    assert scorer.device == torch.device("cpu") and scorer.packed_max_users == 0
+    indptr, indices = (torch.as_tensor(a) for a in ckpt.item_users())
+    n_items = ckpt.config.n_items
+    users, items = torch.tensor([0, 4, 6]).repeat_interleave(n_items), torch.arange(n_items).repeat(3)
+    with torch.no_grad():
+        expected = scorer.model(users, items, *gather_neighbourhoods(indptr, indices, users, items)).view(3, -1)
+    torch.testing.assert_close(scorer.score(torch.tensor([0, 4, 6])), expected, rtol=0, atol=1e-5)

@@ -1,5 +1,6 @@
 """The full-catalogue scorer has two routes picked by the number of users (packed per user, bucketed batch);
-both must equal CMN.forward whatever the call size, also after online feedback (see docs/performance.md)."""
+both must equal CMN.forward whatever the call size, also after online feedback into a built cache (see
+docs/performance.md; test_scorer.py covers feedback before the buckets are built)."""
 import numpy as np
 import pytest
 import torch
@@ -41,6 +42,8 @@ def test_routes_after_feedback(route):
     train = random_train(np.random.default_rng(2), N_USERS, LENGTHS)
     model = make_cmn(N_USERS, N_ITEMS, D, hops=3, seed=5)
     scorer = Scorer(model, *item_user_csr(train, N_ITEMS), **ROUTES[route])
+    scorer.score(torch.tensor([1, 2]))  # the catalogue cache in use before the feedback (built, for bucketed)
+    assert (scorer.bucketed is not None) == route.startswith("bucketed")
     # new pairs: into an empty item, into a cap-1 item (outgrows its cap), into a long one, and a duplicate
     new = np.array([[3, 0], [4, 0], [9, 1], [10, 1], [11, 12], [int(train[0, 0]), int(train[0, 1])]])
     fresh = len({(int(u), int(i)) for u, i in new} - {(int(u), int(i)) for u, i in train})
