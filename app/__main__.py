@@ -4,6 +4,7 @@ import sys
 
 import uvicorn
 
+from app.main import create_app
 from app.settings import Settings
 from model.checkpoint import CheckpointError, load_checkpoint
 
@@ -19,7 +20,7 @@ def main() -> int:
     # uvicorn drains in-flight requests and runs the lifespan shutdown on SIGTERM, then re-raises the signal, which
     # (default handler) would end a cleanly stopped server with status 143; exit 0 instead.
     signal.signal(signal.SIGTERM, _stopped)
-    uvicorn.run("app.main:app", host=settings.host, port=settings.port, log_config=None, access_log=False,
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_config=None, access_log=False,
                 timeout_graceful_shutdown=30)
     return 0
 

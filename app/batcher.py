@@ -42,15 +42,20 @@ class MicroBatcher:
         return self._queued_jobs
 
     async def submit(self, engine, jobs: list) -> list:
-        """Answers for `jobs`, all scored by `engine` (requests in flight finish on the model they started on)."""
+        """Answers for `jobs`, all scored by `engine` (requests in flight finish on the model they started on).
+        More than `max_batch` jobs go as several groups, so no scorer call ever sees more than `max_batch` users."""
         if self._queued_jobs + len(jobs) > self.max_queue:
             raise QueueFull(f"request queue is full ({self._queued_jobs} queued)")
-        future = asyncio.get_running_loop().create_future()
-        self._queue.append((engine, jobs, future, time.perf_counter()))
-        self._queued_jobs += len(jobs)
+        loop = asyncio.get_running_loop()
+        futures = []
+        for start in range(0, len(jobs), self.max_batch):
+            group = jobs[start:start + self.max_batch]
+            futures.append(loop.create_future())
+            self._queue.append((engine, group, futures[-1], time.perf_counter()))
+            self._queued_jobs += len(group)
         metrics.QUEUE_DEPTH.set(self._queued_jobs)
         self._wakeup.set()
-        return await future
+        return [answer for group_answers in await asyncio.gather(*futures) for answer in group_answers]
 
     def _take_batch(self) -> tuple[Any, list]:
         """Groups of the head's engine, in order, until max_batch jobs (a group is never split)."""

@@ -1,27 +1,20 @@
-"""One loaded model and everything derived from it: scorer cache, id maps, seen-sets, popularity.
+"""The serving side of one loaded model: external ↔ internal ids, batches of requests, metrics.
 
-Requests are first `prepare`d on the event loop (ids resolved, errors raised before queueing), then
-scored in batches by `recommend` on the single model thread, which is also the only thread that
-mutates the caches (`apply_feedback`), so scoring never sees a half-applied update.
+What a recommendation is (seen-sets, exclusions, top-k, the popularity fallback, online feedback) lives in
+`model.recommender.Recommender`, the object the evaluator also ranks through. Requests are `prepare`d on the
+event loop (ids resolved, errors raised before anything is queued), then `recommend`ed in batches on the single
+model thread, which is also the only thread that applies feedback, so scoring never sees a half-applied update.
 """
 from __future__ import annotations
 
-import logging
-import math
 import time
 from dataclasses import dataclass
-from itertools import chain
-
-import numpy as np
-import torch
 
 from app import metrics
 from app.schemas import RecommendRequest
 from model.checkpoint import load_checkpoint
 from model.feedback import Event, FeedbackLog
-from model.scorer import Scorer, resolve_device, top_k
-
-log = logging.getLogger("cmn.engine")
+from model.recommender import Recommender
 
 
 class UnknownIds(ValueError):
@@ -51,18 +44,13 @@ class Answer:
 class Engine:
     def __init__(self, checkpoint: str, device: str = "auto", explain_top: int = 5):
         start = time.perf_counter()
-        self.device = resolve_device(device)
         ckpt = load_checkpoint(checkpoint)
+        self.recommender = Recommender.from_checkpoint(ckpt, device)
+        self.device = self.recommender.device
         self.path, self.version = checkpoint, ckpt.model_version
-        self.scorer = Scorer(ckpt.build_model(self.device), *ckpt.item_users(), device=self.device)
         self.user_ids, self.item_ids = ckpt.user_ids, ckpt.item_ids
         self.user_index = {u: n for n, u in enumerate(self.user_ids)}
         self.item_index = {i: n for n, i in enumerate(self.item_ids)}
-        indptr, indices = ckpt.user_items()
-        self.seen = [set(indices[indptr[u]:indptr[u + 1]].tolist()) for u in range(len(self.user_ids))]
-        self.popularity = torch.as_tensor(np.bincount(ckpt.train[:, 1], minlength=len(self.item_ids)),
-                                          dtype=torch.float32)
-        self.interactions = int(len(ckpt.seen))
         self.explain_top = explain_top
         self.feedback_seq = 0
         self.load_seconds = time.perf_counter() - start
@@ -79,7 +67,7 @@ class Engine:
 
     def _items(self, ids: list[str], field: str, ignore_unknown: bool) -> list[int]:
         # one C-level pass, and no torch call: this runs on the event loop, where every torch call is a chance
-        # for the model thread to take the GIL (tensors are made once per batch, in `recommend`)
+        # for the model thread to take the GIL (tensors are made once per batch, on the model thread)
         found = list(map(self.item_index.get, ids))
         if None in found:
             if not ignore_unknown:
@@ -94,85 +82,35 @@ class Engine:
         return Job(req.user_id, self.user_index.get(req.user_id), req.k, candidates,
                    self._items(req.exclude, "exclude", req.ignore_unknown), req.exclude_seen, req.explain)
 
-    @torch.no_grad()
     def recommend(self, jobs: list[Job]) -> list[Answer]:
-        """Score a batch: one full-catalogue call for all whole-catalogue users, one pair call for all
-        candidate lists, popularity for unknown users."""
+        """Answers for a batch: one recommender call for every whole-catalogue job, one for every candidate list,
+        and the popularity fallback for unknown users."""
         answers: list[Answer | None] = [None] * len(jobs)
-        full = [n for n, j in enumerate(jobs) if j.user is not None and j.candidates is None]
-        pairs = [n for n, j in enumerate(jobs) if j.user is not None and j.candidates is not None]
-        unknown = [n for n, j in enumerate(jobs) if j.user is None]
-        metrics.SCORED_ITEMS.inc(len(full) * self.n_items + sum(len(jobs[n].candidates) for n in pairs))
-        if full:
-            users = torch.tensor([jobs[n].user for n in full], device=self.device)
-            scores = self.scorer.score(users)
-            rows, cols = self._ban_rows([jobs[n] for n in full])
-            scores[rows.to(self.device), cols.to(self.device)] = -torch.inf
-            values, index = top_k(scores, max(jobs[n].k for n in full))
-            for n, v, i in zip(full, values.tolist(), index.tolist()):
-                answers[n] = self._answer(jobs[n], v[:jobs[n].k], i[:jobs[n].k], None)
-        if pairs:
-            listed = [jobs[n] for n in pairs]
-            items, counts = self._item_lists(listed)
-            users = torch.repeat_interleave(torch.tensor([j.user for j in listed]), counts)
-            scores = self.scorer.score_pairs(users.to(self.device), items.to(self.device)).cpu()
-            for n, answer in zip(pairs, self._rank_candidates(listed, items, counts, scores, None)):
-                answers[n] = answer
-        if unknown:
-            listed = [jobs[n] for n in unknown]
-            items, counts = self._item_lists(listed)
-            for n, answer in zip(unknown, self._rank_candidates(listed, items, counts, self.popularity[items],
-                                                                "unknown_user")):
-                answers[n] = answer
+        rec = self.recommender
+        for wanted in (lambda j: j.candidates is None, lambda j: j.candidates is not None):
+            group = [n for n, j in enumerate(jobs) if j.user is not None and wanted(j)]
+            if not group:
+                continue
+            listed = [jobs[n] for n in group]
+            candidates = None if listed[0].candidates is None else [j.candidates for j in listed]
+            metrics.SCORED_ITEMS.inc(len(listed) * self.n_items if candidates is None else sum(map(len, candidates)))
+            items, scores = rec.recommend([j.user for j in listed], [j.k for j in listed],
+                                          [j.exclude_seen for j in listed], [j.exclude for j in listed], candidates)
+            for n, job, row_items, row_scores in zip(group, listed, items.tolist(), scores.tolist()):
+                answers[n] = self._answer(job, row_items, row_scores, None)
+        for n, job in enumerate(jobs):
+            if job.user is None:
+                items, scores = rec.popular(job.k, job.exclude, job.candidates)
+                answers[n] = self._answer(job, items.tolist(), scores.tolist(), "unknown_user")
         return answers
 
-    def _item_lists(self, jobs: list[Job]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every job's item list (its candidates, or the catalogue) back to back, and their lengths."""
-        counts = torch.tensor([self.n_items if j.candidates is None else len(j.candidates) for j in jobs])
-        if any(j.candidates is None for j in jobs):
-            items = torch.cat([torch.arange(self.n_items) if j.candidates is None
-                               else torch.tensor(j.candidates, dtype=torch.long) for j in jobs])
-        else:
-            items = torch.tensor(list(chain.from_iterable(j.candidates for j in jobs)), dtype=torch.long)
-        return items, counts
-
-    def _ban_rows(self, jobs: list[Job]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(job row, item) of everything each job removes: its exclude list, and its seen-set if asked."""
-        banned, counts = [], []
-        for j in jobs:
-            before = len(banned)
-            banned += j.exclude
-            if j.exclude_seen and j.user is not None:
-                banned += self.seen[j.user]
-            counts.append(len(banned) - before)
-        return (torch.repeat_interleave(torch.arange(len(jobs)), torch.tensor(counts)),
-                torch.tensor(banned, dtype=torch.long))
-
-    def _rank_candidates(self, jobs: list[Job], items: torch.Tensor, counts: torch.Tensor, scores: torch.Tensor,
-                         fallback: str | None) -> list[Answer]:
-        """Top-k of each job's own item list, `items` and `scores` holding all the lists back to back (lengths
-        `counts`): one masked, padded top-k for the whole batch instead of a handful of ops per request."""
-        row = torch.repeat_interleave(torch.arange(len(jobs)), counts)
-        col = torch.arange(len(row)) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
-        rows, banned = self._ban_rows(jobs)
-        keep = ~torch.isin(row * self.n_items + items, rows * self.n_items + banned)
-        width = int(counts.max())
-        padded = torch.full((len(jobs), width), -torch.inf)
-        padded[row, col] = scores.masked_fill(~keep, -torch.inf)
-        padded_items = torch.zeros((len(jobs), width), dtype=torch.long)
-        padded_items[row, col] = items
-        values, index = torch.topk(padded, min(max(j.k for j in jobs), width), dim=1)
-        return [self._answer(j, v[:j.k], i[:j.k], fallback)
-                for j, v, i in zip(jobs, values.tolist(), padded_items.gather(1, index).tolist())]
-
-    def _answer(self, job: Job, values: list[float], items: list[int], fallback: str | None) -> Answer:
-        kept = [(i, v) for i, v in zip(items, values) if v != -math.inf]  # -inf: banned, or padding
+    def _answer(self, job: Job, items: list[int], scores: list[float], fallback: str | None) -> Answer:
+        kept = [(i, s) for i, s in zip(items, scores) if i >= 0]
         explanations = [None] * len(kept)
-        if job.explain and job.user is not None and kept:
-            attended = self.scorer.attention(job.user, torch.tensor([i for i, _ in kept], device=self.device),
-                                             self.explain_top)
-            explanations = [[(self.user_ids[v], w) for v, w in row] for row in attended]
-        return Answer([(self.item_ids[i], v, e) for (i, v), e in zip(kept, explanations)], fallback)
+        if job.explain and job.user is not None:
+            explanations = [[(self.user_ids[v], w) for v, w in row]
+                            for row in self.recommender.explain(job.user, [i for i, _ in kept], self.explain_top)]
+        return Answer([(self.item_ids[i], s, e) for (i, s), e in zip(kept, explanations)], fallback)
 
     # ------------------------------------------------------------------ online feedback
 
@@ -182,13 +120,8 @@ class Engine:
         known = [(self.user_index[e.user_id], self.item_index[e.item_id]) for e in events
                  if e.user_id in self.user_index and e.item_id in self.item_index]
         if known:
-            users, items = torch.tensor(known).T
-            new = [(u, i) for u, i in known if i not in self.seen[u]]
-            for u, i in new:
-                self.seen[u].add(i)
-                self.popularity[i] += 1
-            self.interactions += len(new)
-            self.scorer.add_interactions(users, items)
+            users, items = zip(*known)
+            self.recommender.add_interactions(users, items)
         return len(known), len(events) - len(known)
 
     def catch_up(self, store: FeedbackLog) -> int:
@@ -200,9 +133,4 @@ class Engine:
         return len(rows)
 
     def warmup(self, calls: int) -> None:
-        """Real scoring calls so the first request does not pay for lazy initialisation."""
-        for n in range(calls):
-            user = n % self.n_users
-            job = Job(self.user_ids[user], user, 10, None, [], True, False)
-            pairs = Job(self.user_ids[user], user, 10, list(range(min(100, self.n_items))), [], True, False)
-            self.recommend([job, pairs])
+        self.recommender.warmup(calls)

@@ -40,6 +40,7 @@ class Service:
         self.io_threads = ThreadPoolExecutor(2, thread_name_prefix="cmn-io")
         self.batcher = MicroBatcher(self.model_thread, settings.max_batch, settings.max_wait_ms, settings.max_queue)
         self.store: FeedbackLog | None = None
+        self.feedback_events = 0  # kept here so /health never queries the store on the event loop
         self._reload_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task] = set()
 
@@ -47,6 +48,7 @@ class Service:
         if self.settings.threads:
             torch.set_num_threads(self.settings.threads)
         self.store = FeedbackLog(self.settings.feedback_path)
+        self.feedback_events = await run_on(self.io_threads, self.store.count)
         self.batcher.start()
         self._spawn(self._initial_load())
 
@@ -133,6 +135,7 @@ class Service:
                         e.event_id) for e in events]
         is_new = await run_on(self.io_threads, self.store.append, stored)  # durable before we answer
         new = [e for e, fresh in zip(stored, is_new) if fresh]
+        self.feedback_events += len(new)
         duplicates = len(stored) - len(new)
         engine = self.engine
         if engine is None:
@@ -153,4 +156,4 @@ class Service:
         if e is None:
             return Health(status=self.status, detail=self.detail, uptime_s=uptime)
         return Health(status="ok", model_version=e.version, device=str(e.device), users=e.n_users, items=e.n_items,
-                      interactions=e.interactions, feedback_events=self.store.count(), uptime_s=uptime)
+                      interactions=e.recommender.interactions, feedback_events=self.feedback_events, uptime_s=uptime)

@@ -14,7 +14,8 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=1, le=65535)
     threads: int = Field(0, ge=0, description="torch intra-op threads; 0 = torch's default")
 
-    max_batch: int = Field(64, ge=1, description="most users scored in one scorer call")
+    max_batch: int = Field(64, ge=1, description="most requests scored in one model call: concurrent requests are "
+                                                   "batched up to this, and a larger /recommend/batch is split")
     max_wait_ms: float = Field(0.0, ge=0, description="extra wait to fill a batch when the device is idle")
     max_queue: int = Field(1024, ge=1, description="queued requests before 503 + Retry-After")
     max_body_bytes: int = Field(1_000_000, ge=1024)

@@ -73,7 +73,7 @@ def cmd_train(args) -> int:
 
 def cmd_evaluate(args) -> int:
     from model.checkpoint import load_checkpoint
-    from model.scorer import Scorer, resolve_device
+    from model.recommender import Recommender
     from training.data import Split, load
     from training.evaluate import TopPop, evaluate
 
@@ -85,9 +85,7 @@ def cmd_evaluate(args) -> int:
         split = Split(ckpt.test_users, ckpt.test_positives, ckpt.test_negatives)
     if split is None or len(split) == 0:
         raise ValueError(f"{args.checkpoint} holds no test split (trained with --holdout none); pass --data")
-    device = resolve_device(args.device)
-    scorer = Scorer(ckpt.build_model(device), *ckpt.item_users())
-    result = evaluate(scorer, split, train_pairs)
+    result = evaluate(Recommender.from_checkpoint(ckpt, args.device), split, train_pairs)
     result["toppop"] = evaluate(TopPop(train_pairs, ckpt.config.n_items), split, train_pairs)
     result["model_version"] = ckpt.model_version
     if args.json:

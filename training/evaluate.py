@@ -2,8 +2,8 @@
 
 A recommender here is anything with `n_items` and `score(users, items=None)`: `users` a (U,) id tensor,
 `items` a (U, C) id tensor of candidates or None for the whole catalogue; it returns (U, C) or (U, n_items)
-scores. CMN's scorer (`model.scorer.Scorer`, the code that also answers `/recommend`) and the baselines in
-`training.baselines` all go through this one evaluator.
+scores. CMN is evaluated through `model.recommender.Recommender`, the object that also answers `/recommend`;
+the baselines in `training.baselines` go through this same evaluator.
 
 Conventions (see docs/results.md): ties count against the held-out positive; `sampled` scores candidates
 that are training items of the user as -inf and de-duplicates candidates (Dacrema et al.'s evaluator, the
@@ -17,12 +17,13 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from model.recommender import item_popularity
 from training.data import Split, pair_keys
 
 KS = tuple(range(1, 11))
 
 
-class Recommender(Protocol):
+class ScoringModel(Protocol):
     n_items: int
 
     def score(self, users: torch.Tensor, items: torch.Tensor | None = None) -> torch.Tensor: ...
@@ -50,7 +51,7 @@ def _first_occurrence(a: np.ndarray) -> np.ndarray:
     return first
 
 
-def evaluate(rec: Recommender, split: Split, train: np.ndarray, full: bool = True, batch_users: int = 256,
+def evaluate(rec: ScoringModel, split: Split, train: np.ndarray, full: bool = True, batch_users: int = 256,
              progress: bool = False) -> dict[str, dict[str, float]]:
     """Metrics of `rec` on `split`; `train` is the (n, 2) training pairs whose items are excluded."""
     n_items = rec.n_items
@@ -109,7 +110,7 @@ class TopPop:
 
     def __init__(self, train: np.ndarray, n_items: int):
         self.n_items = n_items
-        self.popularity = torch.as_tensor(np.bincount(train[:, 1], minlength=n_items), dtype=torch.float32)
+        self.popularity = item_popularity(train, n_items)
 
     def score(self, users: torch.Tensor, items: torch.Tensor | None = None) -> torch.Tensor:
         if items is None:

@@ -1,0 +1,195 @@
+"""What a recommendation is: one trained CMN, the neighbourhoods it reads, each user's seen-set and the
+popularity fallback, in internal ids. The evaluator, every serving process and online feedback go through this
+one object, so a served list is, by construction, the list the evaluator ranked.
+
+    rec = Recommender.from_checkpoint("artifacts/model.ckpt", device="cpu")
+    items, scores = rec.recommend([3, 17], k=10)                # whole catalogue, seen items removed
+    items, scores = rec.recommend([3], k=5, candidates=[[4, 8, 15, 16, 23, 42]], exclude=[[8]])
+    rec.add_interactions([3], [42])                             # feedback: seen at once, and 3 joins N(42)
+
+Top-k, seen-filtering and exclusions run once per batch on the scoring device. Rows are padded to the batch's
+largest k: item -1 and score -inf mark the end of a row that had fewer items left (or a smaller k).
+The HTTP service maps external ids around it (app/engine.py); nothing here knows about requests.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from model.checkpoint import Checkpoint, csr, load_checkpoint
+from model.cmn import CMN
+from model.scorer import Scorer, resolve_device
+
+Lists = Sequence[Sequence[int]]
+
+
+def item_popularity(train: np.ndarray, n_items: int) -> torch.Tensor:
+    """Training users per item: the non-personalised order every model must beat (TopPop) and the fallback."""
+    return torch.as_tensor(np.bincount(np.asarray(train)[:, 1], minlength=n_items), dtype=torch.float32)
+
+
+def per_row(value, n: int) -> list:
+    """A setting given once for the batch, or once per row."""
+    if isinstance(value, (bool, int, np.integer)):
+        return [value] * n
+    if len(value) != n:
+        raise ValueError(f"{len(value)} values for {n} users")
+    return list(value)
+
+
+class Recommender:
+    """Recommendations from one trained CMN in internal ids (0..n_users-1, 0..n_items-1).
+
+    `train` pairs define the neighbourhoods N(i) (inside `scorer`) and the popularity order; `seen` pairs
+    (default: `train`) are what `exclude_seen` removes. Methods that change state (`add_interactions`) must not
+    run concurrently with scoring: the server calls both from one model thread.
+    """
+
+    def __init__(self, scorer: Scorer, train: np.ndarray, seen: np.ndarray | None = None):
+        self.scorer = scorer
+        self.device = scorer.device
+        seen = train if seen is None else seen
+        by_user = [[] for _ in range(self.n_users)]
+        for u, i in np.asarray(seen, dtype=np.int64).reshape(-1, 2).tolist():
+            by_user[u].append(i)
+        self._seen = [set(items) for items in by_user]
+        self.interactions = sum(len(s) for s in self._seen)
+        self._popularity = item_popularity(train, self.n_items).to(self.device)
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: Checkpoint | str, device: str | torch.device = "cpu",
+                        **scorer_options) -> "Recommender":
+        """The model as trained, on `device` (`auto`: cuda when available); never-re-recommend = every known pair."""
+        ckpt = load_checkpoint(checkpoint) if isinstance(checkpoint, str) else checkpoint
+        scorer = Scorer.from_checkpoint(ckpt, resolve_device(str(device)), **scorer_options)
+        return cls(scorer, ckpt.train, ckpt.seen)
+
+    @classmethod
+    def from_model(cls, model: CMN, train: np.ndarray, seen: np.ndarray | None = None,
+                   **scorer_options) -> "Recommender":
+        """A model being trained, with N(i) from `train` (as training and evaluation build it)."""
+        indptr, indices = csr(train[:, 1], train[:, 0], model.cfg.n_items)
+        return cls(Scorer(model, indptr, indices, **scorer_options), train, seen)
+
+    @property
+    def n_users(self) -> int:
+        return self.scorer.n_users
+
+    @property
+    def n_items(self) -> int:
+        return self.scorer.n_items
+
+    def seen(self, user: int) -> frozenset[int]:
+        return frozenset(self._seen[user])
+
+    # ------------------------------------------------------------------ scoring and ranking
+
+    def score(self, users, items=None) -> torch.Tensor:
+        """(U, C) scores of users × candidate items, or (U, n_items): the evaluator's protocol."""
+        return self.scorer.score(users, items)
+
+    @torch.no_grad()
+    def recommend(self, users: Sequence[int] | torch.Tensor, k: int | Sequence[int] = 10,
+                  exclude_seen: bool | Sequence[bool] = True, exclude: Lists | None = None,
+                  candidates: Lists | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The top-k items per user, best first, and their scores, as (U, max k) cpu tensors.
+
+        `k` and `exclude_seen` are given once or per user; `exclude` and `candidates` per user. Without
+        `candidates` the whole catalogue is ranked.
+        """
+        users = [int(u) for u in users]
+        n = len(users)
+        ks, drop_seen = per_row(k, n), per_row(exclude_seen, n)
+        exclude = per_row(exclude, n) if exclude is not None else [()] * n
+        banned = [list(x) + list(self._seen[u]) if s else list(x) for u, s, x in zip(users, drop_seen, exclude)]
+        if candidates is None:
+            scores = self.scorer.score(torch.tensor(users, device=self.device))
+            return self._top(scores, None, banned, ks)
+        candidates = per_row(candidates, n)
+        counts = torch.tensor([len(c) for c in candidates])
+        items = torch.tensor([i for c in candidates for i in c], dtype=torch.long, device=self.device)
+        pair_users = torch.tensor(users).repeat_interleave(counts).to(self.device)
+        return self._top_of_lists(self.scorer.score_pairs(pair_users, items), items, counts, banned, ks)
+
+    @torch.no_grad()
+    def popular(self, k: int = 10, exclude: Sequence[int] = (),
+                candidates: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The fallback for users the model does not know: the k most popular items (of `candidates`), as
+        (k,) tensors padded like `recommend`'s rows."""
+        if candidates is None:
+            items, scores = self._top(self._popularity[None].clone(), None, [list(exclude)], [k])
+        else:
+            listed = torch.tensor(list(candidates), dtype=torch.long, device=self.device)
+            items, scores = self._top_of_lists(self._popularity[listed], listed, torch.tensor([len(listed)]),
+                                               [list(exclude)], [k])
+        return items[0], scores[0]
+
+    def _top_of_lists(self, scores: torch.Tensor, items: torch.Tensor, counts: torch.Tensor, banned: list[list[int]],
+                      ks: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """`_top` over candidate lists held back to back (lengths `counts`), padded into one (U, longest) matrix."""
+        counts = counts.to(self.device)
+        row = torch.repeat_interleave(torch.arange(len(counts), device=self.device), counts)
+        col = torch.arange(len(row), device=self.device) - (torch.cumsum(counts, 0) - counts).repeat_interleave(counts)
+        width = int(counts.max()) if len(counts) else 0
+        padded = torch.full((len(counts), width), -torch.inf, device=self.device)
+        padded[row, col] = scores
+        padded_items = torch.full((len(counts), width), -1, dtype=torch.long, device=self.device)
+        padded_items[row, col] = items
+        return self._top(padded, padded_items, banned, ks)
+
+    def _top(self, scores: torch.Tensor, items: torch.Tensor | None, banned: list[list[int]],
+             ks: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Row-wise top-k of `scores` (U, W) whose column j is item `items[u, j]` (or item j when `items` is None),
+        with each row's `banned` items removed; one masked top-k for the whole batch."""
+        n_rows, width = scores.shape
+        ban_rows = torch.repeat_interleave(torch.arange(n_rows), torch.tensor([len(b) for b in banned], dtype=torch.long))
+        ban_items = torch.tensor([i for b in banned for i in b], dtype=torch.long)
+        ban_rows, ban_items = ban_rows.to(self.device), ban_items.to(self.device)
+        if items is None:
+            scores[ban_rows, ban_items] = -torch.inf
+        elif len(ban_items):
+            rows = torch.arange(n_rows, device=self.device)[:, None]
+            hit = torch.isin(rows * self.n_items + items, ban_rows * self.n_items + ban_items)
+            scores = scores.masked_fill(hit, -torch.inf)
+        values, index = torch.topk(scores, min(max(ks, default=0), width), dim=1)
+        top = index if items is None else items.gather(1, index)
+        cut = (torch.arange(values.shape[1], device=self.device)[None, :] >=
+               torch.tensor(ks, device=self.device)[:, None]) | (values == -torch.inf)
+        return top.masked_fill(cut, -1).cpu(), values.masked_fill(cut, -torch.inf).cpu()
+
+    def explain(self, user: int, items: Sequence[int], top: int = 5) -> list[list[tuple[int, float]]]:
+        """Per item, the `top` neighbours the user's last hop attends to most, with their attention weights."""
+        if not len(items):
+            return []
+        return self.scorer.attention(user, torch.tensor(list(items), dtype=torch.long, device=self.device), top)
+
+    # ------------------------------------------------------------------ online feedback
+
+    @torch.no_grad()
+    def add_interactions(self, users: Sequence[int], items: Sequence[int]) -> int:
+        """Known users interacted with known items: never re-recommended from now on, counted in popularity,
+        and each user joins its item's neighbourhood. Returns how many pairs were new to the seen-sets."""
+        users, items = [int(u) for u in users], [int(i) for i in items]
+        new = []
+        for u, i in zip(users, items):
+            if i not in self._seen[u]:
+                self._seen[u].add(i)
+                new.append(i)
+        self.interactions += len(new)
+        if new:
+            self._popularity.index_add_(0, torch.tensor(new, device=self.device),
+                                        torch.ones(len(new), device=self.device))
+        if users:
+            self.scorer.add_interactions(torch.tensor(users), torch.tensor(items))
+        return len(new)
+
+    def warmup(self, calls: int = 1) -> None:
+        """Real calls on every route (packed and bucketed catalogue, candidate lists) so that the first request
+        does not pay for lazily built caches."""
+        batch = min(self.n_users, self.scorer.packed_max_users + 1)
+        for n in range(calls):
+            self.recommend([n % self.n_users])
+            self.recommend([(n + u) % self.n_users for u in range(batch)])
+            self.recommend([n % self.n_users], candidates=[range(min(100, self.n_items))])
