@@ -170,40 +170,36 @@ def strip_metrics(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if k != "config"}
 
 
-def install_gmf_cache(args, log) -> dict:
-    """Wrap `training.train.pretrain_gmf` so that a GMF pretraining with the same data, seed and GMF settings is
-    computed once and reused (saved under --ckpt-dir). GMF does not depend on the CMN settings that the ablations
-    vary, except through the torch RNG: CMN's hop maps are initialised before GMF, so a run with another number of
-    hops would draw a different GMF init. Reusing the cache there keeps the pretraining fixed across ablations."""
-    import torch
-    import training.train as tt
-    original = getattr(tt.pretrain_gmf, "__wrapped__", tt.pretrain_gmf)
-    info = {"used": False, "path": None}
+class GMFCache:
+    """A `TrainHooks.pretrain` that computes a GMF pretraining with the same data, seed and GMF settings once and
+    reuses it (saved under --ckpt-dir). GMF does not depend on the CMN settings that the ablations vary, except
+    through the torch RNG: CMN's hop maps are initialised before GMF, so a run with another number of hops would
+    draw a different GMF init. Reusing the cache there keeps the pretraining fixed across ablations."""
 
-    def cached(cfg, fit, sampler, device, log_fn):
+    def __init__(self, directory: str, reuse: bool = True):
+        self.directory, self.reuse = directory, reuse
+        self.used = False
+
+    def __call__(self, cfg, fit, sampler, device, log):
+        import torch
+        from training.train import pretrain_epochs_for, pretrain_gmf
         key = (f"gmf_{os.path.basename(cfg.data)}_d{cfg.embed_size}_l2{cfg.gmf_l2}_lr{cfg.gmf_lr}_b{cfg.batch_size}"
-               f"_n{cfg.neg}_c{cfg.clip}_s{cfg.seed}_e{tt.pretrain_epochs_for(cfg, sampler)}"
-               f"_v{int(cfg.validation)}.pt")
-        path = os.path.join(args.ckpt_dir, key)
-        info["path"] = path
-        if not args.no_gmf_cache and os.path.exists(path):
+               f"_n{cfg.neg}_c{cfg.clip}_s{cfg.seed}_e{pretrain_epochs_for(cfg, sampler)}_v{int(cfg.validation)}.pt")
+        path = os.path.join(self.directory, key)
+        if self.reuse and os.path.exists(path):
             blob = torch.load(path, weights_only=True)
-            log_fn(f"GMF pretraining reused from {path} (computed by an earlier run with the same GMF settings)")
-            info["used"] = True
+            log(f"GMF pretraining reused from {path} (computed by an earlier run with the same GMF settings)")
+            self.used = True
             return blob["P"].to(device), blob["Q"].to(device), blob["history"]
-        P, Q, history = original(cfg, fit, sampler, device, log_fn)
+        P, Q, history = pretrain_gmf(cfg, fit, sampler, device, log)
         torch.save({"P": P.cpu(), "Q": Q.cpu(), "history": history}, path + ".tmp")
         os.replace(path + ".tmp", path)
         return P, Q, history
 
-    cached.__wrapped__ = original
-    tt.pretrain_gmf = cached
-    return info
-
 
 def run_cmn(name: str, label: str, overrides: dict, args, data: str, command: str, epochs: int | None = None,
             full_eval: bool = True, resume: bool = False) -> dict:
-    from training.train import TrainConfig, train
+    from training.train import TrainConfig, TrainHooks, train
     os.makedirs(args.ckpt_dir, exist_ok=True)
     ckpt = os.path.join(args.ckpt_dir, f"{name}.ckpt")
     params = {**PAPER, "pretrain_epochs": args.pretrain_epochs, **overrides}
@@ -218,17 +214,17 @@ def run_cmn(name: str, label: str, overrides: dict, args, data: str, command: st
     def log(msg):
         print(f"[{name} {datetime.now().strftime('%H:%M:%S')}] {msg}", flush=True)
 
-    cache = install_gmf_cache(args, log)
-
+    cache = GMFCache(args.ckpt_dir, reuse=not args.no_gmf_cache)
     log(f"config {cfg}")
     start = time.perf_counter()
-    metrics = train(cfg, log=log)
+    metrics = train(cfg, log=log, hooks=TrainHooks(pretrain=cache))
     wall = time.perf_counter() - start
     gmf_s = sum(r["seconds"] for r in metrics.get("gmf_epochs", []))
     cmn_s = sum(r["seconds"] for r in metrics.get("epochs", []))
     blob = {"name": name, "label": label, "kind": "cmn", "command": command, "overrides": overrides,
             "config": metrics["config"], "wall_seconds": wall, "gmf_train_seconds": gmf_s,
-            "cmn_train_seconds": cmn_s, "gmf_reused": cache["used"], "resumed_after_epoch": resumed_after, "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "cmn_train_seconds": cmn_s, "gmf_reused": cache.used, "resumed_after_epoch": resumed_after,
+            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "machine": machine_info(args.threads), "metrics": strip_metrics(metrics)}
     write_json(args.out_dir / f"{name}.json", blob)
     if os.path.exists(ckpt + ".curves.png"):

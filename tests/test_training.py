@@ -168,11 +168,13 @@ def test_resume_continues_an_interrupted_run(small_run, monkeypatch):
     def no_gmf(*a, **kw):
         raise AssertionError("GMF pretraining ran again on --resume")
 
-    monkeypatch.setattr(train_mod, "pretrain_gmf", no_gmf)
+    reported = []
+    hooks = train_mod.TrainHooks(pretrain=no_gmf, on_epoch=lambda state, row: reported.append((state.epoch, row)))
     calls.clear()
     monkeypatch.setattr(train_mod, "fit_epoch", lambda *a, desc, **kw: calls.append(desc) or real_fit(*a, desc=desc, **kw))
-    resumed = train_mod.train(replace(cfg, resume=True), log=quiet)
+    resumed = train_mod.train(replace(cfg, resume=True), log=quiet, hooks=hooks)
     assert calls == ["CMN 2/2"]                                        # only the missing epoch ran
+    assert reported == [(2, resumed["epochs"][1])]
     assert [r["epoch"] for r in resumed["epochs"]] == [1, 2]
     assert len(resumed["gmf_epochs"]) == 1
     assert not os.path.exists(resume_file)                             # cleaned up once finished
@@ -185,17 +187,16 @@ def test_resume_continues_an_interrupted_run(small_run, monkeypatch):
         assert torch.equal(a.state[name], b.state[name]), name
 
 
-def test_gmf_pretraining_initialises_the_memories(small_run, monkeypatch):
+def test_gmf_pretraining_initialises_the_memories(small_run):
     """M ← 0.5·P and E ← 0.5·Q from the pretrained GMF; C is not pretrained (epochs=0 saves that state)."""
-    real_pretrain, captured = train_mod.pretrain_gmf, {}
+    captured = {}
 
     def pretrain(*args, **kw):
-        captured["P"], captured["Q"], history = real_pretrain(*args, **kw)
+        captured["P"], captured["Q"], history = train_mod.pretrain_gmf(*args, **kw)
         return captured["P"], captured["Q"], history
 
-    monkeypatch.setattr(train_mod, "pretrain_gmf", pretrain)
     cfg = replace(small_run, epochs=0)
-    metrics = train_mod.train(cfg, log=lambda *a: None)
+    metrics = train_mod.train(cfg, log=lambda *a: None, hooks=train_mod.TrainHooks(pretrain=pretrain))
     state = load_checkpoint(cfg.out).state
     assert len(metrics["gmf_epochs"]) == 1
     assert torch.equal(state["user_memory"], 0.5 * captured["P"])

@@ -4,7 +4,8 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 
 import torch
 from tqdm import tqdm
@@ -12,6 +13,7 @@ from tqdm import tqdm
 from model.checkpoint import Checkpoint, csr, save_checkpoint
 from model.cmn import CMN, CMNConfig, gather_neighbourhoods
 from model.gmf import GMF
+from model.recommender import Recommender
 from model.scorer import Scorer, resolve_device
 from training import data as data_mod
 from training.evaluate import TopPop, evaluate
@@ -63,6 +65,27 @@ class TrainConfig:
                              "never used for model selection)")
         if self.optimizer not in ("rmsprop", "adam"):
             raise ValueError(f"--optimizer must be rmsprop or adam, got {self.optimizer!r}")
+
+
+@dataclass
+class TrainState:
+    """Everything besides the weights and the optimiser that an interrupted run needs to go on (saved after every
+    epoch), and what the metrics report."""
+    epoch: int = 0                                              # CMN epochs done
+    history: list[dict] = field(default_factory=list)           # one row per CMN epoch: loss, speed, metrics
+    gmf: list[dict] = field(default_factory=list)               # one row per GMF pretraining epoch
+    best: int | None = None                                     # the epoch with the best validation NDCG@10
+    best_model: dict[str, torch.Tensor] | None = None           # its weights
+
+    def record(self, row: dict, model: CMN) -> None:
+        """Adds a finished epoch; keeps the model's weights when its validation NDCG@10 is the best so far."""
+        self.history.append(row)
+        self.epoch = row["epoch"]
+        if "validation" not in row:
+            return
+        if self.best is None or row["validation"]["ndcg@10"] > self.history[self.best - 1]["validation"]["ndcg@10"]:
+            self.best = self.epoch
+            self.best_model = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 def bpr_loss(pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
@@ -135,6 +158,17 @@ def pretrain_gmf(cfg: TrainConfig, fit: data_mod.Dataset, sampler: TripleSampler
     return gmf.user_embedding.detach(), gmf.item_embedding.detach(), history
 
 
+Pretrain = Callable[[TrainConfig, data_mod.Dataset, TripleSampler, torch.device, Callable[[str], None]],
+                    tuple[torch.Tensor, torch.Tensor, list[dict]]]
+
+
+@dataclass(frozen=True)
+class TrainHooks:
+    """What a caller such as benchmarks/reproduce_citeulike.py may swap in or add to `train()`."""
+    pretrain: Pretrain = pretrain_gmf                           # returns P, Q (→ 0.5·P, 0.5·Q) and its epoch rows
+    on_epoch: Callable[[TrainState, dict], None] | None = None  # after each epoch's row is recorded and saved
+
+
 def prepare_data(cfg: TrainConfig) -> data_mod.Dataset:
     data = data_mod.load(cfg.data, seed=cfg.seed, min_rating=cfg.min_rating)
     if cfg.feedback:
@@ -146,7 +180,7 @@ def prepare_data(cfg: TrainConfig) -> data_mod.Dataset:
     return data
 
 
-def train(cfg: TrainConfig, log=print) -> dict:
+def train(cfg: TrainConfig, log=print, hooks: TrainHooks = TrainHooks()) -> dict:
     """Runs the whole job; returns the metrics that are also written next to the checkpoint."""
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
@@ -162,48 +196,36 @@ def train(cfg: TrainConfig, log=print) -> dict:
     sampler = TripleSampler(fit.train, data.n_items, cfg.neg, cfg.seed)
     indptr, indices = (torch.from_numpy(a).to(device) for a in csr(fit.train[:, 1], fit.train[:, 0], data.n_items))
     resume_path = cfg.out + ".resume"
-    state = {"epoch": 0, "history": [], "gmf": [], "best": None, "best_model": None}
+    state = TrainState()
     if cfg.resume and not os.path.exists(resume_path):
         log(f"--resume: no interrupted run at {resume_path}; starting from scratch")
     if cfg.resume and os.path.exists(resume_path):
         state = load_resume(resume_path, cfg, model, optimizer)
-        log(f"resuming from {resume_path} after epoch {state['epoch']}")
+        log(f"resuming from {resume_path} after epoch {state.epoch}")
     elif pretrain_epochs_for(cfg, sampler) > 0:
-        P, Q, state["gmf"] = pretrain_gmf(cfg, fit, sampler, device, log)
+        P, Q, state.gmf = hooks.pretrain(cfg, fit, sampler, device, log)
         with torch.no_grad():
             model.user_memory.copy_(0.5 * P)
             model.item_memory.copy_(0.5 * Q)
     pair_scores = cmn_pair_scores(model, indptr, indices, cfg.exclude_self)
-    for epoch in range(state["epoch"], cfg.epochs):
+    for epoch in range(state.epoch, cfg.epochs):
         stats = fit_epoch(model, pair_scores, optimizer, sampler, epoch, cfg, device,
                           desc=f"CMN {epoch + 1}/{cfg.epochs}")
-        row = {"epoch": epoch + 1, **stats}
-        scorer = Scorer(model, indptr, indices)
-        if cfg.validation:
-            row["validation"] = evaluate(scorer, fit.test, fit.train, full=False)["sampled"]
-        if data.test is not None:
-            row["test"] = evaluate(scorer, data.test, data.train, full=False)["sampled"]
-        state["history"].append(row)
+        rec = Recommender(Scorer(model, indptr, indices), fit.train)
+        row = {"epoch": epoch + 1, **stats, **evaluate_epoch(rec, cfg, fit, data)}
+        state.record(row, model)
         log(epoch_line(row))
-        if cfg.validation and (state["best"] is None or
-                               row["validation"]["ndcg@10"] > state["history"][state["best"] - 1]["validation"]["ndcg@10"]):
-            state["best"] = epoch + 1
-            state["best_model"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        state["epoch"] = epoch + 1
         save_resume(resume_path, cfg, model, optimizer, state)
-        if cfg.early_stop and epoch + 1 - state["best"] >= cfg.early_stop:
+        if hooks.on_epoch is not None:
+            hooks.on_epoch(state, row)
+        if cfg.early_stop and state.epoch - state.best >= cfg.early_stop:
             log(f"early stop: validation NDCG@10 has not improved for {cfg.early_stop} epochs")
             break
-    if state["best_model"] is not None:
-        model.load_state_dict(state["best_model"])
-        log(f"restored the epoch with the best validation NDCG@10: {state['best']}")
+    if state.best_model is not None:
+        model.load_state_dict(state.best_model)
+        log(f"restored the epoch with the best validation NDCG@10: {state.best}")
     metrics = final_metrics(cfg, data, model, state)
-    ckpt = Checkpoint(model_cfg, model.state_dict(), data.user_ids, data.item_ids, train=data.train,
-                      seen=data.all_pairs(), metrics=metrics, meta={"train_config": asdict(cfg), "data": data.name},
-                      **({} if data.test is None else dict(test_users=data.test.users,
-                                                          test_positives=data.test.positives,
-                                                          test_negatives=data.test.negatives)))
-    metrics["model_version"] = save_checkpoint(ckpt, cfg.out)
+    metrics["model_version"] = write_checkpoint(cfg, data, model, metrics)
     write_reports(cfg.out, metrics)
     if os.path.exists(resume_path):
         os.remove(resume_path)
@@ -211,14 +233,34 @@ def train(cfg: TrainConfig, log=print) -> dict:
     return metrics
 
 
-def final_metrics(cfg: TrainConfig, data: data_mod.Dataset, model: CMN, state: dict) -> dict:
-    metrics = {"config": asdict(cfg), "data": data.summary(), "gmf_epochs": state["gmf"],
-               "epochs": state["history"], "best_validation_epoch": state["best"]}
+def evaluate_epoch(rec: Recommender, cfg: TrainConfig, fit: data_mod.Dataset, data: data_mod.Dataset) -> dict:
+    """Sampled metrics after an epoch: validation (which selects the epoch kept) and test (only reported)."""
+    row = {}
+    if cfg.validation:
+        row["validation"] = evaluate(rec, fit.test, fit.train, full=False)["sampled"]
     if data.test is not None:
-        scorer = Scorer(model, *csr(data.train[:, 1], data.train[:, 0], data.n_items))
-        metrics["final"] = evaluate(scorer, data.test, data.train, full=cfg.full_eval, progress=cfg.progress)
+        row["test"] = evaluate(rec, data.test, data.train, full=False)["sampled"]
+    return row
+
+
+def write_checkpoint(cfg: TrainConfig, data: data_mod.Dataset, model: CMN, metrics: dict) -> str:
+    """The served artefact: weights, id maps, the pairs the model reads and the held-out split; returns its version."""
+    ckpt = Checkpoint(model.cfg, model.state_dict(), data.user_ids, data.item_ids, train=data.train,
+                      seen=data.all_pairs(), metrics=metrics, meta={"train_config": asdict(cfg), "data": data.name},
+                      **({} if data.test is None else dict(test_users=data.test.users,
+                                                          test_positives=data.test.positives,
+                                                          test_negatives=data.test.negatives)))
+    return save_checkpoint(ckpt, cfg.out)
+
+
+def final_metrics(cfg: TrainConfig, data: data_mod.Dataset, model: CMN, state: TrainState) -> dict:
+    metrics = {"config": asdict(cfg), "data": data.summary(), "gmf_epochs": state.gmf,
+               "epochs": state.history, "best_validation_epoch": state.best}
+    if data.test is not None:
+        metrics["final"] = evaluate(Recommender.from_model(model, data.train), data.test, data.train,
+                                    full=cfg.full_eval, progress=cfg.progress)
         metrics["toppop"] = evaluate(TopPop(data.train, data.n_items), data.test, data.train, full=cfg.full_eval)
-        tested = [r for r in state["history"] if "test" in r]
+        tested = [r for r in state.history if "test" in r]
         if tested:  # what the original code prints: the best test epoch (optimistic; reported for comparison)
             best = max(tested, key=lambda r: r["test"]["ndcg@10"])
             metrics["best_test_epoch"] = {"epoch": best["epoch"], **best["test"]}
@@ -281,20 +323,22 @@ def plot_curves(metrics: dict, path: str) -> None:
     plt.close(fig)
 
 
-def save_resume(path: str, cfg: TrainConfig, model: CMN, optimizer, state: dict) -> None:
+def save_resume(path: str, cfg: TrainConfig, model: CMN, optimizer, state: TrainState) -> None:
+    """Plain dicts, lists and tensors only, so that it loads with weights_only=True."""
     tmp = path + ".tmp"
     torch.save({"format": RESUME_FORMAT, "config": asdict(cfg), "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(), "state": state}, tmp)
+                "optimizer": optimizer.state_dict(), "state": asdict(state)}, tmp)
     os.replace(tmp, path)
 
 
-def load_resume(path: str, cfg: TrainConfig, model: CMN, optimizer) -> dict:
+def load_resume(path: str, cfg: TrainConfig, model: CMN, optimizer) -> TrainState:
     try:
         blob = torch.load(path, map_location=next(model.parameters()).device, weights_only=True)
         if blob.get("format") != RESUME_FORMAT:
             raise ValueError(f"resume format {blob.get('format')} is not {RESUME_FORMAT}")
         model.load_state_dict(blob["model"])
         optimizer.load_state_dict(blob["optimizer"])
+        state = TrainState(**blob["state"])
     except Exception as e:
         raise ValueError(f"{path}: cannot resume ({type(e).__name__}: {e}); delete it to start over") from None
     fixed = {k: v for k, v in blob["config"].items() if k not in ("epochs", "resume", "early_stop", "progress")}
@@ -302,4 +346,4 @@ def load_resume(path: str, cfg: TrainConfig, model: CMN, optimizer) -> dict:
     if changed:
         raise ValueError(f"{path}: was written with different settings ({', '.join(changed)}); "
                          "resume with the same ones or delete it")
-    return blob["state"]
+    return state
