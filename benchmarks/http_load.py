@@ -21,27 +21,22 @@ Needs wrk (`apt-get install -y wrk`). Without --checkpoint one is written to --w
 weights (memories scaled to std 0.5) on citeulike-a's training pairs, string ids as a service would see.
 """
 
+import argparse
+import json
 import os
+import re
+import shutil
+import subprocess
 import sys
+import time
 from pathlib import Path
+
+import numpy as np
+
+from benchmarks.servers import free_port, stop, wait_healthy
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-# runnable from a checkout without installing the project
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))  # tests/servers.py: starting, probing and stopping a server
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import re  # noqa: E402
-import shutil  # noqa: E402
-import subprocess  # noqa: E402
-import time  # noqa: E402
-
-import numpy as np  # noqa: E402
-
-from servers import free_port, stop, wait_healthy  # noqa: E402,F401 (stop: used by benchmarks/memory.py)
-
 DEFAULT_DATA = (ROOT / ".." / "shared" / "data" / "citeulike-a.npz").resolve()
 LUA = HERE / "wrk_post.lua"
 
@@ -110,7 +105,7 @@ def start_server(kind: str, checkpoint: Path, workdir: Path, extra_env: dict) ->
                    CMN_FEEDBACK_PATH=str(workdir / f"feedback-{port}.sqlite3"))
         cmd = [sys.executable, "-m", "app"]
     else:
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--serve-bare", str(port)]
+        cmd = [sys.executable, "-m", "benchmarks.http_load", "--serve-bare", str(port)]
     log = open(workdir / f"server-{kind}-{port}.log", "wb")
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"

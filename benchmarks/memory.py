@@ -10,23 +10,18 @@ the peak). The scorer cache is counted in this process by building the same Scor
 """
 from __future__ import annotations
 
+import argparse
+import json
+import os
+import shutil
 import sys
+import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-# runnable from a checkout without installing the project
-sys.path.insert(0, str(ROOT))
+import torch
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import shutil  # noqa: E402
-import time  # noqa: E402
-
-import torch  # noqa: E402
-
-from benchmarks.http_load import DEFAULT_DATA, make_checkpoint, run_wrk, start_server, stop, write_bodies  # noqa: E402
+from benchmarks.http_load import DEFAULT_DATA, make_checkpoint, run_wrk, start_server, write_bodies
+from benchmarks.servers import stop
 
 
 def status_mb(pid: int) -> dict:
@@ -38,40 +33,42 @@ def status_mb(pid: int) -> dict:
     return out
 
 
-def tensor_mb(obj) -> float:
-    seen, total = set(), 0
-    def add(t):
+def tensor_mb(obj, exclude: torch.nn.Module | None = None) -> float:
+    """MiB of the distinct tensor storages reachable from `obj` (attributes, lists, dataclasses, nested objects),
+    leaving out those of `exclude`'s parameters."""
+    seen = {p.untyped_storage().data_ptr() for p in exclude.parameters()} if exclude is not None else set()
+    visited, total = set(), 0
+
+    def walk(value):
         nonlocal total
-        if isinstance(t, torch.Tensor):
-            if t.layout == torch.sparse_csr:
-                for part in (t.crow_indices(), t.col_indices(), t.values()):
-                    add(part)
-                return
-            key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
-            if key not in seen:
-                seen.add(key)
-                total += t.untyped_storage().nbytes()
-    for value in vars(obj).values():
-        if isinstance(value, list):
+        if isinstance(value, torch.Tensor):
+            if value.layout == torch.sparse_csr:
+                for part in (value.crow_indices(), value.col_indices(), value.values()):
+                    walk(part)
+            elif value.untyped_storage().data_ptr() not in seen:
+                seen.add(value.untyped_storage().data_ptr())
+                total += value.untyped_storage().nbytes()
+        elif isinstance(value, (list, tuple)):
             for item in value:
-                for field in (vars(item).values() if hasattr(item, "__dict__") else [item]):
-                    add(field)
-        elif hasattr(value, "__dataclass_fields__"):
-            for field in vars(value).values():
-                add(field)
-        else:
-            add(value)
+                walk(item)
+        elif hasattr(value, "__dict__") and not isinstance(value, (torch.nn.Module, type)) and id(value) not in visited:
+            visited.add(id(value))
+            for item in vars(value).values():
+                walk(item)
+
+    walk(obj)
     return total / 2 ** 20
 
 
 def scorer_cache_mb(checkpoint: Path) -> tuple[float, float]:
-    """(model parameters, scorer cache beyond them) in MiB."""
+    """(model parameters, scorer cache beyond them, every route's cache built) in MiB."""
     from model.checkpoint import load_checkpoint
     from model.scorer import Scorer
     ckpt = load_checkpoint(str(checkpoint))
-    model = ckpt.build_model()
-    params = sum(p.numel() * p.element_size() for p in model.parameters()) / 2 ** 20
-    return params, tensor_mb(Scorer(model, *ckpt.item_users()))
+    scorer = Scorer.from_checkpoint(ckpt)
+    scorer.bucketed_catalogue()
+    params = sum(p.numel() * p.element_size() for p in scorer.model.parameters()) / 2 ** 20
+    return params, tensor_mb(scorer, exclude=scorer.model)
 
 
 def main(argv=None) -> int:

@@ -3,6 +3,8 @@
     python benchmarks/reliability.py                       # two small checkpoints trained here, default sizes
     python benchmarks/reliability.py --checkpoint artifacts/model.ckpt --second other.ckpt --requests 20000
 
+The drivers are the test suite's own (benchmarks/scenarios.py), at larger sizes.
+
 Every server is `python -m app` on a free 127.0.0.1 port; all traffic stays on the loopback interface and is
 bounded by the sizes below. Prints one JSON object (also written to --out) and exits 1 when any scenario saw
 an error, a lost event or a schema violation.
@@ -16,27 +18,22 @@ an error, a lost event or a schema violation.
 """
 from __future__ import annotations
 
+import argparse
+import asyncio
+import json
+import random
+import secrets
+import shutil
+import signal
 import sys
+import tempfile
+import time
+from collections import Counter
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-# the project and tests/servers.py, from a checkout without installing
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
-
-import argparse  # noqa: E402
-import asyncio  # noqa: E402
-import json  # noqa: E402
-import random  # noqa: E402
-import secrets  # noqa: E402
-import shutil  # noqa: E402
-import signal  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from collections import Counter  # noqa: E402
-
-import test_reliability as rel  # noqa: E402  (the drivers the test suite uses, at larger sizes here)
-from model.checkpoint import load_checkpoint  # noqa: E402
-from servers import running_server  # noqa: E402
+from benchmarks.servers import running_server
+from model.checkpoint import load_checkpoint
+from benchmarks import scenarios as rel  # the drivers the test suite uses, at larger sizes here
 
 
 def fuzz(checkpoint: Path, work: Path, examples: int) -> dict:

@@ -16,31 +16,26 @@ Both run --batches steps of --batch-size triples, alternately for --rounds round
 """
 from __future__ import annotations
 
+import argparse
+import json
+import os
 import sys
+import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-# runnable from a checkout without installing the project
-sys.path.insert(0, str(ROOT))
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import time  # noqa: E402
+from model.checkpoint import csr
+from model.cmn import CMN, CMNConfig
+from training import data as data_mod
+from training.optim import make_optimizer
+from training.sampler import TripleSampler
+from training.train import TrainConfig, cmn_pair_scores, fit_epoch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from model.checkpoint import csr  # noqa: E402
-from model.cmn import CMN, CMNConfig  # noqa: E402
-from training import data as data_mod  # noqa: E402
-from training.optim import make_optimizer  # noqa: E402
-from training.sampler import TripleSampler  # noqa: E402
-from training.train import TrainConfig, cmn_pair_scores, fit_epoch  # noqa: E402
-
+ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = (ROOT / ".." / "shared" / "data" / "citeulike-a.npz").resolve()
 
 

@@ -3,7 +3,10 @@
 - `reference_forward`: an independent numpy rendering of CMN's forward equations
   (../shared/docs/cmn-reference.md) on PADDED neighbourhood arrays with masks; the module uses packed segments.
 - small random data/model builders, a hand-built item → users CSR, a CLI runner;
-- `trained_checkpoint`: ONE real `python -m training train` run on the synthetic default, shared by the session.
+- `api_checkpoint`: a random CMN over a small synthetic data set, built in-process in well under a second, for
+  the in-process service tests (test_api.py, test_shutdown.py);
+- `trained_checkpoint`: ONE real `python -m training train` run on the synthetic default, shared by the session
+  (slow lane: every test that uses it is marked `slow`, see `pytest_collection_modifyitems`).
 """
 from __future__ import annotations
 
@@ -22,6 +25,21 @@ from model.cmn import CMN, CMNConfig
 REPO = Path(__file__).resolve().parents[1]
 CITEULIKE = Path(__file__).resolve().parents[2] / "shared" / "data" / "citeulike-a.npz"
 ACCEPTANCE_EPOCHS = 3
+
+
+# --------------------------------------------------------------------------- lanes
+
+# `-m "not slow"` is the fast lane (well under a minute). Besides the tests marked in their own files (real
+# servers as subprocesses, training through the CLI), these are slow wherever they are:
+SLOW_FIXTURES = {"trained_checkpoint"}   # a full `python -m training train` subprocess (~60 s, more when busy)
+SLOW_MODULES = {"test_reproduce.py"}     # benchmarks/reproduce_citeulike.py --quick as a subprocess (~40 s)
+
+
+@pytest.hookimpl(tryfirst=True)          # before `-m` deselects
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or item.path.name in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
 
 
 # --------------------------------------------------------------------------- data helpers
@@ -128,6 +146,37 @@ def small_checkpoint(path, n_users: int = 7, n_items: int = 6, seed: int = 0) ->
                       test_negatives=np.array([[1, 3], [0, 4]]))
     save_checkpoint(ckpt, str(path))
     return str(path)
+
+
+API_USERS, API_ITEMS = 200, 1600    # 1,178 items have an interaction and are kept
+
+
+def synthetic_checkpoint(path, n_users: int = API_USERS, n_items: int = API_ITEMS, d: int = 8, hops: int = 2,
+                         seed: int = 0) -> str:
+    """A complete checkpoint over `training.data.synthetic` (integer-like external ids, power-law popularity,
+    a leave-one-out test split) with a random CMN, written with the real `save_checkpoint`, the way
+    `training.train.write_checkpoint` lays it out; returns its path. Well under a second: for tests about the
+    service, which compute their ground truth from the checkpoint itself, not about what training learns.
+
+    Only items someone interacted with are kept; at the defaults the catalogue (1,178) is larger than the
+    largest `k` (1000) plus any user's seen items, so "k is honoured" and "k larger than what remains" are
+    different cases."""
+    from model.checkpoint import Checkpoint, save_checkpoint
+    from training.data import synthetic
+    data = synthetic(seed=seed, n_users=n_users, n_items=n_items)
+    model = make_cmn(data.n_users, data.n_items, d=d, hops=hops, seed=seed)
+    ckpt = Checkpoint(model.cfg, model.state_dict(), data.user_ids, data.item_ids, train=data.train,
+                      seen=data.all_pairs(), meta={"data": data.name, "built_by": "tests/conftest.py"},
+                      test_users=data.test.users, test_positives=data.test.positives,
+                      test_negatives=data.test.negatives)
+    save_checkpoint(ckpt, str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def api_checkpoint(tmp_path_factory) -> str:
+    """The checkpoint the in-process service tests serve (see `synthetic_checkpoint`), built once per session."""
+    return synthetic_checkpoint(tmp_path_factory.mktemp("api-checkpoint") / "model.ckpt")
 
 
 # --------------------------------------------------------------------------- CLI

@@ -4,7 +4,8 @@
 - HR@10 computed from /recommend answers over the checkpoint's stored test split equals what
   `python -m training evaluate` reports, with the requests sent concurrently (the micro-batcher merges them)
   and again through /recommend/batch;
-- SIGTERM lets in-flight requests finish and exits with status 0.
+- SIGTERM answers every request the server received and exits with status 0 (that requests provably in
+  flight are answered is shown in-process, deterministically, by test_shutdown.py).
 """
 from __future__ import annotations
 
@@ -21,9 +22,9 @@ import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
+from benchmarks.servers import ROOT, running_server
 from model.checkpoint import load_checkpoint
 from model.scorer import Scorer
-from servers import ROOT, running_server
 
 pytestmark = pytest.mark.slow
 
@@ -172,9 +173,13 @@ def test_hr_at_10_from_the_api_equals_the_evaluator(server, ckpt, ckpt_path):
 
 # --------------------------------------------------------------------------- graceful shutdown
 
-def test_sigterm_finishes_in_flight_requests_and_exits_0(ckpt, ckpt_path, tmp_path):
-    """Heavy batch requests are queued behind each other in the model thread when SIGTERM arrives: every one
-    of them is answered in full, then the server runs its shutdown and exits with status 0."""
+def test_sigterm_answers_every_request_it_received_and_exits_0(ckpt, ckpt_path, tmp_path):
+    """SIGTERM to a real `python -m app` once heavy batch requests have reached it (scored, being scored or
+    queued): every one of them is answered in full, the lifespan shutdown runs, the process exits with status 0
+    and the port stops answering.
+
+    Whether some of them are still in flight when the signal lands depends on scheduling, so it is not asserted
+    here: test_shutdown.py holds requests in flight on a gate and proves that a graceful shutdown answers them."""
     n_requests, per_request, k = 3, 128, 100
     rng = np.random.default_rng(1)
     bodies = [{"requests": [{"user_id": ckpt.user_ids[u], "k": k, "exclude_seen": False}
@@ -185,10 +190,7 @@ def test_sigterm_finishes_in_flight_requests_and_exits_0(ckpt, ckpt_path, tmp_pa
 
         async def scenario():
             async with httpx.AsyncClient(base_url=url, timeout=120) as client:
-                async def one(body):
-                    r = await client.post("/recommend/batch", json=body)
-                    return r, time.monotonic()
-                tasks = [asyncio.create_task(one(b)) for b in bodies]
+                tasks = [asyncio.create_task(client.post("/recommend/batch", json=b)) for b in bodies]
                 # wait until every request has reached the batcher (scored, being scored or queued)
                 async with httpx.AsyncClient(base_url=url, timeout=10) as probe:
                     deadline = time.monotonic() + 60
@@ -202,18 +204,16 @@ def test_sigterm_finishes_in_flight_requests_and_exits_0(ckpt, ckpt_path, tmp_pa
                         await asyncio.sleep(0.01)
                     else:
                         pytest.fail("the requests never reached the server")
-                sent_at = time.monotonic()
                 proc.send_signal(signal.SIGTERM)
-                return sent_at, await asyncio.gather(*tasks)
+                return await asyncio.gather(*tasks)
 
-        sent_at, results = asyncio.run(scenario())
+        results = asyncio.run(scenario())
         rc = proc.wait(timeout=60)
     assert rc == 0, f"exit status {rc} after SIGTERM"
-    for r, _ in results:
+    for r in results:
         assert r.status_code == 200, r.text[:300]
         body = r.json()
         assert len(body["results"]) == per_request and all(len(x["items"]) == k for x in body["results"])
-    assert any(done > sent_at for _, done in results), "no request was still in flight at SIGTERM"
     log = "".join(p.read_text() for p in tmp_path.glob("server-*.log"))
     assert '"event": "shutdown"' in log, "the lifespan shutdown did not run"
     with pytest.raises(httpx.TransportError):

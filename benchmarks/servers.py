@@ -1,5 +1,5 @@
-"""Start the real server (`python -m app`) as a subprocess on a free loopback port, for end-to-end tests
-(and for the benchmarks, which import these helpers)."""
+"""Start the real server (`python -m app`) as a subprocess on a free loopback port, for the benchmarks and the
+end-to-end tests."""
 from __future__ import annotations
 
 import os
