@@ -20,6 +20,7 @@ import torch
 
 from model.checkpoint import Checkpoint, csr, load_checkpoint
 from model.cmn import CMN
+from model.retrieval import STRATEGIES, ItemRetrieval, TwoStage, blend
 from model.scorer import Scorer, resolve_device
 
 Lists = Sequence[Sequence[int]]
@@ -47,8 +48,12 @@ class Recommender:
     run concurrently with scoring: the server calls both from one model thread.
     """
 
-    def __init__(self, scorer: Scorer, train: np.ndarray, seen: np.ndarray | None = None):
+    def __init__(self, scorer: Scorer, train: np.ndarray, seen: np.ndarray | None = None,
+                 retrieval: ItemRetrieval | None = None, two_stage: TwoStage | None = None):
+        if (retrieval is None) != (two_stage is None):
+            raise ValueError("a retrieval stage comes with its two-stage settings, and only with them")
         self.scorer = scorer
+        self.retrieval, self.two_stage = retrieval, two_stage
         self.device = scorer.device
         seen = train if seen is None else seen
         by_user = [[] for _ in range(self.n_users)]
@@ -68,10 +73,11 @@ class Recommender:
 
     @classmethod
     def from_model(cls, model: CMN, train: np.ndarray, seen: np.ndarray | None = None,
+                   retrieval: ItemRetrieval | None = None, two_stage: TwoStage | None = None,
                    **scorer_options) -> "Recommender":
         """A model being trained, with N(i) from `train` (as training and evaluation build it)."""
         indptr, indices = csr(train[:, 1], train[:, 0], model.cfg.n_items)
-        return cls(Scorer(model, indptr, indices, **scorer_options), train, seen)
+        return cls(Scorer(model, indptr, indices, **scorer_options), train, seen, retrieval, two_stage)
 
     @property
     def n_users(self) -> int:
@@ -86,32 +92,97 @@ class Recommender:
 
     # ------------------------------------------------------------------ scoring and ranking
 
-    def score(self, users, items=None) -> torch.Tensor:
-        """(U, C) scores of users × candidate items, or (U, n_items): the evaluator's protocol."""
-        return self.scorer.score(users, items)
+    @property
+    def strategies(self) -> tuple[str, ...]:
+        return STRATEGIES if self.retrieval is not None else ("full",)
+
+    @property
+    def default_strategy(self) -> str:
+        return "two_stage" if self.retrieval is not None else "full"
+
+    def _strategy(self, strategy: str | None) -> str:
+        strategy = strategy or self.default_strategy
+        if strategy not in self.strategies:
+            raise ValueError(f"strategy {strategy!r} is not offered by this model (it offers "
+                             f"{', '.join(self.strategies)}; two_stage and retrieval need a retrieval stage)")
+        return strategy
+
+    @torch.no_grad()
+    def score(self, users, items=None, strategy: str | None = None) -> torch.Tensor:
+        """(U, C) scores of users × candidate items, or (U, n_items): the evaluator's protocol. Over the whole
+        catalogue, `two_stage` scores the R retrieved items (seen items are never retrieved) and -inf elsewhere."""
+        strategy = self._strategy(strategy)
+        users = [int(u) for u in users]
+        if strategy == "full":
+            return self.scorer.score(torch.tensor(users, device=self.device), items)
+        if items is not None:
+            items = torch.as_tensor(items, dtype=torch.long, device=self.device)
+            return self.score_lists(users, items, torch.ones_like(items, dtype=torch.bool), strategy)
+        if strategy == "retrieval":
+            return self.retrieval.scores([list(self._seen[u]) for u in users])
+        items, valid = self.retrieve(users, [list(self._seen[u]) for u in users])
+        out = torch.full((len(users), self.n_items), -torch.inf, device=self.device)
+        rows = torch.arange(len(users), device=self.device)[:, None].expand_as(items)
+        out[rows[valid], items[valid]] = self.score_lists(users, items, valid, strategy)[valid]
+        return out
 
     @torch.no_grad()
     def recommend(self, users: Sequence[int] | torch.Tensor, k: int | Sequence[int] = 10,
                   exclude_seen: bool | Sequence[bool] = True, exclude: Lists | None = None,
-                  candidates: Lists | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  candidates: Lists | None = None, strategy: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The top-k items per user, best first, and their scores, as (U, max k) cpu tensors.
 
         `k` and `exclude_seen` are given once or per user; `exclude` and `candidates` per user. Without
-        `candidates` the whole catalogue is ranked.
+        `candidates` the whole catalogue is ranked: by CMN over every item (`full`), by CMN over the R items the
+        retrieval stage proposes (`two_stage`, the default when the model has a retrieval stage), or by the
+        retrieval stage alone (`retrieval`). Given `candidates`, those are ranked (two_stage: by the blend).
         """
+        strategy = self._strategy(strategy)
         users = [int(u) for u in users]
         n = len(users)
         ks, drop_seen = per_row(k, n), per_row(exclude_seen, n)
         exclude = per_row(exclude, n) if exclude is not None else [()] * n
         banned = [list(x) + list(self._seen[u]) if s else list(x) for u, s, x in zip(users, drop_seen, exclude)]
-        if candidates is None:
-            scores = self.scorer.score(torch.tensor(users, device=self.device))
+        if candidates is None and strategy == "two_stage":
+            items, valid = self.retrieve(users, banned)
+        elif candidates is None:
+            scores = self.score(users, strategy=strategy)
             return self._top(scores, None, banned, ks)
-        candidates = per_row(candidates, n)
-        counts = torch.tensor([len(c) for c in candidates])
-        items = torch.tensor([i for c in candidates for i in c], dtype=torch.long, device=self.device)
-        pair_users = torch.tensor(users).repeat_interleave(counts).to(self.device)
-        return self._top_of_lists(self.scorer.score_pairs(pair_users, items), items, counts, banned, ks)
+        else:
+            items, valid = self._pad(per_row(candidates, n))
+        return self._top(self.score_lists(users, items, valid, strategy), items, banned, ks)
+
+    def retrieve(self, users: list[int], banned: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two-stage candidates: each user's top-R items by retrieval score, best first, `banned` items left
+        out, as a (U, R) matrix (-1 past a row's end) and its mask of real entries."""
+        found, _ = self._top(self.retrieval.scores([list(self._seen[u]) for u in users]), None, banned,
+                             [self.two_stage.candidates] * len(users))
+        found = found.to(self.device)
+        return found, found >= 0
+
+    def score_lists(self, users: list[int], items: torch.Tensor, valid: torch.Tensor, strategy: str) -> torch.Tensor:
+        """(U, W) scores of each user's row of `items` (where `valid`; -inf elsewhere) by `strategy`."""
+        rows = torch.arange(len(users), device=self.device)[:, None].expand_as(items)
+        cmn = retrieved = None
+        if strategy != "retrieval":
+            pair_users = torch.tensor(users, device=self.device)[rows[valid]]
+            cmn = torch.full(items.shape, -torch.inf, device=self.device)
+            cmn[valid] = self.scorer.score_pairs(pair_users, items[valid])
+        if strategy != "full":
+            dense = self.retrieval.scores([list(self._seen[u]) for u in users])
+            retrieved = dense.gather(1, items.clamp(min=0)).masked_fill(~valid, -torch.inf)
+        if strategy == "two_stage":
+            return blend(cmn, retrieved, valid, self.two_stage.weight)
+        return cmn if strategy == "full" else retrieved
+
+    def _pad(self, lists: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Item lists as one (U, longest) matrix, -1 where a row is shorter, and the mask of real entries."""
+        counts = torch.tensor([len(c) for c in lists], dtype=torch.long, device=self.device)
+        width = int(counts.max()) if len(lists) else 0
+        valid = torch.arange(width, device=self.device)[None, :] < counts[:, None]
+        items = torch.full((len(lists), width), -1, dtype=torch.long, device=self.device)
+        items[valid] = torch.tensor([i for c in lists for i in c], dtype=torch.long, device=self.device)
+        return items, valid
 
     @torch.no_grad()
     def popular(self, k: int = 10, exclude: Sequence[int] = (),
@@ -121,23 +192,10 @@ class Recommender:
         if candidates is None:
             items, scores = self._top(self._popularity[None].clone(), None, [list(exclude)], [k])
         else:
-            listed = torch.tensor(list(candidates), dtype=torch.long, device=self.device)
-            items, scores = self._top_of_lists(self._popularity[listed], listed, torch.tensor([len(listed)]),
-                                               [list(exclude)], [k])
+            listed, valid = self._pad([candidates])
+            items, scores = self._top(self._popularity[listed.clamp(min=0)].masked_fill(~valid, -torch.inf), listed,
+                                      [list(exclude)], [k])
         return items[0], scores[0]
-
-    def _top_of_lists(self, scores: torch.Tensor, items: torch.Tensor, counts: torch.Tensor, banned: list[list[int]],
-                      ks: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """`_top` over candidate lists held back to back (lengths `counts`), padded into one (U, longest) matrix."""
-        counts = counts.to(self.device)
-        row = torch.repeat_interleave(torch.arange(len(counts), device=self.device), counts)
-        col = torch.arange(len(row), device=self.device) - (torch.cumsum(counts, 0) - counts).repeat_interleave(counts)
-        width = int(counts.max()) if len(counts) else 0
-        padded = torch.full((len(counts), width), -torch.inf, device=self.device)
-        padded[row, col] = scores
-        padded_items = torch.full((len(counts), width), -1, dtype=torch.long, device=self.device)
-        padded_items[row, col] = items
-        return self._top(padded, padded_items, banned, ks)
 
     def _top(self, scores: torch.Tensor, items: torch.Tensor | None, banned: list[list[int]],
              ks: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
