@@ -7,9 +7,16 @@
 #   docker build --target api     -t cmn-service:api .
 #   docker build --target trainer -t cmn-service:trainer .
 #
-# CPU by default. For a GPU image pass a CUDA base and a CUDA torch index, e.g.
+# Every Python dependency comes from a lock with hashes (docker/*.lock, made with
+# pip-compile --generate-hashes; docs/deploy.md, "Dependency locks"), installed with
+# --require-hashes --no-deps: a package that changed on the index, or one the
+# lock does not name, fails the build.
+#
+# CPU by default (torch from docker/torch-cpu.lock). For a GPU image pass a CUDA
+# base, a CUDA torch index and TORCH_LOCKED=0, e.g.
 #   --build-arg BASE_IMAGE=nvidia/cuda:12.8.1-runtime-ubuntu24.04 \
-#   --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
+#   --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 \
+#   --build-arg TORCH_LOCKED=0
 # (a base without Python gets python3 + venv from its apt; see docs/deploy.md).
 #
 # Only classic Dockerfile syntax is used (no BuildKit-only flags, no syntax
@@ -49,41 +56,36 @@ RUN set -eux; \
 
 # --------------------------------------------------------------------------
 # deps: a venv with torch and the serving dependencies (no project source, so
-# this layer is rebuilt only when pyproject.toml or the build args change)
+# this layer is rebuilt only when a lock or a build arg changes)
 # --------------------------------------------------------------------------
 FROM python AS deps
 
+# 1: torch and its dependencies from docker/torch-cpu.lock (hash-checked; the
+# CPU build, which PyPI does not carry: the CPU index below, or a local wheel).
+# 0: torch==TORCH_VERSION from TORCH_INDEX_URL, checked by version only (a CUDA
+# build, whose wheels no lock here describes).
+ARG TORCH_LOCKED=1
 ARG TORCH_VERSION=2.13.0
-# empty = pip's default index (on Linux x86_64 PyPI's torch is the CUDA build;
-# pass https://download.pytorch.org/whl/cpu for a small CPU-only image)
-ARG TORCH_INDEX_URL=""
+# searched besides pip's configured sources (empty: those alone; a machine
+# without this index, such as ../shared/tools/docker-local.sh's, loses ~20 s to
+# retries and then finds torch in its local wheels)
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 
 RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 
-# torch first and pinned, so the project's range `torch>=2.3,<3` is already
-# satisfied and pip never picks a build by itself.
+# The project itself is never pip-installed: the images run it from /app, so
+# only dependencies live in the venv.
+COPY docker/torch-cpu.lock docker/requirements-api.lock docker/requirements-train.lock /opt/requirements/
 RUN set -eux; \
-    if [ -n "$TORCH_INDEX_URL" ]; then \
-        pip install --index-url "$TORCH_INDEX_URL" "torch==${TORCH_VERSION}"; \
+    if [ "$TORCH_LOCKED" = 1 ]; then \
+        pip install ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} --require-hashes --no-deps \
+            -r /opt/requirements/torch-cpu.lock; \
     else \
-        pip install "torch==${TORCH_VERSION}"; \
+        pip install ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "torch==${TORCH_VERSION}"; \
     fi; \
-    python -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)'
-
-# Requirement lists straight from pyproject.toml (core + serve, and train for
-# the trainer target). The project itself is never pip-installed: the images
-# run it from /app, so only dependencies live in the venv.
-COPY pyproject.toml /opt/requirements/pyproject.toml
-RUN set -eux; \
-    python -c 'import tomllib' 2>/dev/null || pip install "tomli>=2"; \
-    python -c "import sys; t = __import__('tomllib' if sys.version_info >= (3, 11) else 'tomli'); \
-p = t.load(open('/opt/requirements/pyproject.toml', 'rb'))['project']; \
-x = p['optional-dependencies']; \
-open('/opt/requirements/serve.txt', 'w').write('\n'.join(p['dependencies'] + x['serve']) + '\n'); \
-open('/opt/requirements/train.txt', 'w').write('\n'.join(x['train']) + '\n')"; \
-    cat /opt/requirements/serve.txt /opt/requirements/train.txt; \
-    pip install -r /opt/requirements/serve.txt; \
+    python -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)'; \
+    pip install --require-hashes --no-deps -r /opt/requirements/requirements-api.lock; \
     pip check
 
 # --------------------------------------------------------------------------
@@ -121,7 +123,7 @@ CMD ["python", "-m", "app"]
 FROM api AS trainer
 
 USER root
-RUN pip install -r /opt/requirements/train.txt && pip check
+RUN pip install --require-hashes --no-deps -r /opt/requirements/requirements-train.lock && pip check
 COPY training/ /app/training/
 USER cmn
 

@@ -2,8 +2,10 @@
 
 One dispatcher task feeds one model thread. While the model thread is busy, arriving requests queue up;
 the moment it is free they go as one batch (up to `max_batch` jobs), so a lone request never waits and a
-loaded server scores many users per call. The queue is bounded: past `max_queue` jobs, `submit` raises
-`QueueFull` (→ 503 + Retry-After) instead of letting latency grow without limit.
+loaded server scores many users per call. The queue is bounded by the work it holds, not by its length: past
+`max_queue_pairs` (user, item) pairs waiting to be scored, `submit` raises `QueueFull` (→ 503 + Retry-After)
+instead of letting latency grow without limit. A whole-catalogue request weighs the catalogue and a 5-candidate
+request 5, so a few expensive requests fill it as surely as many cheap ones.
 """
 from __future__ import annotations
 
@@ -21,11 +23,12 @@ class QueueFull(RuntimeError):
 
 
 class MicroBatcher:
-    def __init__(self, executor: ThreadPoolExecutor, max_batch: int, max_wait_ms: float, max_queue: int):
-        self.executor, self.max_batch, self.max_queue = executor, max_batch, max_queue
+    def __init__(self, executor: ThreadPoolExecutor, max_batch: int, max_wait_ms: float, max_queue_pairs: int):
+        self.executor, self.max_batch, self.max_queue_pairs = executor, max_batch, max_queue_pairs
         self.max_wait = max_wait_ms / 1000
         self._queue: deque[tuple[Any, list, asyncio.Future, float]] = deque()
         self._queued_jobs = 0
+        self._queued_pairs = 0
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None
 
@@ -43,9 +46,11 @@ class MicroBatcher:
 
     async def submit(self, engine, jobs: list) -> list:
         """Answers for `jobs`, all scored by `engine` (requests in flight finish on the model they started on).
-        More than `max_batch` jobs go as several groups, so no scorer call ever sees more than `max_batch` users."""
-        if self._queued_jobs + len(jobs) > self.max_queue:
-            raise QueueFull(f"request queue is full ({self._queued_jobs} queued)")
+        More than `max_batch` jobs go as several groups, so no scorer call ever sees more than `max_batch` users.
+        An empty queue takes any request, however large (the request limits bound it), so none waits forever."""
+        pairs = sum(job.pairs for job in jobs)
+        if self._queued_pairs and self._queued_pairs + pairs > self.max_queue_pairs:
+            raise QueueFull(f"request queue is full ({self._queued_pairs} pairs waiting to be scored)")
         loop = asyncio.get_running_loop()
         futures = []
         for start in range(0, len(jobs), self.max_batch):
@@ -53,7 +58,8 @@ class MicroBatcher:
             futures.append(loop.create_future())
             self._queue.append((engine, group, futures[-1], time.perf_counter()))
             self._queued_jobs += len(group)
-        metrics.QUEUE_DEPTH.set(self._queued_jobs)
+        self._queued_pairs += pairs
+        self._gauge()
         self._wakeup.set()
         return [answer for group_answers in await asyncio.gather(*futures) for answer in group_answers]
 
@@ -70,8 +76,13 @@ class MicroBatcher:
             n += len(group[1])
         self._queue.extendleft(reversed(skipped))
         self._queued_jobs -= n
-        metrics.QUEUE_DEPTH.set(self._queued_jobs)
+        self._queued_pairs -= sum(job.pairs for _, group_jobs, _, _ in groups for job in group_jobs)
+        self._gauge()
         return engine, groups
+
+    def _gauge(self) -> None:
+        metrics.QUEUE_DEPTH.set(self._queued_jobs)
+        metrics.QUEUE_PAIRS.set(self._queued_pairs)
 
     async def _dispatch(self) -> None:
         loop = asyncio.get_running_loop()

@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from app.batcher import QueueFull
-from app.engine import UnknownIds
+from app.engine import UnknownIds, UnsupportedStrategy
 from app.middleware import RequestContext, configure_logging
 from app.routes import ROUTERS
 from app.service import NotReady, ReloadFailed, Service
@@ -45,7 +45,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                   description="Collaborative Memory Network (SIGIR 2018) recommendations, online feedback and "
                               "hot reload. See docs/api.md.", lifespan=lifespan)
     app.state.settings = settings
-    app.add_middleware(RequestContext, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestContext, max_body_bytes=settings.max_body_bytes, body_timeout=settings.body_timeout_s,
+                       max_header_bytes=settings.max_header_bytes)
     register_errors(app)
     for router in ROUTERS:
         app.include_router(router)
@@ -55,7 +56,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 def register_errors(app: FastAPI) -> None:
     @app.exception_handler(UnknownIds)
     async def unknown_ids(request: Request, e: UnknownIds):
-        return JSONResponse({"detail": {"message": str(e), "field": e.field, "unknown": e.ids[:1000]}},
+        return JSONResponse({"detail": {"message": str(e), "field": e.field, "unknown": e.ids,
+                                        "unknown_count": e.count}}, status_code=422)
+
+    @app.exception_handler(UnsupportedStrategy)
+    async def unsupported_strategy(request: Request, e: UnsupportedStrategy):
+        return JSONResponse({"detail": [{"type": "strategy", "loc": ["body", "strategy"], "msg": str(e)}]},
                             status_code=422)
 
     @app.exception_handler(NotReady)

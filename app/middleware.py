@@ -1,6 +1,7 @@
-"""Pure-ASGI middleware: request ids, body-size limit, latency metrics and one JSON log line per request."""
+"""Pure-ASGI middleware: request ids, header and body limits, latency metrics and one JSON log line per request."""
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import sys
@@ -10,7 +11,7 @@ import uuid
 from app import metrics
 
 log = logging.getLogger("cmn.access")
-ROUTES = {"/recommend", "/recommend/batch", "/feedback", "/health", "/metrics", "/admin/reload", "/docs",
+ROUTES = {"/recommend", "/recommend/batch", "/feedback", "/health", "/livez", "/metrics", "/admin/reload", "/docs",
           "/openapi.json"}
 LOG_FIELDS = ("request_id", "route", "method", "status", "latency_ms", "event", "model_version",
               "previous_version", "path", "device", "feedback_replayed", "seconds")
@@ -36,8 +37,14 @@ def configure_logging(level: str = "info") -> None:
 
 
 class RequestContext:
-    def __init__(self, app, max_body_bytes: int):
+    """Reads every request body here, whole, before the app sees it: at most `max_body_bytes` (413), within
+    `body_timeout` seconds from the first read to the last (408; a client trickling its body cannot hold a
+    connection and a task open for ever). Heads larger than `max_header_bytes` get 431: uvicorn (h11) refuses a
+    head that grows past the limit while it arrives, this catches one that arrived whole in a single read."""
+
+    def __init__(self, app, max_body_bytes: int, body_timeout: float, max_header_bytes: int):
         self.app, self.max_body_bytes = app, max_body_bytes
+        self.body_timeout, self.max_header_bytes = body_timeout, max_header_bytes
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -58,9 +65,17 @@ class RequestContext:
             await send(message)
 
         try:
-            body = await self._read_body(scope, receive, headers)
+            head = len(scope.get("raw_path", b"")) + len(scope.get("query_string", b"")) + \
+                sum(len(k) + len(v) + 4 for k, v in scope["headers"])
+            if head > self.max_header_bytes:
+                return await self._refuse(send_with_id, 431, f"request headers exceed {self.max_header_bytes} bytes")
+            try:
+                body = await asyncio.wait_for(self._read_body(scope, receive, headers), self.body_timeout)
+            except asyncio.TimeoutError:
+                return await self._refuse(send_with_id, 408, f"request body not received within "
+                                                             f"{self.body_timeout:g} s", close=True)
             if body is None:
-                await self._too_large(send_with_id)
+                await self._refuse(send_with_id, 413, f"request body exceeds {self.max_body_bytes} bytes")
             else:
                 await self.app(scope, self._replay(body), send_with_id)
         finally:
@@ -99,9 +114,13 @@ class RequestContext:
             return {"type": "http.disconnect"}
         return receive
 
-    async def _too_large(self, send) -> None:
-        payload = json.dumps({"detail": f"request body exceeds {self.max_body_bytes} bytes"}).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"),
-                                (b"content-length", str(len(payload)).encode())]})
+    @staticmethod
+    async def _refuse(send, status: int, detail: str, close: bool = False) -> None:
+        """A JSON error, sent before the body was read (whole). `close`: end the connection after it (a client too
+        slow to send its body). Otherwise the client may go on sending, and read the answer: uvicorn discards the
+        rest of the body, for at most CMN_HEADER_TIMEOUT_S (app/protocol.py)."""
+        payload = json.dumps({"detail": detail}).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
+        await send({"type": "http.response.start", "status": status,
+                    "headers": headers + [(b"connection", b"close")] * close})
         await send({"type": "http.response.body", "body": payload})

@@ -3,11 +3,23 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
+
+ID_MAX_CHARS = 256
+
+
+def _short_int(value: int) -> int:
+    # an integer id is the string it prints as, so it has the string's length limit (JSON integers are unbounded)
+    if len(str(value)) > ID_MAX_CHARS:
+        raise ValueError(f"an integer id has at most {ID_MAX_CHARS} characters")
+    return value
+
 
 # Ids arrive as JSON strings or integers; both name the same entity ("123" == 123).
-ExternalId = Annotated[Union[Annotated[StrictStr, Field(min_length=1, max_length=256)], StrictInt],
-                       Field(description="external id, as in the training data (string or integer)")]
+ExternalId = Annotated[Union[Annotated[StrictStr, Field(min_length=1, max_length=ID_MAX_CHARS)],
+                             Annotated[StrictInt, AfterValidator(_short_int)]],
+                       Field(description="external id, as in the training data (string or integer, at most "
+                                         f"{ID_MAX_CHARS} characters)")]
 
 
 def as_str(value: str | int) -> str:
@@ -44,6 +56,10 @@ class RecommendRequest(BaseModel):
     exclude: list[ExternalId] = Field(default_factory=list, max_length=10_000, description="items to drop")
     explain: bool = Field(False, description="attach the most attended neighbour users (needs CMN_ALLOW_EXPLAIN)")
     ignore_unknown: bool = Field(False, description="drop unknown candidate/exclude ids instead of answering 422")
+    strategy: Literal["full", "two_stage", "retrieval"] | None = Field(
+        None, description="full: CMN over the whole catalogue; two_stage: the retrieval stage proposes R items and CMN "
+                          "re-ranks them; retrieval: the retrieval stage alone; default: two_stage when the model has "
+                          "a retrieval stage, else full")
 
     @field_validator("user_id", mode="after")
     @classmethod
@@ -77,6 +93,8 @@ class RecommendResponse(BaseModel):
     items: list[ScoredItem]
     model_version: str
     fallback: Literal["unknown_user"] | None = None
+    strategy: Literal["full", "two_stage", "retrieval"] | None = Field(
+        None, description="how a personalised list was ranked (absent for a fallback)")
     took_ms: float
 
 
@@ -97,7 +115,8 @@ class FeedbackEvent(BaseModel):
     item_id: ExternalId
     timestamp: float | None = Field(None, ge=0, le=1e11, description="unix seconds; default: time received")
     event_id: Annotated[str, Field(min_length=1, max_length=128)] | None = Field(
-        None, description="client id that makes retries idempotent")
+        None, description="client id that makes retries idempotent: unique per API key; the same id with another "
+                          "user, item or timestamp is a 409")
 
 
 class FeedbackRequest(BaseModel):
@@ -107,15 +126,30 @@ class FeedbackRequest(BaseModel):
 
 class FeedbackResponse(BaseModel):
     stored: int = Field(description="events written durably by this call")
-    duplicates: int = Field(description="events whose event_id was already stored")
+    duplicates: int = Field(description="events already stored: the same event_id, or without one the same user "
+                                        "and item within CMN_DEDUP_WINDOW_S")
     applied: int = Field(description="events now visible to recommendations (known user and item)")
-    deferred: int = Field(description="events for unknown users or items: used by the next training run")
+    deferred: int = Field(description="events for unknown users or items: stored as unverified, used by a training "
+                                      "run with --feedback-unverified")
     note: str | None = None
+
+
+class FeedbackConflictDetail(BaseModel):
+    message: str
+    event_ids: list[str] = Field(description="the first event ids already used for another event (at most 10)")
+    count: int = Field(description="how many event ids of the request conflict")
+
+
+class FeedbackConflict(BaseModel):
+    """409: event ids this key already used for another event; nothing of the request was stored."""
+    detail: FeedbackConflictDetail
 
 
 class ReloadRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
-    checkpoint: str | None = Field(None, max_length=4096, description="path; default: the configured one")
+    checkpoint: str | None = Field(None, max_length=4096,
+                                   description="a checkpoint file in CMN_CHECKPOINT_DIR: a name relative to it, or an "
+                                               "absolute path inside it; default: the configured CMN_CHECKPOINT")
 
 
 class ReloadResponse(BaseModel):
@@ -125,7 +159,9 @@ class ReloadResponse(BaseModel):
 
 
 class Health(BaseModel):
-    status: Literal["ok", "loading", "failed"]
+    status: Literal["ok", "degraded", "loading", "failed"] = Field(
+        description="degraded: recommendations are served but the feedback store cannot be written (see detail)")
+    store: Literal["ok", "not_writable"] | None = Field(None, description="whether /feedback can store events")
     model_version: str | None = None
     device: str | None = None
     users: int | None = None
@@ -134,6 +170,12 @@ class Health(BaseModel):
     feedback_events: int | None = None
     uptime_s: float
     detail: str | None = None
+    warnings: list[str] = Field(default_factory=list, description="about the served model, e.g. its stored test "
+                                                                   "metrics rank it below popularity")
+
+
+class Liveness(BaseModel):
+    status: Literal["alive"]
 
 
 class FieldError(BaseModel):
@@ -150,7 +192,8 @@ class InvalidRequest(BaseModel):
 class UnknownIdsDetail(BaseModel):
     message: str
     field: str = Field(description="candidates or exclude")
-    unknown: list[str] = Field(description="the ids the model does not know (at most 1000)")
+    unknown: list[str] = Field(description="the first ids the model does not know (at most 20)")
+    unknown_count: int = Field(description="how many ids of the field the model does not know")
 
 
 class UnknownIdsError(BaseModel):

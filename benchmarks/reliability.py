@@ -97,6 +97,8 @@ def crash(checkpoint: Path, work: Path, cycles: int) -> dict:
 def reload(first: Path, second: Path, work: Path, reloads: int) -> dict:
     serving = work / "serving.ckpt"
     shutil.copy(first, serving)
+    # a named reload must lie in the served checkpoint's directory (CMN_CHECKPOINT_DIR's default)
+    first, second = Path(shutil.copy(first, work / "first.ckpt")), Path(shutil.copy(second, work / "second.ckpt"))
     corrupt = rel.truncated_copy(second, work / "corrupt.ckpt")
     versions = {load_checkpoint(str(p)).model_version: p.name for p in (first, second)}
     users, _ = rel.known_ids(first)

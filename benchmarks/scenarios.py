@@ -175,15 +175,17 @@ def status_counts(results: list[Result]) -> Counter:
 
 
 FUZZED = [("POST", "/recommend"), ("POST", "/recommend/batch"), ("POST", "/feedback"), ("GET", "/health"),
-          ("GET", "/metrics")]  # every route but /admin/reload (tested with its key in 4, 5 and 7)
+          ("GET", "/livez"), ("GET", "/metrics")]  # every route but /admin/reload (tested with its key in 4, 5 and 7)
 
 
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
 
 
-def fuzz_operation(schema, url: str, method: str, path: str, mode: str, examples: int, counter: Counter) -> None:
+def fuzz_operation(schema, url: str, method: str, path: str, mode: str, examples: int, counter: Counter,
+                   headers: dict | None = None) -> None:
     """`examples` hypothesis cases for one operation: positive (schema-valid) or negative (schema-violating)
-    data, each sent to the server and checked: no 5xx, documented status, content type and body schema."""
+    data, each sent to the server and checked: no 5xx, documented status, content type and body schema.
+    `headers` go with every case (an API key, for a server with CMN_AUTH_FILE)."""
     operation = schema[path][method]
     gen = GenerationMode.POSITIVE if mode == "positive" else GenerationMode.NEGATIVE
 
@@ -192,7 +194,7 @@ def fuzz_operation(schema, url: str, method: str, path: str, mode: str, examples
     @given(case=operation.as_strategy(generation_mode=gen))
     def run(case):
         counter[f"{method} {path} {mode}"] += 1
-        case.call_and_validate(base_url=url, timeout=30, checks=CHECKS)
+        case.call_and_validate(base_url=url, timeout=30, checks=CHECKS, headers=headers)
     run()
 
 

@@ -179,8 +179,9 @@ async def test_health_before_and_after_load(ckpt_path, truth, tmp_path, monkeypa
 
 
 async def test_a_full_queue_sheds_load_with_503_and_loses_nothing_queued(ckpt_path, truth, tmp_path, monkeypatch):
-    """The model thread is held on a gate: one 4-user batch being scored, one queued (max_queue 4), so the next
-    request cannot be queued: 503 + Retry-After at once, and both earlier requests are still answered in full."""
+    """The model thread is held on a gate: one 4-user batch being scored, one queued, which fills the queue (its
+    limit counts scored pairs: 4 whole-catalogue requests), so the next request cannot be queued: 503 +
+    Retry-After at once, and both earlier requests are still answered in full."""
     holding, entered, gate = threading.Event(), threading.Event(), threading.Event()
 
     class GatedEngine(Engine):
@@ -193,7 +194,7 @@ async def test_a_full_queue_sheds_load_with_503_and_loses_nothing_queued(ckpt_pa
     monkeypatch.setattr(service_module, "Engine", GatedEngine)
     users = truth.sample_users(8, seed=5)
     batch = [{"requests": [{"user_id": u, "k": 3} for u in users[n:n + 4]]} for n in (0, 4)]
-    async with serving(settings_for(ckpt_path, tmp_path, max_queue=4)) as c:
+    async with serving(settings_for(ckpt_path, tmp_path, max_queue_pairs=4 * len(truth.item_ids))) as c:
         await wait_ready(c)
         holding.set()
         try:

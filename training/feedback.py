@@ -7,9 +7,12 @@ from model.feedback import FeedbackLog
 from training.data import DataError, Dataset, pair_keys
 
 
-def fold_feedback(data: Dataset, path: str, log=print) -> Dataset:
-    """Add every stored event as a training pair; users and items the data has never seen get new ids.
-    An event equal to a held-out test positive is left out, so the test split stays unseen."""
+def fold_feedback(data: Dataset, path: str, log=print, unverified: bool = False) -> Dataset:
+    """Add stored events as training pairs; users and items the data has never seen get new ids.
+
+    Events the server marked unverified (their user or item was unknown to the serving model: anyone with a
+    feedback key can invent ids) get no new ids unless `unverified`: those naming a user or item the data lacks
+    are left out. An event equal to a held-out test positive is left out, so the test split stays unseen."""
     try:
         store = FeedbackLog(path, readonly=True)
         events = [e for _, e in store.events()]
@@ -19,6 +22,12 @@ def fold_feedback(data: Dataset, path: str, log=print) -> Dataset:
     user_ids, item_ids = list(data.user_ids), list(data.item_ids)
     users = {u: n for n, u in enumerate(user_ids)}
     items = {i: n for n, i in enumerate(item_ids)}
+    if not unverified:
+        kept = [e for e in events if e.verified or (e.user_id in users and e.item_id in items)]
+        if len(kept) < len(events):
+            log(f"feedback: {len(events) - len(kept):,} unverified events name users or items the data does not "
+                "have; left out (--feedback-unverified folds them in as new users and items)")
+        events = kept
     for e in events:
         for ids, index, key in ((user_ids, users, e.user_id), (item_ids, items, e.item_id)):
             if key not in index:

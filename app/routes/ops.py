@@ -1,12 +1,14 @@
-"""GET /health (orchestration's readiness probe) and GET /metrics (Prometheus)."""
+"""GET /health (readiness), GET /livez (liveness), both open; GET /metrics (Prometheus; the metrics scope when
+CMN_AUTH_FILE is set, unless CMN_METRICS_OPEN)."""
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from app.deps import ServiceDep
-from app.schemas import Health
+from app.auth import AUTH_RESPONSES
+from app.deps import ServiceDep, require_metrics
+from app.schemas import Health, Liveness
 
 router = APIRouter(tags=["ops"])
 
@@ -15,9 +17,15 @@ router = APIRouter(tags=["ops"])
             responses={503: {"model": Health, "description": "loading or failed"}})
 async def health(service: ServiceDep):
     h = service.health()
-    return JSONResponse(h.model_dump(exclude_none=True), status_code=200 if h.status == "ok" else 503)
+    return JSONResponse(h.model_dump(exclude_none=True), status_code=503 if h.status in ("loading", "failed") else 200)
 
 
-@router.get("/metrics", response_class=Response)
+@router.get("/livez", response_model=Liveness)
+async def livez():
+    """The process answers: for a liveness probe, which must not restart a server that is loading or degraded."""
+    return Liveness(status="alive")
+
+
+@router.get("/metrics", response_class=Response, dependencies=[Depends(require_metrics)], responses=AUTH_RESPONSES)
 async def prometheus():
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
