@@ -18,8 +18,9 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from model.checkpoint import Checkpoint, csr, load_checkpoint
+from model.checkpoint import Checkpoint, load_checkpoint
 from model.cmn import CMN
+from model.neighbours import neighbour_csr
 from model.retrieval import STRATEGIES, ItemRetrieval, TwoStage, blend
 from model.scorer import Scorer, resolve_device
 
@@ -65,19 +66,23 @@ class Recommender:
 
     @classmethod
     def from_checkpoint(cls, checkpoint: Checkpoint | str, device: str | torch.device = "cpu",
-                        **scorer_options) -> "Recommender":
-        """The model as trained, on `device` (`auto`: cuda when available); never-re-recommend = every known pair."""
+                        seen: np.ndarray | None = None, **scorer_options) -> "Recommender":
+        """The model as trained, on `device` (`auto`: cuda when available). The seen-sets (never re-recommended, and
+        the history retrieval reads) are every pair the checkpoint knows, or `seen` (evaluation: the training pairs)."""
         ckpt = load_checkpoint(checkpoint) if isinstance(checkpoint, str) else checkpoint
         scorer = Scorer.from_checkpoint(ckpt, resolve_device(str(device)), **scorer_options)
-        return cls(scorer, ckpt.train, ckpt.seen)
+        retrieval = None if ckpt.retrieval is None else ckpt.retrieval.to(scorer.device)
+        return cls(scorer, ckpt.train, ckpt.seen if seen is None else seen, retrieval, ckpt.two_stage)
 
     @classmethod
     def from_model(cls, model: CMN, train: np.ndarray, seen: np.ndarray | None = None,
                    retrieval: ItemRetrieval | None = None, two_stage: TwoStage | None = None,
                    **scorer_options) -> "Recommender":
-        """A model being trained, with N(i) from `train` (as training and evaluation build it)."""
-        indptr, indices = csr(train[:, 1], train[:, 0], model.cfg.n_items)
-        return cls(Scorer(model, indptr, indices, **scorer_options), train, seen, retrieval, two_stage)
+        """A model being trained, with N(i) from `train` as training and evaluation build it: rows oldest first
+        (as a checkpoint stores them), each item capped to its last `model.cfg.max_neighbours` rows."""
+        indptr, indices, recency = neighbour_csr(train, model.cfg.n_items, model.cfg.max_neighbours)
+        return cls(Scorer(model, indptr, indices, recency=recency, **scorer_options), train, seen, retrieval,
+                   two_stage)
 
     @property
     def n_users(self) -> int:
@@ -118,12 +123,13 @@ class Recommender:
         if items is not None:
             items = torch.as_tensor(items, dtype=torch.long, device=self.device)
             return self.score_lists(users, items, torch.ones_like(items, dtype=torch.bool), strategy)
+        dense = self._retrieval_scores(users)
         if strategy == "retrieval":
-            return self.retrieval.scores([list(self._seen[u]) for u in users])
-        items, valid = self.retrieve(users, [list(self._seen[u]) for u in users])
+            return dense
+        items, valid = self.retrieve(users, [list(self._seen[u]) for u in users], dense)
         out = torch.full((len(users), self.n_items), -torch.inf, device=self.device)
         rows = torch.arange(len(users), device=self.device)[:, None].expand_as(items)
-        out[rows[valid], items[valid]] = self.score_lists(users, items, valid, strategy)[valid]
+        out[rows[valid], items[valid]] = self.score_lists(users, items, valid, strategy, dense)[valid]
         return out
 
     @torch.no_grad()
@@ -143,25 +149,34 @@ class Recommender:
         ks, drop_seen = per_row(k, n), per_row(exclude_seen, n)
         exclude = per_row(exclude, n) if exclude is not None else [()] * n
         banned = [list(x) + list(self._seen[u]) if s else list(x) for u, s, x in zip(users, drop_seen, exclude)]
+        dense = None
         if candidates is None and strategy == "two_stage":
-            items, valid = self.retrieve(users, banned)
+            dense = self._retrieval_scores(users)
+            items, valid = self.retrieve(users, banned, dense)
         elif candidates is None:
             scores = self.score(users, strategy=strategy)
             return self._top(scores, None, banned, ks)
         else:
             items, valid = self._pad(per_row(candidates, n))
-        return self._top(self.score_lists(users, items, valid, strategy), items, banned, ks)
+        return self._top(self.score_lists(users, items, valid, strategy, dense), items, banned, ks)
 
-    def retrieve(self, users: list[int], banned: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The two-stage candidates: each user's top-R items by retrieval score, best first, `banned` items left
-        out, as a (U, R) matrix (-1 past a row's end) and its mask of real entries."""
-        found, _ = self._top(self.retrieval.scores([list(self._seen[u]) for u in users]), None, banned,
-                             [self.two_stage.candidates] * len(users))
+    def retrieve(self, users: list[int], banned: list[list[int]],
+                 dense: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two-stage candidates: each user's top-R items by retrieval score (`dense`, the users' retrieval scores,
+        when already computed), best first, `banned` items left out, as a (U, R) matrix (-1 past a row's end) and
+        its mask of real entries."""
+        dense = self._retrieval_scores(users) if dense is None else dense.clone()
+        found, _ = self._top(dense, None, banned, [self.two_stage.candidates] * len(users))
         found = found.to(self.device)
         return found, found >= 0
 
-    def score_lists(self, users: list[int], items: torch.Tensor, valid: torch.Tensor, strategy: str) -> torch.Tensor:
-        """(U, W) scores of each user's row of `items` (where `valid`; -inf elsewhere) by `strategy`."""
+    def _retrieval_scores(self, users: list[int]) -> torch.Tensor:
+        return self.retrieval.scores([list(self._seen[u]) for u in users])
+
+    def score_lists(self, users: list[int], items: torch.Tensor, valid: torch.Tensor, strategy: str,
+                    dense: torch.Tensor | None = None) -> torch.Tensor:
+        """(U, W) scores of each user's row of `items` (where `valid`; -inf elsewhere) by `strategy`; `dense`: the
+        users' retrieval scores over the catalogue, when already computed."""
         rows = torch.arange(len(users), device=self.device)[:, None].expand_as(items)
         cmn = retrieved = None
         if strategy != "retrieval":
@@ -169,7 +184,7 @@ class Recommender:
             cmn = torch.full(items.shape, -torch.inf, device=self.device)
             cmn[valid] = self.scorer.score_pairs(pair_users, items[valid])
         if strategy != "full":
-            dense = self.retrieval.scores([list(self._seen[u]) for u in users])
+            dense = self._retrieval_scores(users) if dense is None else dense
             retrieved = dense.gather(1, items.clamp(min=0)).masked_fill(~valid, -torch.inf)
         if strategy == "two_stage":
             return blend(cmn, retrieved, valid, self.two_stage.weight)

@@ -52,6 +52,9 @@ class ItemRetrieval:
         self.indices = indices.to(self.device, torch.long)
         self.values = values.to(self.device, torch.float32)
 
+    def to(self, device: str | torch.device) -> "ItemRetrieval":
+        return ItemRetrieval(self.indptr, self.indices, self.values, self.n_items, device)
+
     def tensors(self) -> dict[str, torch.Tensor]:
         """For the checkpoint: int32 indices and float32 values (half the bytes of int64)."""
         return {"indptr": self.indptr.cpu(), "indices": self.indices.to(torch.int32).cpu(), "values": self.values.cpu()}

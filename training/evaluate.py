@@ -89,6 +89,21 @@ def evaluate(rec: ScoringModel, split: Split, train: np.ndarray, full: bool = Tr
     return out
 
 
+def evaluate_strategies(rec, split: Split, train: np.ndarray, full: bool = True) -> dict[str, dict]:
+    """`evaluate` for each strategy of a `model.recommender.Recommender` (whose seen-sets must be `train`)."""
+    return {name: evaluate(_Strategy(rec, name), split, train, full=full) for name in rec.strategies}
+
+
+class _Strategy:
+    """One of a Recommender's strategies, in the protocol `evaluate` reads."""
+
+    def __init__(self, rec, strategy: str):
+        self.rec, self.strategy, self.n_items = rec, strategy, rec.n_items
+
+    def score(self, users: torch.Tensor, items: torch.Tensor | None = None) -> torch.Tensor:
+        return self.rec.score(users, items, self.strategy)
+
+
 def _train_lists(train: np.ndarray, users: np.ndarray):
     """For a slice of `users`: (row-in-slice, item) index tensors of their training items."""
     order = np.argsort(train[:, 0], kind="stable")

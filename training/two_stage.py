@@ -1,7 +1,6 @@
 """Fit the retrieval stage and choose the two-stage settings on a validation split, never on test.
 
-    stage, table = select_two_stage(model, fit)          # fit.train: what the model was trained on
-    retrieval = fit_retrieval(stage.method, data.train, data.n_users, data.n_items)   # then refit on all training
+    retrieval, stage, table = fit_two_stage(model, fit, data)   # what python -m training train --validation does
 
 The grid is every method × R × blend weight. CMN scores each validation user's largest candidate list once, so
 the whole grid costs one retrieval and one CMN pass per method; a configuration's validation NDCG@10 is the
@@ -61,8 +60,9 @@ def select_two_stage(model: CMN, fit: Dataset, methods=tuple(METHODS), candidate
         retrieval, params[method] = fit_retrieval(method, fit.train, fit.n_users, fit.n_items)
         widest = TwoStage(method, max(candidates), 1.0, params[method])
         rec = Recommender.from_model(model, fit.train, retrieval=retrieval, two_stage=widest)
-        items, valid = rec.retrieve(users, [sorted(rec.seen(u)) for u in users])
-        cmn, found = (rec.score_lists(users, items, valid, strategy) for strategy in ("full", "retrieval"))
+        dense = retrieval.scores([sorted(rec.seen(u)) for u in users])
+        items, valid = rec.retrieve(users, [sorted(rec.seen(u)) for u in users], dense)
+        cmn, found = (rec.score_lists(users, items, valid, strategy, dense) for strategy in ("full", "retrieval"))
         for r in candidates:
             for weight in weights:
                 ndcg = validation_ndcg(blend(cmn[:, :r], found[:, :r], valid[:, :r], float(weight)), items[:, :r],
@@ -73,3 +73,11 @@ def select_two_stage(model: CMN, fit: Dataset, methods=tuple(METHODS), candidate
             f"(R {best['candidates']}, CMN weight {best['weight']:.1f})")
     best = max(table, key=lambda row: row["ndcg@10"])
     return TwoStage(best["method"], best["candidates"], best["weight"], params[best["method"]]), table
+
+
+def fit_two_stage(model: CMN, fit: Dataset, data: Dataset, log=print) -> tuple[ItemRetrieval, TwoStage, list[dict]]:
+    """Choose on `fit` (validation split, training less validation items), then fit the chosen retrieval on every
+    training pair of `data` for serving."""
+    stage, table = select_two_stage(model, fit, log=log)
+    retrieval, _ = fit_retrieval(stage.method, data.train, data.n_users, data.n_items)
+    return retrieval, stage, table

@@ -1,0 +1,93 @@
+"""Two-stage serving: `strategy` per request, answered with the strategy used, and the served default lists equal
+what `python -m training evaluate` ranks (real HTTP, the full-catalogue protocol)."""
+import asyncio
+import json
+import subprocess
+import sys
+
+import httpx
+import numpy as np
+import pytest
+
+from benchmarks.servers import ROOT, running_server
+from conftest import make_cmn
+from model.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from model.recommender import Recommender
+from test_api import serving, settings_for, wait_ready
+from training.data import holdout_validation, synthetic
+from training.two_stage import fit_two_stage
+
+
+@pytest.fixture(scope="module")
+def two_stage_checkpoint(tmp_path_factory) -> str:
+    """A random CMN with a retrieval stage chosen on a validation split. Its seen-sets are the training pairs
+    (the held-out positives are unknown to it), so its served lists are what the evaluator ranks."""
+    data = synthetic(n_users=150, n_items=300, per_user=12)
+    model = make_cmn(data.n_users, data.n_items, d=6, hops=2, seed=1)
+    retrieval, stage, _ = fit_two_stage(model, holdout_validation(data, 0), data, log=lambda *_: None)
+    ckpt = Checkpoint(model.cfg, model.state_dict(), data.user_ids, data.item_ids, train=data.train, seen=data.train,
+                      test_users=data.test.users, test_positives=data.test.positives,
+                      test_negatives=data.test.negatives, retrieval=retrieval, two_stage=stage)
+    path = tmp_path_factory.mktemp("two-stage") / "model.ckpt"
+    save_checkpoint(ckpt, str(path))
+    return str(path)
+
+
+def test_checkpoint_round_trip_keeps_the_retrieval_stage(two_stage_checkpoint):
+    ckpt = load_checkpoint(two_stage_checkpoint)
+    rec = Recommender.from_checkpoint(ckpt)
+    assert rec.default_strategy == "two_stage" and rec.strategies == ("full", "two_stage", "retrieval")
+    assert ckpt.two_stage.method in ("rp3beta", "itemknn") and 0 <= ckpt.two_stage.weight <= 1
+    assert len(ckpt.retrieval.values) > 0
+
+
+@pytest.mark.anyio
+async def test_strategy_is_chosen_per_request_and_reported(two_stage_checkpoint, api_checkpoint, tmp_path):
+    ckpt = load_checkpoint(two_stage_checkpoint)
+    rec = Recommender.from_checkpoint(ckpt)
+    user = ckpt.user_ids[7]
+    async with serving(settings_for(two_stage_checkpoint, tmp_path)) as c:
+        await wait_ready(c)
+        for strategy in (None, "full", "two_stage", "retrieval"):
+            body = {"user_id": user, "k": 5, **({"strategy": strategy} if strategy else {})}
+            r = await c.post("/recommend", json=body)
+            assert r.status_code == 200, r.text
+            assert r.json()["strategy"] == (strategy or "two_stage")
+            items, _ = rec.recommend([7], k=5, strategy=strategy)
+            assert [x["item_id"] for x in r.json()["items"]] == [ckpt.item_ids[i] for i in items[0].tolist()]
+        r = await c.post("/recommend", json={"user_id": "nobody", "k": 3, "strategy": "retrieval"})
+        assert r.status_code == 200 and r.json()["fallback"] == "unknown_user" and "strategy" not in r.json()
+        metrics = (await c.get("/metrics")).text
+        assert 'cmn_recommendations_total{kind="personalised",strategy="two_stage"} 2.0' in metrics
+        assert 'cmn_recommendations_total{kind="personalised",strategy="retrieval"} 1.0' in metrics
+    async with serving(settings_for(api_checkpoint, tmp_path / "plain")) as c:   # a model without retrieval
+        await wait_ready(c)
+        r = await c.post("/recommend", json={"user_id": "0", "strategy": "two_stage"})
+        assert r.status_code == 422 and "needs a retrieval stage" in r.text
+        assert (await c.post("/recommend", json={"user_id": "0"})).json()["strategy"] == "full"
+
+
+@pytest.mark.slow
+def test_served_two_stage_lists_equal_the_evaluators(two_stage_checkpoint, tmp_path):
+    ckpt = load_checkpoint(two_stage_checkpoint)
+    proc = subprocess.run([sys.executable, "-m", "training", "evaluate", "--checkpoint", two_stage_checkpoint,
+                           "--json", "--device", "cpu"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout)
+    assert report["strategy"] == "two_stage"
+    users, positives = ckpt.test_users.tolist(), ckpt.test_positives.tolist()
+    with running_server(two_stage_checkpoint, tmp_path, device="cpu") as (url, _):
+        async def ask():
+            async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+                return await asyncio.gather(*(client.post("/recommend", json={"user_id": ckpt.user_ids[u], "k": 10})
+                                              for u in users))
+        answers = asyncio.run(ask())
+    assert all(a.status_code == 200 and a.json()["strategy"] == "two_stage" for a in answers)
+    ranks = []
+    for p, a in zip(positives, answers):
+        listed = [x["item_id"] for x in a.json()["items"]]
+        ranks.append(listed.index(ckpt.item_ids[p]) if ckpt.item_ids[p] in listed else None)
+    hr = np.mean([r is not None for r in ranks])
+    ndcg = np.mean([0.0 if r is None else 1 / np.log2(r + 2) for r in ranks])
+    assert 0 < hr < 1, "a vacuous comparison"
+    assert hr == pytest.approx(report["full"]["hr@10"]) and ndcg == pytest.approx(report["full"]["ndcg@10"])
