@@ -23,8 +23,12 @@ class CMNConfig:
     l2: float = 0.1
     # N(i) leaves the querying user out (not the paper's rule): an inference setting too, so it lives here
     exclude_self: bool = False
+    # N(i) holds at most this many users, the item's newest (model/neighbours.py); None: all of them (the paper's)
+    max_neighbours: int | None = None
 
     def __post_init__(self):
+        if self.max_neighbours is not None and self.max_neighbours < 1:
+            raise ValueError(f"max_neighbours must be >= 1, got {self.max_neighbours}")
         if self.hops < 1:
             raise ValueError(f"hops must be >= 1, got {self.hops}")
         if self.embed_size < 1:
@@ -71,7 +75,11 @@ class CMN(nn.Module):
         nn.init.xavier_uniform_(self.v.weight)
 
     def embed(self, table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(ids, table, sparse=self.sparse_grad)
+        if self.sparse_grad:
+            return F.embedding(ids, table, sparse=True)
+        # index_select's backward is one index_add into a dense gradient: no host sync, so a CUDA graph can
+        # capture it (training/graph_step.py)
+        return table.index_select(0, ids)
 
     def forward(self, users: torch.Tensor, items: torch.Tensor, nbr_users: torch.Tensor, nbr_segment: torch.Tensor,
                 return_attention: bool = False):

@@ -17,6 +17,14 @@ class TFRMSProp(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, decay=decay, momentum=momentum, eps=eps,
                                       initial_accumulator=initial_accumulator))
 
+    def state_of(self, p: torch.Tensor, group: dict) -> dict:
+        """`p`'s accumulator `ms` and momentum `mom`, created at their initial values on first use."""
+        state = self.state[p]
+        if not state:
+            state["ms"] = torch.full_like(p, group["initial_accumulator"])
+            state["mom"] = torch.zeros_like(p)
+        return state
+
     @torch.no_grad()
     def step(self, closure=None):
         for group in self.param_groups:
@@ -24,10 +32,7 @@ class TFRMSProp(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                state = self.state[p]
-                if not state:
-                    state["ms"] = torch.full_like(p, group["initial_accumulator"])
-                    state["mom"] = torch.zeros_like(p)
+                state = self.state_of(p, group)
                 ms, mom, g = state["ms"], state["mom"], p.grad
                 if g.is_sparse:
                     g = g.coalesce()  # duplicate rows sum first, as TF does before a sparse apply
