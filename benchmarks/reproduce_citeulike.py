@@ -29,8 +29,8 @@ DEFAULT_DATA = (ROOT / ".." / "shared" / "data" / "citeulike-a.npz").resolve()
 DEFAULT_OUT = ROOT / "docs" / "results"
 
 # The paper's hyperparameters (the original's pretrain file was citeulike-a_e50: 50 GMF epochs).
-PAPER = dict(hops=3, embed_size=50, batch_size=128, neg=4, l2=0.1, gmf_l2=1e-4, lr=1e-3, optimizer="rmsprop",
-             pretrain_epochs=50, seed=0, full_eval=True)
+PAPER = dict(hops=3, embed_size=50, batch_size=128, neg=4, l2=0.1, gmf_l2=1e-4, lr=1e-3, gmf_lr=1e-3,
+             optimizer="rmsprop", pretrain_epochs=50, max_neighbours=None, seed=0, full_eval=True)
 
 # name → (label, overrides of PAPER)
 ABLATIONS = {
@@ -147,9 +147,8 @@ def machine_info(threads: int) -> dict:
 def quick_slice(data_path: str, n_users: int, out: Path) -> str:
     """The first `n_users` test users of the .npz, their training pairs and test rows, as a small .npz."""
     import numpy as np
-    blob = np.load(data_path, allow_pickle=True)
-    train = np.asarray(blob["train_data"])
-    test = blob["test_data"].item()
+    from training.data import read_npz
+    train, test = read_npz(data_path)
     keep = sorted(test)[:n_users]
     keep_set = set(keep)
     mask = np.isin(train[:, 0], list(keep_set))
@@ -183,8 +182,8 @@ class GMFCache:
     def __call__(self, cfg, fit, sampler, device, log):
         import torch
         from training.train import pretrain_epochs_for, pretrain_gmf
-        key = (f"gmf_{os.path.basename(cfg.data)}_d{cfg.embed_size}_l2{cfg.gmf_l2}_lr{cfg.gmf_lr}_b{cfg.batch_size}"
-               f"_n{cfg.neg}_c{cfg.clip}_s{cfg.seed}_e{pretrain_epochs_for(cfg, sampler)}_v{int(cfg.validation)}.pt")
+        key = (f"gmf_{os.path.basename(cfg.data)}_d{cfg.embed_size}_l2{cfg.gmf_l2}_lr{cfg.gmf_lr}_b{cfg.gmf_batch_size or cfg.batch_size}"
+               f"_n{cfg.neg}_c{cfg.clip}_s{cfg.seed}_e{pretrain_epochs_for(cfg)}_v{int(cfg.validation)}.pt")
         path = os.path.join(self.directory, key)
         if self.reuse and os.path.exists(path):
             blob = torch.load(path, weights_only=True)

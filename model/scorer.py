@@ -38,11 +38,13 @@ import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from model import kernels
 from model.cmn import CMN, gather_neighbourhoods
+from model.neighbours import keep_newest, neighbour_csr
 
 if TYPE_CHECKING:
     from model.checkpoint import Checkpoint
@@ -251,8 +253,9 @@ class BucketedCatalogue:
         self._layout()
 
     def add_neighbours(self, indptr: torch.Tensor, indices: torch.Tensor, touched: torch.Tensor) -> None:
-        """The CSR after the neighbourhoods of `touched` items grew: only their buckets are rebuilt (a bucket whose
-        cap is outgrown gets a larger cap; items that had no neighbours form a new bucket)."""
+        """The CSR after the neighbourhoods of `touched` items changed (grew, or under a `max_neighbours` cap swapped
+        their oldest users for new ones): only their buckets are rebuilt (a bucket whose cap is outgrown gets a
+        larger cap; items that had no neighbours form a new bucket)."""
         self.indptr, self.indices = indptr, indices
         counts = (indptr[1:] - indptr[:-1]).cpu()
         for b in torch.unique(self.item_bucket[touched]).tolist():
@@ -367,17 +370,22 @@ def _holds(model: CMN, device: torch.device) -> bool:
 class Scorer:
     """Scores users against candidate items or the full catalogue for one trained CMN and one neighbourhood set.
 
-    `indptr`/`indices` are the item → users CSR that defines N(i). The caller's model is used as it is when it
+    `indptr`/`indices` are the item → users CSR that defines N(i); `recency` ranks its slots (larger: newer), so
+    that online feedback under the model's `max_neighbours` cap can drop each item's oldest (None: the slots are
+    older than any feedback, in user order). The caller's model is used as it is when it
     already lives on `device`, else a copy is moved there; either way the scorer never changes it (CMN has no
     dropout or batch norm: its training mode does not change scores). The cached tables are rebuilt by
     `refresh()` after the model's weights or the neighbourhoods change. `chunk_items` bounds a bucket's size (so
     online feedback rebuilds little); `block_pairs` sets the bucketed route's block of (user, item) pairs; calls
-    with at most `packed_max_users` users take the packed route (0: never).
+    with at most `packed_max_users` users take the packed route (0: never). `graph_catalogue` sends every
+    whole-catalogue call through the graph-captured route of model/gpu_scorer.py (opt-in: not yet measured on a
+    GPU).
     """
 
     def __init__(self, model: CMN, indptr, indices, device: str | torch.device | None = None,
                  chunk_items: int = 2048, block_pairs: int = BLOCK_PAIRS,
-                 packed_max_users: int = PACKED_MAX_USERS):
+                 packed_max_users: int = PACKED_MAX_USERS, recency=None,
+                 graph_catalogue: bool = False):
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.model = model if _holds(model, self.device) else copy.deepcopy(model).to(self.device)
         self.n_items = model.cfg.n_items
@@ -385,20 +393,26 @@ class Scorer:
         self.chunk_items = chunk_items
         self.block_pairs = block_pairs
         self.packed_max_users = packed_max_users
+        self.graph_catalogue = graph_catalogue
         self.exclude_self = model.cfg.exclude_self
-        self.set_neighbourhoods(indptr, indices)
+        self.max_neighbours = model.cfg.max_neighbours
+        self.set_neighbourhoods(indptr, indices, recency)
 
     @classmethod
     def from_checkpoint(cls, ckpt: Checkpoint, device: str | torch.device = "cpu", **options) -> Scorer:
-        """The scorer of a checkpoint's model over its training neighbourhoods; `options` as for `Scorer`."""
+        """The scorer of a checkpoint's model over its training neighbourhoods (capped as trained); `options` as for
+        `Scorer`."""
         device = resolve_device(device) if isinstance(device, str) else device
-        return cls(ckpt.build_model(device), *ckpt.item_users(), device=device, **options)
+        indptr, indices, recency = neighbour_csr(ckpt.train, ckpt.config.n_items, ckpt.config.max_neighbours)
+        return cls(ckpt.build_model(device), indptr, indices, device=device, recency=recency, **options)
 
-    def set_neighbourhoods(self, indptr, indices) -> None:
+    def set_neighbourhoods(self, indptr, indices, recency=None) -> None:
         self.indptr = torch.as_tensor(indptr, dtype=torch.long, device=self.device)
         self.indices = torch.as_tensor(indices, dtype=torch.long, device=self.device)
         if len(self.indptr) != self.n_items + 1:
             raise ValueError(f"neighbourhood CSR has {len(self.indptr) - 1} items, the model {self.n_items}")
+        self.recency = torch.zeros(len(self.indices), dtype=torch.long) if recency is None else \
+            torch.as_tensor(recency, dtype=torch.long).cpu()
         self.refresh()
 
     @torch.no_grad()
@@ -407,6 +421,7 @@ class Scorer:
         self.pairs = PairRoute(self.model, self.tables, self.exclude_self)
         self.packed = PackedCatalogue(self.model, self.tables, self.indptr, self.indices)
         self.bucketed: BucketedCatalogue | None = None  # built by the first call that takes that route
+        self.graphed = None                              # likewise (a gpu_scorer.GraphedCatalogue)
 
     @torch.no_grad()
     def bucketed_catalogue(self) -> BucketedCatalogue:
@@ -417,25 +432,45 @@ class Scorer:
         return self.bucketed
 
     @torch.no_grad()
+    def graphed_catalogue(self):
+        """The graph-captured route, its buckets built now if they are not yet."""
+        if self.graphed is None:
+            from model.gpu_scorer import GraphedCatalogue
+            self.graphed = GraphedCatalogue.build(self.model, self.tables, self.indptr, self.indices)
+        return self.graphed
+
+    @torch.no_grad()
     def add_interactions(self, users, items) -> int:
-        """Online feedback: put `users[k]` into N(items[k]). Returns the number of new pairs. Built buckets are
-        updated in place (see `BucketedCatalogue.add_neighbours`)."""
+        """Online feedback: put `users[k]` into N(items[k]), the newest member; under the model's `max_neighbours`
+        an item that outgrows it drops its oldest. Returns the number of new pairs. Built buckets are updated in
+        place (see `BucketedCatalogue.add_neighbours`)."""
         users = torch.as_tensor(users, dtype=torch.long).cpu()
         items = torch.as_tensor(items, dtype=torch.long).cpu()
         indptr, indices = self.indptr.cpu(), self.indices.cpu()
         lengths = indptr[1:] - indptr[:-1]
         old = torch.repeat_interleave(torch.arange(self.n_items), lengths) * self.n_users + indices
-        keys = torch.unique(torch.cat([old, items * self.n_users + users]))
-        if len(keys) == len(old):
+        new = items * self.n_users + users
+        fresh = ~torch.isin(new, old)
+        if not bool(fresh.any()):
             return 0
-        touched = torch.unique(items[~torch.isin(items * self.n_users + users, old)])
+        # a pair fed back twice in one call keeps its first place in line
+        added, first = np.unique(new[fresh].numpy(), return_index=True)
+        touched = torch.unique(items[fresh])
+        clock = int(self.recency.max()) + 1 if len(self.recency) else 0
+        keys = np.concatenate([old.numpy(), added])
+        recency = np.concatenate([self.recency.numpy(), clock + first])
+        kept = keep_newest(keys // self.n_users, recency, self.max_neighbours)
+        order = np.argsort(keys[kept], kind="stable")
+        keys, self.recency = torch.from_numpy(keys[kept][order]), torch.from_numpy(recency[kept][order])
         counts = torch.bincount(keys // self.n_users, minlength=self.n_items)
         self.indptr = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(counts, 0)]).to(self.device)
         self.indices = (keys % self.n_users).to(self.device)
         self.packed = PackedCatalogue(self.model, self.tables, self.indptr, self.indices)
         if self.bucketed is not None:
             self.bucketed.add_neighbours(self.indptr, self.indices, touched)
-        return len(keys) - len(old)
+        if self.graphed is not None:
+            self.graphed.add_neighbours(self.indptr, self.indices, touched)
+        return len(added)
 
     @torch.no_grad()
     def score(self, users, items=None) -> torch.Tensor:
@@ -458,6 +493,8 @@ class Scorer:
     def score_all(self, users: torch.Tensor) -> torch.Tensor:
         if self.exclude_self:  # the catalogue routes hold neighbourhoods with every user in; exclusion takes pairs
             return self.score(users, torch.arange(self.n_items, device=self.device).expand(len(users), -1))
+        if self.graph_catalogue:
+            return self.graphed_catalogue().score(users)
         if len(users) <= self.packed_max_users:
             return torch.stack([self.packed.score(int(u)) for u in users.tolist()]) if len(users) else \
                 torch.empty(0, self.n_items, device=self.device)

@@ -236,7 +236,8 @@ def test_scorer_on_another_device_scores_a_copy(train):
     assert model.training and all(p.device.type == "cpu" for p in model.parameters())
     users = torch.tensor([1, 2, 30])
     expected = forward_all(model, train, users)
-    for route in (dict(packed_max_users=10**6), dict(packed_max_users=0)):
+    for route in (dict(packed_max_users=10**6, graph_catalogue=False), dict(packed_max_users=0, graph_catalogue=False),
+                  dict()):   # the last: CUDA's default, the graph-captured route
         got = Scorer(model, *csr, device="cuda", **route).score(users).cpu()
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
     torch.testing.assert_close(scorer.score(users, torch.arange(N_ITEMS).expand(3, -1)).cpu(), expected,

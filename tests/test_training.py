@@ -188,7 +188,8 @@ def test_resume_continues_an_interrupted_run(small_run, monkeypatch):
 
 
 def test_gmf_pretraining_initialises_the_memories(small_run):
-    """M ← 0.5·P and E ← 0.5·Q from the pretrained GMF; C is not pretrained (epochs=0 saves that state)."""
+    """M ← s·P and E ← s·Q from the pretrained GMF (s = the paper's 0.5 unless its signal is too small, see
+    test_collapse.py); C is not pretrained (epochs=0 saves that state)."""
     captured = {}
 
     def pretrain(*args, **kw):
@@ -199,8 +200,10 @@ def test_gmf_pretraining_initialises_the_memories(small_run):
     metrics = train_mod.train(cfg, log=lambda *a: None, hooks=train_mod.TrainHooks(pretrain=pretrain))
     state = load_checkpoint(cfg.out).state
     assert len(metrics["gmf_epochs"]) == 1
-    assert torch.equal(state["user_memory"], 0.5 * captured["P"])
-    assert torch.equal(state["item_memory"], 0.5 * captured["Q"])
+    scale = metrics["memory_init"]["scale"]
+    assert 0.5 <= scale <= 2.0
+    assert torch.equal(state["user_memory"], scale * captured["P"])
+    assert torch.equal(state["item_memory"], scale * captured["Q"])
     assert state["user_output"].abs().max() <= 0.02                   # still its truncated-normal init
 
 
@@ -212,7 +215,7 @@ def test_holdout_none_trains_saves_and_evaluates_only_with_data(small_run, capsy
     assert "final" not in metrics                                        # nothing held out, nothing evaluated
     ckpt = load_checkpoint(cfg.out)
     assert ckpt.test_users is None and len(ckpt.train) == 40 * 6       # every interaction trained on
-    np.testing.assert_array_equal(ckpt.seen, ckpt.train)
+    np.testing.assert_array_equal(np.unique(ckpt.seen, axis=0), np.unique(ckpt.train, axis=0))  # train: by recency
     capsys.readouterr()
     assert main(["evaluate", "--checkpoint", cfg.out]) == 2
     err = capsys.readouterr().err
@@ -265,3 +268,16 @@ def test_trained_checkpoint_has_trained_hop_maps(trained_checkpoint):
     for hop in (0, 1):                                  # hop-map biases start at exactly 1.0
         assert not torch.equal(ckpt.state[f"hop_maps.{hop}.bias"], torch.ones(ckpt.config.embed_size))
     assert ckpt.state["output.bias"].abs().max() > 0   # the output bias starts at 0
+
+
+def test_learning_rate_follows_the_batch_unless_given(small_run, monkeypatch):
+    """--lr unset: 1e-3 at the paper's batch 128, 1e-3·√(B/128) at batch B; an explicit --lr is used as given."""
+    assert train_mod.scaled_lr(None, 128) == 1e-3
+    assert train_mod.scaled_lr(None, 8192) == pytest.approx(8e-3)
+    assert train_mod.scaled_lr(5e-4, 8192) == 5e-4
+    seen = []
+    real = train_mod.make_optimizer
+    monkeypatch.setattr(train_mod, "make_optimizer", lambda name, params, lr: seen.append(lr) or real(name, params, lr))
+    for batch, lr in ((512, None), (512, 0.01)):
+        train_mod.train(replace(small_run, epochs=1, pretrain_epochs=1, batch_size=batch, lr=lr), log=lambda *a: None)
+    assert seen == [pytest.approx(2e-3), 0.01]

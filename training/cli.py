@@ -11,6 +11,9 @@ import numpy as np
 from training.train import TrainConfig
 
 DEFAULTS = TrainConfig()
+TRUST_PICKLE = ("an original-format .npz's test_data is a pickle: by default only plain data (dicts, lists, "
+                "numbers, numpy arrays) is rebuilt from it and any other pickle is refused; this flag unpickles it "
+                "as it is, which runs whatever code the file holds (only for a file you trust)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,17 +26,25 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", default=DEFAULTS.out, help="checkpoint path; metrics JSON and PNG go next to it")
     for name, kind, text in (
             ("epochs", int, "CMN epochs"),
-            ("pretrain-epochs", int, "GMF pretraining epochs (0 skips it; default: auto, >= 15 epochs and >= 50k steps)"),
+            ("pretrain-epochs", int, "GMF pretraining epochs (0 skips it; default: auto, 15)"),
             ("hops", int, "memory hops H"), ("embed-size", int, "embedding size d"),
-            ("batch-size", int, "triples per batch"), ("neg", int, "negatives per positive per epoch"),
+            ("batch-size", int, "triples per batch (see --lr)"),
+            ("gmf-batch-size", int, "GMF pretraining's triples per batch (default: --batch-size)"),
+            ("neg", int, "negatives per positive per epoch"),
             ("l2", float, "L2 λ on hop maps, output layer and output vector"), ("gmf-l2", float, "GMF L2 λ on v"),
-            ("lr", float, "CMN learning rate"), ("gmf-lr", float, "GMF (Adam) learning rate"),
+            ("lr", float, "CMN learning rate (default: 1e-3·√(batch-size/128), the paper's 1e-3 at batch 128)"),
+            ("gmf-lr", float, "GMF (Adam) learning rate (default: as --lr)"),
             ("clip", float, "per-tensor gradient norm clip"), ("seed", int, "random seed"),
             ("early-stop", int, "stop after N epochs without validation improvement (needs --validation)"),
             ("min-rating", float, "CSV only: keep interactions with rating >= X")):
         default = getattr(DEFAULTS, name.replace("-", "_"))
         t.add_argument(f"--{name}", type=kind, default=default,
                        help=text if default is None else f"{text} (default {default})")
+    t.add_argument("--max-neighbours", default=DEFAULTS.max_neighbours, metavar="N|none|auto",
+                   help="N(i) holds at most N users, the item's most recent (a fixed seeded sample where the data "
+                        "has no timestamps), in training, evaluation and serving alike; stored in the checkpoint. "
+                        "none: every user (the paper's); auto (default): none unless a positive's neighbourhood "
+                        "averages over 100 users (large, MovieLens-like data), then 200")
     t.add_argument("--optimizer", choices=("rmsprop", "adam"), default=DEFAULTS.optimizer,
                    help="rmsprop = TensorFlow 1 RMSProp semantics (the paper's); adam")
     t.add_argument("--device", default=DEFAULTS.device, help="auto (cuda if available), cpu or cuda[:N]")
@@ -42,18 +53,31 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--holdout", choices=("loo", "none"), default=DEFAULTS.holdout,
                    help="loo: keep the leave-one-out test split for evaluation; none: train on everything")
     t.add_argument("--validation", action="store_true",
-                   help="cut a leave-one-out validation split from training; the best validation epoch is kept")
+                   help="cut a leave-one-out validation split from training; the best validation epoch is kept, and "
+                        "the two-stage retrieval stage (method, R, blend weight) is chosen on it")
+    t.add_argument("--no-two-stage", dest="two_stage", action="store_false",
+                   help="with --validation: fit no retrieval stage (the checkpoint then serves full-catalogue CMN)")
     t.add_argument("--resume", action="store_true", help="continue an interrupted run of the same command")
     t.add_argument("--feedback", help="fold a feedback store (the server's CMN_FEEDBACK_PATH) into the data")
+    t.add_argument("--feedback-unverified", action="store_true",
+                   help="with --feedback: also fold in events the server stored as unverified (their user or item "
+                        "was unknown to the serving model); each new id becomes a new embedding row. Without it "
+                        "they are left out, and the log says how many")
     t.add_argument("--no-full-eval", dest="full_eval", action="store_false",
                    help="skip the full-catalogue ranking at the end")
-    t.add_argument("--quiet", dest="progress", action="store_false", help="no progress bars")
+    shown = t.add_mutually_exclusive_group()
+    shown.add_argument("--progress", dest="progress", action="store_const", const=True, default=None,
+                       help="progress bars even when stderr is not a terminal (default: only on a terminal; "
+                            "otherwise one line per epoch)")
+    shown.add_argument("--quiet", dest="progress", action="store_const", const=False, help="no progress bars")
+    t.add_argument("--trust-pickle", action="store_true", help=TRUST_PICKLE)
 
     e = sub.add_parser("evaluate", help="evaluate a checkpoint (sampled, full-catalogue, TopPop)")
     e.add_argument("--checkpoint", required=True)
     e.add_argument("--data", help="evaluate on this data's split instead of the one stored in the checkpoint")
     e.add_argument("--device", default="auto")
     e.add_argument("--json", action="store_true", help="print one JSON object")
+    e.add_argument("--trust-pickle", action="store_true", help=TRUST_PICKLE)
 
     b = sub.add_parser("baselines", help="TopPop, ItemKNN CF and RP3beta in the same evaluator")
     b.add_argument("--data", default="synthetic")
@@ -61,11 +85,25 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--dacrema-fit", action="store_true",
                    help="fit on training less one validation item per user, as the reference table's runs did")
     b.add_argument("--json", action="store_true", help="print one JSON object")
+    b.add_argument("--trust-pickle", action="store_true", help=TRUST_PICKLE)
     return parser
+
+
+def neighbour_cap(text: str | None) -> int | str | None:
+    """--max-neighbours: a number of users, none or auto (TrainConfig checks that the number is >= 1)."""
+    if text is None or text.lower() == "none":
+        return None
+    if text.lower() == "auto":
+        return "auto"
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"--max-neighbours must be a number of users, none or auto, got {text!r}") from None
 
 
 def cmd_train(args) -> int:
     from training.train import train
+    args.max_neighbours = neighbour_cap(args.max_neighbours)
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)})
     train(cfg)
     return 0
@@ -73,29 +111,39 @@ def cmd_train(args) -> int:
 
 def cmd_evaluate(args) -> int:
     from model.checkpoint import load_checkpoint
+    from model.quality import below_toppop
     from model.recommender import Recommender
     from training.data import Split, load
-    from training.evaluate import TopPop, evaluate
+    from training.evaluate import TopPop, evaluate, evaluate_strategies
 
     ckpt = load_checkpoint(args.checkpoint)
     train_pairs, split = ckpt.train, None
     if args.data:
-        train_pairs, split = remap(load(args.data), ckpt)
+        train_pairs, split = remap(load(args.data, trust_pickle=args.trust_pickle), ckpt)
     elif ckpt.test_users is not None:
         split = Split(ckpt.test_users, ckpt.test_positives, ckpt.test_negatives)
     if split is None or len(split) == 0:
         raise ValueError(f"{args.checkpoint} holds no test split (trained with --holdout none); pass --data")
-    result = evaluate(Recommender.from_checkpoint(ckpt, args.device), split, train_pairs)
-    result["toppop"] = evaluate(TopPop(train_pairs, ckpt.config.n_items), split, train_pairs)
-    result["model_version"] = ckpt.model_version
+    # the training pairs are the seen-sets here: the evaluator excludes them, and so must retrieval
+    rec = Recommender.from_checkpoint(ckpt, args.device, seen=train_pairs)
+    strategies = evaluate_strategies(rec, split, train_pairs)
+    result = {**strategies[rec.default_strategy], "strategy": rec.default_strategy, "strategies": strategies,
+              "toppop": evaluate(TopPop(train_pairs, ckpt.config.n_items), split, train_pairs),
+              "model_version": ckpt.model_version}
+    warning = below_toppop(result, result["toppop"])
+    result["warnings"] = [warning] if warning else []
+    for line in result["warnings"]:
+        print(f"warning: {line}", file=sys.stderr)
     if args.json:
         print(json.dumps(result))
     else:
-        for name in ("sampled", "sampled_raw", "full"):
-            print(f"{name:12s}", "  ".join(f"{k} {v:.4f}" for k, v in result[name].items() if k.endswith("@10")))
-        print(f"{'toppop':12s}", "  ".join(f"{k} {v:.4f}" for k, v in result["toppop"]["sampled"].items()
-                                            if k.endswith("@10")))
+        print(f"{'':22s}{'sampled HR@10':>14s}{'NDCG@10':>9s}{'raw HR@10':>11s}{'full HR@10':>12s}{'NDCG@10':>9s}")
+        for name, m in [*strategies.items(), ("toppop", result["toppop"])]:
+            label = f"{name}{' (default)' if name == rec.default_strategy else ''}"
+            print(f"{label:22s}{m['sampled']['hr@10']:14.4f}{m['sampled']['ndcg@10']:9.4f}"
+                  f"{m['sampled_raw']['hr@10']:11.4f}{m['full']['hr@10']:12.4f}{m['full']['ndcg@10']:9.4f}")
     return 0
+
 
 
 def remap(data, ckpt):
@@ -121,7 +169,7 @@ def remap(data, ckpt):
 def cmd_baselines(args) -> int:
     from training.baselines import run_baselines
     from training.data import load
-    data = load(args.data, seed=args.seed)
+    data = load(args.data, seed=args.seed, trust_pickle=args.trust_pickle)
     if data.test is None:
         raise ValueError(f"{args.data}: no test split to evaluate on")
     result = run_baselines(data, dacrema_fit=args.dacrema_fit, seed=args.seed)
@@ -138,12 +186,16 @@ def cmd_baselines(args) -> int:
 def main(argv=None) -> int:
     from model.checkpoint import CheckpointError
     from training.data import DataError
+    from training.train import TrainingCollapsed
     args = build_parser().parse_args(argv)
     try:
         return {"train": cmd_train, "evaluate": cmd_evaluate, "baselines": cmd_baselines}[args.command](args)
     except (DataError, CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except TrainingCollapsed as e:  # the settings were valid; the run failed
+        print(f"error: {e}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print("interrupted; `--resume` with the same command continues a training run", file=sys.stderr)
         return 130

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import csv
 import os
+import pickle
 from dataclasses import dataclass
 
 import numpy as np
+from numpy.lib import format as npy_format
 
 N_TEST_NEGATIVES = 100
 
@@ -44,6 +46,8 @@ class Dataset:
     user_ids: list[str]
     item_ids: list[str]
     name: str = "data"
+    # when each known pair happened, where the data says: (sorted pair keys, their timestamps)
+    timeline: tuple[np.ndarray, np.ndarray] | None = None
 
     def __post_init__(self):
         if len(self.train) == 0:
@@ -66,31 +70,121 @@ def pair_keys(users: np.ndarray, items: np.ndarray, n_items: int) -> np.ndarray:
     return users.astype(np.int64) * n_items + items.astype(np.int64)
 
 
+def by_recency(data: Dataset, pairs: np.ndarray, seed: int) -> np.ndarray:
+    """`pairs` reordered oldest first: by timestamp where the data has one (a pair it has none for counts as
+    newest), ties and time-less data in a fixed order drawn from `seed` and the pair alone, so that any subset of
+    the pairs (a validation cut, the checkpoint's) is ordered alike and a neighbourhood cap keeps a fixed sample."""
+    keys = pair_keys(pairs[:, 0], pairs[:, 1], data.n_items)
+    when = np.zeros(len(keys))
+    if data.timeline is not None:
+        known, times = data.timeline
+        at = np.minimum(np.searchsorted(known, keys), len(known) - 1)
+        when = np.where(known[at] == keys, times[at], np.inf)
+    return pairs[np.lexsort((_mix(keys, seed), when))]
+
+
+def _mix(keys: np.ndarray, seed: int) -> np.ndarray:
+    """A pseudo-random uint64 per key (SplitMix64's finaliser): a seeded order that depends on nothing else."""
+    with np.errstate(over="ignore"):
+        x = keys.astype(np.uint64) + np.uint64(seed + 1) * np.uint64(0x9E3779B97F4A7C15)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+
 # --------------------------------------------------------------------------- loaders
 
-def load(spec: str, seed: int = 0, min_rating: float | None = None) -> Dataset:
-    """`synthetic`, a `.npz` in the original CMN format, or a CSV/TSV interaction file."""
-    if spec == "synthetic":
-        return synthetic(seed=seed)
+def load(spec: str, seed: int = 0, min_rating: float | None = None, trust_pickle: bool = False) -> Dataset:
+    """`synthetic`, a `.npz` in the original CMN format, or a CSV/TSV interaction file (`trust_pickle`: see
+    `load_npz`)."""
+    if spec == "synthetic" or spec.startswith("synthetic:"):
+        return synthetic(seed=seed, **synthetic_options(spec))
     if not os.path.exists(spec):
         raise DataError(f"data file not found: {spec}")
     if os.path.isdir(spec):
         raise DataError(f"data path is a directory, expected a .npz or .csv/.tsv file: {spec}")
     if spec.endswith(".npz"):
-        return load_npz(spec)
+        return load_npz(spec, trust_pickle)
     return load_csv(spec, seed=seed, min_rating=min_rating)
 
 
-def load_npz(path: str) -> Dataset:
-    """The authors' format: `train_data` (n, 2) user/item and `test_data` {user: (positive, [negatives])}."""
+class UnsafePickle(pickle.UnpicklingError):
+    pass
+
+
+def _latin1(text: str, encoding: str) -> bytes:
+    # how protocol-2 pickles spell bytes; the one use of codecs.encode a data file has
+    if encoding not in ("latin1", "latin-1"):
+        raise UnsafePickle(f"_codecs.encode(..., {encoding!r})")
+    return text.encode("latin1")
+
+
+_RECONSTRUCT, _SCALAR = np.zeros(0).__reduce__()[0], np.int64(0).__reduce__()[0]   # numpy's own picklers,
+_FROMBUFFER = np.zeros(1).__reduce_ex__(5)[0]                                         # whatever their module
+
+
+class PlainDataUnpickler(pickle.Unpickler):
+    """Unpickles plain data only: dicts, lists, tuples, numbers, strings and numpy arrays and scalars, which is
+    what the original format's pickled `test_data` holds. Any other global a pickle names (`os.system`,
+    `builtins.eval`, a class) is refused before it can be called; unpickling anything else is running code."""
+
+    ALLOWED = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype, ("_codecs", "encode"): _latin1,
+               # numpy 1.x pickles name numpy.core, numpy 2.x numpy._core
+               ("numpy.core.multiarray", "_reconstruct"): _RECONSTRUCT,
+               ("numpy._core.multiarray", "_reconstruct"): _RECONSTRUCT,
+               ("numpy.core.multiarray", "scalar"): _SCALAR, ("numpy._core.multiarray", "scalar"): _SCALAR,
+               ("numpy.core.numeric", "_frombuffer"): _FROMBUFFER,
+               ("numpy._core.numeric", "_frombuffer"): _FROMBUFFER}
+
+    def find_class(self, module: str, name: str):
+        try:
+            return self.ALLOWED[(module, name)]
+        except KeyError:
+            raise UnsafePickle(f"{module}.{name}") from None
+
+
+def _npz_member(blob, name: str, trust_pickle: bool) -> np.ndarray:
+    """One array of an .npz; an object array is unpickled by `PlainDataUnpickler` unless `trust_pickle`."""
+    if trust_pickle:
+        return blob[name]
+    with blob.zip.open(f"{name}.npy") as f:
+        version = npy_format.read_magic(f)
+        read_header = npy_format.read_array_header_1_0 if version == (1, 0) else npy_format.read_array_header_2_0
+        _, _, dtype = read_header(f)
+        if dtype.hasobject:
+            return PlainDataUnpickler(f).load()
+    return blob[name]   # numbers only: numpy reads it without pickle (np.load had allow_pickle=False)
+
+
+def read_npz(path: str, trust_pickle: bool = False) -> tuple[np.ndarray, dict]:
+    """The original format's two arrays as stored: `train_data` and the `test_data` dict ({} when absent).
+
+    `test_data` is a pickled dict, and unpickling a file runs whatever it says: by default only plain data is
+    rebuilt (`PlainDataUnpickler`), which the paper's files are, and anything else is refused unrun.
+    `trust_pickle` (the CLI's --trust-pickle) unpickles without that check: for a file from a trusted source."""
     try:
-        blob = np.load(path, allow_pickle=True)  # the original format stores test_data as a pickled dict
-        train = np.asarray(blob["train_data"])[:, :2].astype(np.int64)
-        test_dict = blob["test_data"].item() if "test_data" in blob.files else {}
+        with np.load(path, allow_pickle=trust_pickle) as blob:
+            train = np.asarray(blob["train_data"])
+            test = _npz_member(blob, "test_data", trust_pickle).item() if "test_data" in blob.files else {}
     except KeyError as e:
         raise DataError(f"{path}: not in the CMN .npz format (missing array {e})") from None
+    except UnsafePickle as e:
+        raise DataError(f"{path}: test_data is a pickle that calls {e}, which a data file has no need of; refused "
+                        "without running it (--trust-pickle unpickles a file you trust as it is)") from None
     except Exception as e:  # zipfile/pickle errors carry no useful type for a user
         raise DataError(f"{path}: cannot read as .npz ({type(e).__name__}: {e})") from None
+    if not isinstance(test, dict):
+        raise DataError(f"{path}: test_data is a {type(test).__name__}, not a dict of user → (positive, negatives)")
+    return train, test
+
+
+def load_npz(path: str, trust_pickle: bool = False) -> Dataset:
+    """The authors' format: `train_data` (n, 2) user/item and `test_data` {user: (positive, [negatives])}."""
+    train, test_dict = read_npz(path, trust_pickle)
+    try:
+        train = train[:, :2].astype(np.int64)
+    except (IndexError, ValueError, TypeError):
+        raise DataError(f"{path}: train_data is not (n, 2) numbers") from None
     if train.ndim != 2 or len(train) == 0:
         raise DataError(f"{path}: train_data is empty or not (n, 2)")
     users = sorted(test_dict)
@@ -211,6 +305,7 @@ def from_interactions(users, items, times=None, seed: int = 0, name: str = "data
     last = np.ones(len(u), dtype=bool)
     last[:-1] = (u[1:] != u[:-1]) | (i[1:] != i[:-1])
     u, i, t = u[last], i[last], t[last]
+    timeline = None if times is None else (pair_keys(u, i, n_items), t)  # sorted: u, i are
     # held-out = the latest (ties broken by the random tiebreak) among users with >= 2 items
     tiebreak = rng.random(len(u))
     order = np.lexsort((tiebreak, t, u))
@@ -223,7 +318,8 @@ def from_interactions(users, items, times=None, seed: int = 0, name: str = "data
     test_users, test_pos = u[held].astype(np.int64), i[held].astype(np.int64)
     negatives = sample_test_negatives(np.stack([u, i], 1), test_users, n_items, rng)
     test = Split(test_users, test_pos, negatives) if len(test_users) else None
-    return Dataset(n_users, n_items, train, test, [str(x) for x in user_ids], [str(x) for x in item_ids], name=name)
+    return Dataset(n_users, n_items, train, test, [str(x) for x in user_ids], [str(x) for x in item_ids], name=name,
+                   timeline=timeline)
 
 
 def sample_test_negatives(pairs: np.ndarray, users: np.ndarray, n_items: int, rng: np.random.Generator,
@@ -274,21 +370,54 @@ def holdout_validation(data: Dataset, seed: int) -> Dataset:
     held = is_last & (counts[u] >= 2)
     negatives = sample_test_negatives(data.all_pairs(), u[held], data.n_items, rng)
     return Dataset(data.n_users, data.n_items, np.stack([u[~held], i[~held]], 1), Split(u[held], i[held], negatives),
-                   data.user_ids, data.item_ids, name=data.name + ":validation")
+                   data.user_ids, data.item_ids, name=data.name + ":validation", timeline=data.timeline)
+
+
+# `--data synthetic:movielens`: MovieLens-like popularity (the most popular items reach most users), the size at
+# which an uncapped neighbourhood is unaffordable; `synthetic:n_users=...,zipf=...` sets any parameter
+SYNTHETIC_PRESETS = {"movielens": dict(n_users=50_000, n_items=20_000, n_clusters=20, per_user=40, zipf=1.2)}
+
+
+def synthetic_options(spec: str) -> dict:
+    """`synthetic[:preset][,name=value...]` → keyword arguments of `synthetic`."""
+    options: dict = {}
+    parameters = {"n_users": int, "n_items": int, "n_clusters": int, "per_user": int, "in_cluster": float,
+                  "zipf": float}
+    for part in filter(None, spec.partition(":")[2].split(",")):
+        name, eq, value = part.partition("=")
+        if not eq:
+            if name not in SYNTHETIC_PRESETS:
+                raise DataError(f"--data {spec}: unknown synthetic preset {name!r} (presets: "
+                                f"{', '.join(SYNTHETIC_PRESETS)})")
+            options.update(SYNTHETIC_PRESETS[name])
+        elif name in parameters:
+            try:
+                options[name] = parameters[name](value)
+            except ValueError:
+                raise DataError(f"--data {spec}: {name} must be a {parameters[name].__name__}, got {value!r}") from None
+        else:
+            raise DataError(f"--data {spec}: unknown synthetic parameter {name!r} (parameters: "
+                            f"{', '.join(parameters)})")
+    lowest = {"n_users": 1, "n_items": 2, "n_clusters": 1, "per_user": 1, "in_cluster": 0, "zipf": 0}
+    bad = [f"{k} >= {lowest[k]}" for k, v in options.items() if v < lowest[k]] + \
+        (["in_cluster <= 1"] if options.get("in_cluster", 0) > 1 else [])
+    if bad:
+        raise DataError(f"--data {spec}: needs {', '.join(bad)}")
+    return options
 
 
 def synthetic(seed: int = 0, n_users: int = 800, n_items: int = 1200, n_clusters: int = 8,
-              per_user: int = 24, in_cluster: float = 0.85) -> Dataset:
+              per_user: int = 24, in_cluster: float = 0.85, zipf: float = 1.0) -> Dataset:
     """A deterministic data set with planted structure, the default when no data is given.
 
     Users and items belong to latent clusters; a user picks most items from its own cluster. Item popularity
-    follows a power law (Zipf, exponent 1), so popularity alone is a weak but non-trivial baseline, and a model
-    that learns the clusters beats it by a wide margin.
+    follows a power law (Zipf, exponent `zipf`), so popularity alone is a weak but non-trivial baseline, and a
+    model that learns the clusters beats it by a wide margin. Each interaction has a random timestamp.
     """
     rng = np.random.default_rng(seed)
     user_cluster = rng.integers(0, n_clusters, n_users)
     item_cluster = rng.integers(0, n_clusters, n_items)
-    weight = 1.0 / rng.permutation(np.arange(1, n_items + 1))  # power-law popularity, random rank per item
+    weight = 1.0 / rng.permutation(np.arange(1, n_items + 1)) ** zipf  # power law, random rank per item
     users, items = [], []
     for c in range(n_clusters):
         members = np.flatnonzero(user_cluster == c)

@@ -2,23 +2,29 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
-from model.checkpoint import Checkpoint, csr, save_checkpoint
+from model import threads
+from model.checkpoint import Checkpoint, save_checkpoint
 from model.cmn import CMN, CMNConfig, gather_neighbourhoods
 from model.gmf import GMF
+from model.neighbours import neighbour_csr
 from model.recommender import Recommender
 from model.scorer import Scorer, resolve_device
 from training import data as data_mod
-from training.evaluate import TopPop, evaluate
+from training.evaluate import TopPop, evaluate, evaluate_strategies
 from training.optim import DenseAdam, clip_per_tensor_, make_optimizer
 from training.sampler import TripleSampler
+from training.two_stage import fit_two_stage
 
 RESUME_FORMAT = 1
 
@@ -32,11 +38,12 @@ class TrainConfig:
     hops: int = 3
     embed_size: int = 50
     batch_size: int = 128
+    gmf_batch_size: int | None = None  # None: batch_size (the paper's GMF used 128 too)
     neg: int = 4
     l2: float = 0.1
     gmf_l2: float = 1e-4
-    lr: float = 1e-3
-    gmf_lr: float = 1e-3
+    lr: float | None = None       # None: the paper's 1e-3 at batch 128, scaled to the batch (scaled_lr)
+    gmf_lr: float | None = None
     optimizer: str = "rmsprop"
     clip: float = 5.0
     seed: int = 0
@@ -44,19 +51,32 @@ class TrainConfig:
     exclude_self: bool = False
     holdout: str = "loo"
     validation: bool = False
+    two_stage: bool = True           # with --validation: fit a retrieval stage and choose the two-stage settings
     early_stop: int = 0
     resume: bool = False
     feedback: str | None = None
+    feedback_unverified: bool = False
     min_rating: float | None = None
+    trust_pickle: bool = False        # unpickle an .npz's test_data as it is (training.data.read_npz)
+    # N(i): at most this many users, the item's newest; None: all (the paper's); "auto": neighbour_cap_for()
+    max_neighbours: int | str | None = "auto"
     full_eval: bool = True
-    progress: bool = True
+    progress: bool | None = None  # progress bars; None: only when stderr is a terminal (log files get epoch lines)
 
     def __post_init__(self):
+        if self.progress is None:
+            self.progress = sys.stderr.isatty()
         for name in ("epochs", "pretrain_epochs", "early_stop"):
             if (getattr(self, name) or 0) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0")
-        for name in ("hops", "embed_size", "batch_size", "neg"):
-            if getattr(self, name) < 1:
+        if isinstance(self.max_neighbours, str) and self.max_neighbours != "auto" or \
+                isinstance(self.max_neighbours, int) and self.max_neighbours < 1:
+            raise ValueError(f"--max-neighbours must be >= 1, none or auto, got {self.max_neighbours!r}")
+        for name in ("lr", "gmf_lr"):
+            if getattr(self, name) is not None and not getattr(self, name) > 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be > 0")
+        for name in ("hops", "embed_size", "batch_size", "neg", "gmf_batch_size"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
         if self.holdout not in ("loo", "none"):
             raise ValueError(f"--holdout must be loo or none, got {self.holdout!r}")
@@ -76,6 +96,7 @@ class TrainState:
     gmf: list[dict] = field(default_factory=list)               # one row per GMF pretraining epoch
     best: int | None = None                                     # the epoch with the best validation NDCG@10
     best_model: dict[str, torch.Tensor] | None = None           # its weights
+    memory_init: dict | None = None                             # init_memories: GMF's signal and the scale used
 
     def record(self, row: dict, model: CMN) -> None:
         """Adds a finished epoch; keeps the model's weights when its validation NDCG@10 is the best so far."""
@@ -127,31 +148,100 @@ def gmf_pair_scores(gmf: GMF):
     return lambda users, pos, neg: (gmf(users, pos), gmf(users, neg))
 
 
-GMF_STEPS = 50_000
+AUTO_PRETRAIN_EPOCHS = 15  # the original pretrain.py default
 
 
-def pretrain_epochs_for(cfg: TrainConfig, sampler: TripleSampler) -> int:
-    """Auto: at least 15 epochs (the original pretrain.py default) and at least GMF_STEPS optimiser steps.
+def pretrain_epochs_for(cfg: TrainConfig) -> int:
+    """Auto: 15 epochs. Their embeddings may be too small for the paper's M ← 0.5·P to start CMN learning;
+    `init_memories` scales them up where so (it used to take ≥ 50,000 GMF steps to grow them instead)."""
+    return AUTO_PRETRAIN_EPOCHS if cfg.pretrain_epochs is None else cfg.pretrain_epochs
 
-    CMN's L2 of 0.1 on the output layer pulls it to zero unless m_u ⊙ e_i starts large enough to carry a
-    gradient that outweighs it; GMF embeddings grow with the number of Adam steps, not epochs. Measured on
-    the synthetic default (571 steps/epoch): 20 GMF epochs → CMN collapses to constant scores; 100 → it learns.
-    """
-    if cfg.pretrain_epochs is not None:
-        return cfg.pretrain_epochs
-    steps = -(-len(sampler) // cfg.batch_size)
-    return max(15, -(-GMF_STEPS // steps))
+
+BASE_BATCH = 128      # the paper's batch, at which lr 1e-3 is the paper's
+BASE_LR = 1e-3
+
+
+def scaled_lr(lr: float | None, batch_size: int) -> float:
+    """An explicit lr as given; else 1e-3·√(batch/128): the rule measured for large batches (docs/results.md)."""
+    return lr if lr is not None else BASE_LR * math.sqrt(batch_size / BASE_BATCH)
+
+
+# --------------------------------------------------------------------------- collapse
+
+# At the start of CMN training the output layer sees x = [m_u ⊙ e_i ; o]. With U and v near zero the loss is
+# ln 2 − ½·vᵀ D U g + λ/2·(‖U‖² + ‖v‖²), g = E[x⁺ − x⁻] over training triples (D: the units whose bias is
+# positive): U = v = 0 is a stable point, constant scores that no gradient leaves, exactly when ‖g‖ < 2λ.
+# TF-RMSProp's normalised steps take U and v there within ~100 steps from their init (docs/model.md). o's
+# half of g is ≈ 0 at C's init, so ‖g‖ is the GMF half, which is quadratic in the memories' scale.
+SIGNAL_MARGIN = 2.0   # aim for ‖g‖ ≥ 2·(2λ): measured, 1.35·2λ learns on both data sets and 0.82·2λ collapses
+MAX_SCALE = 2.0       # never more than M ← 2·P: if that is not enough the GMF learned next to nothing
+PROBE_EPOCH = 1_000_000  # the sampler "epoch" whose triples probe the signal and the score spread
+PROBE_TRIPLES = 8192
+LN2_EPS, SPREAD_EPS = 0.005, 1e-4  # collapsed runs measured 1e-6 … 6e-10; live ones ≥ 0.06 from the start
+
+
+class TrainingCollapsed(RuntimeError):
+    """CMN ended its first epoch at constant scores: the message says why and what to change."""
+
+
+def output_signal(user_memory: torch.Tensor, item_memory: torch.Tensor, probe) -> float:
+    """‖E[m_u ⊙ (e_i⁺ − e_i⁻)]‖ over the probe triples: what pulls the output layer away from zero."""
+    users, pos, neg = probe
+    return float((user_memory[users] * (item_memory[pos] - item_memory[neg])).mean(0).norm())
+
+
+def init_memories(model: CMN, P: torch.Tensor, Q: torch.Tensor, cfg: TrainConfig, probe, log) -> dict:
+    """M ← s·P, E ← s·Q with the paper's s = 0.5 unless that leaves the output-layer signal below
+    SIGNAL_MARGIN·2λ; then s grows (up to MAX_SCALE) until it does not. Scaling both by s scales every GMF score
+    by s², so the pretrained ranking is the same; only the start of CMN training changes, and only where the
+    paper's would collapse (the paper's citeulike-a setting is far above the line, docs/model.md)."""
+    target = SIGNAL_MARGIN * 2 * model.cfg.l2
+    signal = output_signal(0.5 * P, 0.5 * Q, probe)
+    scale = 0.5
+    if signal < target:
+        scale = min(MAX_SCALE, 0.5 * math.sqrt(target / max(signal, 1e-12)))
+        log(f"GMF → CMN: output-layer signal {signal:.3f} < {target:.3f}, {SIGNAL_MARGIN:g}× the {2 * model.cfg.l2:.3f} "
+            f"below which the L2 on U and v wins and CMN collapses to constant scores (docs/model.md): "
+            f"M, E ← {scale:.3f}·P, {scale:.3f}·Q instead of the paper's 0.5 (the same GMF ranking; signal "
+            f"{signal * (scale / 0.5) ** 2:.3f})")
+    else:
+        log(f"GMF → CMN: output-layer signal {signal:.3f} >= {target:.3f}: M, E ← 0.5·P, 0.5·Q (the paper's)")
+    with torch.no_grad():
+        model.user_memory.copy_(scale * P)
+        model.item_memory.copy_(scale * Q)
+    return {"signal": signal, "target": target, "scale": scale}
+
+
+def check_collapse(row: dict, pair_scores, probe, init: dict | None, l2: float) -> None:
+    """After a CMN epoch: a BPR loss at ln 2 and (nearly) equal scores over the probe triples mean every item
+    scores the same, and no gradient will leave that point: stop before a checkpoint is written. The probe's loss,
+    not the epoch's mean: on small data the collapse takes a good part of the first epoch (its mean loss can end
+    0.006 below ln 2 while the model ends flat)."""
+    with torch.no_grad():
+        pos, neg = pair_scores(*probe)
+        loss, spread = float(bpr_loss(pos, neg)), float(torch.cat([pos, neg]).std())
+    if abs(loss - math.log(2)) > LN2_EPS or spread > SPREAD_EPS:
+        return
+    why = ("without GMF pretraining" if init is None else
+           f"after GMF pretraining (output-layer signal {init['signal']:.3f}, scaled to "
+           f"{init['signal'] * (init['scale'] / 0.5) ** 2:.3f}; it needs > {2 * l2:.3f})")
+    raise TrainingCollapsed(
+        f"CMN collapsed in epoch {row['epoch']}: loss {loss:.4f} (ln 2 = {math.log(2):.4f}) and score spread "
+        f"{spread:.1e} over {len(probe[0]) * 2:,} probe pairs: every item scores the same. Cause: the L2 of {l2:g} on "
+        f"the output layer outweighs the data's pull on it {why}. Remedy: pretrain GMF longer (--pretrain-epochs, "
+        f"auto by default) or lower --l2. No checkpoint was written.")
 
 
 def pretrain_gmf(cfg: TrainConfig, fit: data_mod.Dataset, sampler: TripleSampler, device: torch.device,
                  log) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
     """The reference's GMF pretraining (BPR, Adam, L2 on v only); returns P, Q and the per-epoch log."""
     gmf = GMF(fit.n_users, fit.n_items, cfg.embed_size, cfg.gmf_l2).to(device)
-    optimizer = DenseAdam(gmf.parameters(), lr=cfg.gmf_lr)
+    gmf_cfg = replace(cfg, batch_size=cfg.gmf_batch_size or cfg.batch_size)
+    optimizer = DenseAdam(gmf.parameters(), lr=scaled_lr(cfg.gmf_lr, gmf_cfg.batch_size))
     history = []
-    epochs = pretrain_epochs_for(cfg, sampler)
+    epochs = pretrain_epochs_for(cfg)
     for epoch in range(epochs):
-        stats = fit_epoch(gmf, gmf_pair_scores(gmf), optimizer, sampler, 10_000 + epoch, cfg, device,
+        stats = fit_epoch(gmf, gmf_pair_scores(gmf), optimizer, sampler, 10_000 + epoch, gmf_cfg, device,
                           desc=f"GMF {epoch + 1}/{epochs}")
         history.append({"epoch": epoch + 1, **stats})
         log(f"GMF epoch {epoch + 1:3d}  loss {stats['loss']:.4f}  {stats['triples_per_s']:,.0f} triples/s")
@@ -170,13 +260,13 @@ class TrainHooks:
 
 
 def prepare_data(cfg: TrainConfig) -> data_mod.Dataset:
-    data = data_mod.load(cfg.data, seed=cfg.seed, min_rating=cfg.min_rating)
+    data = data_mod.load(cfg.data, seed=cfg.seed, min_rating=cfg.min_rating, trust_pickle=cfg.trust_pickle)
     if cfg.feedback:
         from training.feedback import fold_feedback
-        data = fold_feedback(data, cfg.feedback)
+        data = fold_feedback(data, cfg.feedback, unverified=cfg.feedback_unverified)
     if cfg.holdout == "none":
         data = data_mod.Dataset(data.n_users, data.n_items, data.all_pairs(), None, data.user_ids, data.item_ids,
-                                name=data.name)
+                                name=data.name, timeline=data.timeline)
     return data
 
 
@@ -188,13 +278,17 @@ def train(cfg: TrainConfig, log=print, hooks: TrainHooks = TrainHooks()) -> dict
         raise ValueError(f"--out {cfg.out} is a directory; give a file path such as {cfg.out}/model.ckpt")
     os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
     data = prepare_data(cfg)
-    log(data.summary())
+    log(f"{data.summary()}; {threads.describe()}")
     fit = data_mod.holdout_validation(data, cfg.seed) if cfg.validation else data
-    model_cfg = CMNConfig(data.n_users, data.n_items, cfg.embed_size, cfg.hops, cfg.l2, cfg.exclude_self)
+    cap = neighbour_cap_for(cfg, data, log)
+    model_cfg = CMNConfig(data.n_users, data.n_items, cfg.embed_size, cfg.hops, cfg.l2, cfg.exclude_self, cap)
     model = CMN(model_cfg).to(device)
-    optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr)
+    optimizer = make_optimizer(cfg.optimizer, model.parameters(), scaled_lr(cfg.lr, cfg.batch_size))
     sampler = TripleSampler(fit.train, data.n_items, cfg.neg, cfg.seed)
-    indptr, indices = (torch.from_numpy(a).to(device) for a in csr(fit.train[:, 1], fit.train[:, 0], data.n_items))
+    # N(i) as the checkpoint will serve it: each item's newest `cap` training users (model/neighbours.py)
+    indptr, indices = (torch.from_numpy(a).to(device)
+                       for a in neighbour_csr(data_mod.by_recency(fit, fit.train, cfg.seed), data.n_items, cap)[:2])
+    probe = tuple(torch.from_numpy(a[:PROBE_TRIPLES]).to(device) for a in sampler.epoch(PROBE_EPOCH))
     resume_path = cfg.out + ".resume"
     state = TrainState()
     if cfg.resume and not os.path.exists(resume_path):
@@ -202,17 +296,22 @@ def train(cfg: TrainConfig, log=print, hooks: TrainHooks = TrainHooks()) -> dict
     if cfg.resume and os.path.exists(resume_path):
         state = load_resume(resume_path, cfg, model, optimizer)
         log(f"resuming from {resume_path} after epoch {state.epoch}")
-    elif pretrain_epochs_for(cfg, sampler) > 0:
+    elif pretrain_epochs_for(cfg) > 0:
         P, Q, state.gmf = hooks.pretrain(cfg, fit, sampler, device, log)
-        with torch.no_grad():
-            model.user_memory.copy_(0.5 * P)
-            model.item_memory.copy_(0.5 * Q)
+        state.memory_init = init_memories(model, P, Q, cfg, probe, log)
     pair_scores = cmn_pair_scores(model, indptr, indices, cfg.exclude_self)
     for epoch in range(state.epoch, cfg.epochs):
         stats = fit_epoch(model, pair_scores, optimizer, sampler, epoch, cfg, device,
                           desc=f"CMN {epoch + 1}/{cfg.epochs}")
+        row = {"epoch": epoch + 1, **stats}
+        try:
+            check_collapse(row, pair_scores, probe, state.memory_init, cfg.l2)
+        except TrainingCollapsed:
+            if os.path.exists(resume_path):  # earlier epochs' state: nothing worth resuming
+                os.remove(resume_path)
+            raise
         rec = Recommender(Scorer(model, indptr, indices), fit.train)
-        row = {"epoch": epoch + 1, **stats, **evaluate_epoch(rec, cfg, fit, data)}
+        row.update(evaluate_epoch(rec, cfg, fit, data))
         state.record(row, model)
         log(epoch_line(row))
         save_resume(resume_path, cfg, model, optimizer, state)
@@ -224,13 +323,32 @@ def train(cfg: TrainConfig, log=print, hooks: TrainHooks = TrainHooks()) -> dict
     if state.best_model is not None:
         model.load_state_dict(state.best_model)
         log(f"restored the epoch with the best validation NDCG@10: {state.best}")
-    metrics = final_metrics(cfg, data, model, state)
-    metrics["model_version"] = write_checkpoint(cfg, data, model, metrics)
+    two_stage = fit_two_stage(model, fit, data, log) if cfg.validation and cfg.two_stage else None
+    metrics = final_metrics(cfg, data, model, state, two_stage)
+    metrics["model_version"] = write_checkpoint(cfg, data, model, metrics, two_stage)
     write_reports(cfg.out, metrics)
     if os.path.exists(resume_path):
         os.remove(resume_path)
     log(summary(cfg, metrics))
     return metrics
+
+
+AUTO_CAP = 200          # docs/results.md: the measured cost and quality of caps
+AUTO_CAP_ABOVE = 100    # users in a training positive's neighbourhood, on average: citeulike-a 23, synthetic 69
+
+
+def neighbour_cap_for(cfg: TrainConfig, data: data_mod.Dataset, log=lambda line: None) -> int | None:
+    """--max-neighbours as given; `auto`: none (the paper's model) unless a training positive's neighbourhood
+    holds more than AUTO_CAP_ABOVE users on average (popularity-weighted mean popularity: what a triple costs),
+    then AUTO_CAP."""
+    if cfg.max_neighbours != "auto":
+        return cfg.max_neighbours
+    pop = np.bincount(data.train[:, 1], minlength=data.n_items).astype(np.float64)
+    weighted = float((pop ** 2).sum() / pop.sum())
+    cap = AUTO_CAP if weighted > AUTO_CAP_ABOVE else None
+    log(f"--max-neighbours auto: {cap or 'none'} (a positive's neighbourhood averages {weighted:,.0f} users; "
+        f"capped above {AUTO_CAP_ABOVE})")
+    return cap
 
 
 def evaluate_epoch(rec: Recommender, cfg: TrainConfig, fit: data_mod.Dataset, data: data_mod.Dataset) -> dict:
@@ -243,22 +361,32 @@ def evaluate_epoch(rec: Recommender, cfg: TrainConfig, fit: data_mod.Dataset, da
     return row
 
 
-def write_checkpoint(cfg: TrainConfig, data: data_mod.Dataset, model: CMN, metrics: dict) -> str:
+def write_checkpoint(cfg: TrainConfig, data: data_mod.Dataset, model: CMN, metrics: dict, two_stage=None) -> str:
     """The served artefact: weights, id maps, the pairs the model reads and the held-out split; returns its version."""
-    ckpt = Checkpoint(model.cfg, model.state_dict(), data.user_ids, data.item_ids, train=data.train,
+    # oldest first: the order a neighbourhood cap reads (model/neighbours.py)
+    ckpt = Checkpoint(model.cfg, model.state_dict(), data.user_ids, data.item_ids,
+                      train=data_mod.by_recency(data, data.train, cfg.seed),
                       seen=data.all_pairs(), metrics=metrics, meta={"train_config": asdict(cfg), "data": data.name},
                       **({} if data.test is None else dict(test_users=data.test.users,
                                                           test_positives=data.test.positives,
                                                           test_negatives=data.test.negatives)))
+    if two_stage is not None:
+        ckpt.retrieval, ckpt.two_stage, _ = two_stage
     return save_checkpoint(ckpt, cfg.out)
 
 
-def final_metrics(cfg: TrainConfig, data: data_mod.Dataset, model: CMN, state: TrainState) -> dict:
+def final_metrics(cfg: TrainConfig, data: data_mod.Dataset, model: CMN, state: TrainState, two_stage=None) -> dict:
+    """`two_stage`: (retrieval, settings, validation table) from training/two_stage.py, or None."""
     metrics = {"config": asdict(cfg), "data": data.summary(), "gmf_epochs": state.gmf,
-               "epochs": state.history, "best_validation_epoch": state.best}
+               "memory_init": state.memory_init, "epochs": state.history, "best_validation_epoch": state.best}
+    if two_stage is not None:
+        metrics["two_stage"] = {"chosen": two_stage[1].to_dict(), "validation": two_stage[2]}
     if data.test is not None:
-        metrics["final"] = evaluate(Recommender.from_model(model, data.train), data.test, data.train,
-                                    full=cfg.full_eval, progress=cfg.progress)
+        rec = Recommender.from_model(model, data_mod.by_recency(data, data.train, cfg.seed))
+        metrics["final"] = evaluate(rec, data.test, data.train, full=cfg.full_eval, progress=cfg.progress)
+        if two_stage is not None:   # every strategy the checkpoint serves, side by side (full = "final")
+            rec = Recommender(rec.scorer, data.train, retrieval=two_stage[0], two_stage=two_stage[1])
+            metrics["strategies"] = evaluate_strategies(rec, data.test, data.train, full=cfg.full_eval)
         metrics["toppop"] = evaluate(TopPop(data.train, data.n_items), data.test, data.train, full=cfg.full_eval)
         tested = [r for r in state.history if "test" in r]
         if tested:  # what the original code prints: the best test epoch (optimistic; reported for comparison)
@@ -278,10 +406,16 @@ def epoch_line(row: dict) -> str:
 def summary(cfg: TrainConfig, metrics: dict) -> str:
     lines = [f"wrote {cfg.out} (model_version {metrics['model_version']}), "
              f"{cfg.out}.metrics.json and {cfg.out}.curves.png"]
+    if "two_stage" in metrics:
+        chosen = metrics["two_stage"]["chosen"]
+        lines.append(f"two-stage (chosen on validation): {chosen['method']}, R {chosen['candidates']}, "
+                     f"CMN weight {chosen['weight']}")
     if "final" in metrics:
-        for name, m in (("CMN", metrics["final"]), ("TopPop", metrics["toppop"])):
+        rows = [("CMN", metrics["final"])] + [(name, m) for name, m in metrics.get("strategies", {}).items()
+                                              if name != "full"] + [("TopPop", metrics["toppop"])]
+        for name, m in rows:
             s = m["sampled"]
-            line = f"{name:7s} sampled HR@10 {s['hr@10']:.4f} NDCG@10 {s['ndcg@10']:.4f}"
+            line = f"{name:9s} sampled HR@10 {s['hr@10']:.4f} NDCG@10 {s['ndcg@10']:.4f}"
             if "full" in m:
                 line += f"   full HR@10 {m['full']['hr@10']:.4f} NDCG@10 {m['full']['ndcg@10']:.4f}"
             lines.append(line)
@@ -341,7 +475,8 @@ def load_resume(path: str, cfg: TrainConfig, model: CMN, optimizer) -> TrainStat
         state = TrainState(**blob["state"])
     except Exception as e:
         raise ValueError(f"{path}: cannot resume ({type(e).__name__}: {e}); delete it to start over") from None
-    fixed = {k: v for k, v in blob["config"].items() if k not in ("epochs", "resume", "early_stop", "progress")}
+    fixed = {k: v for k, v in blob["config"].items()
+             if k not in ("epochs", "resume", "early_stop", "progress", "trust_pickle")}
     changed = [k for k, v in fixed.items() if getattr(cfg, k) != v]
     if changed:
         raise ValueError(f"{path}: was written with different settings ({', '.join(changed)}); "
