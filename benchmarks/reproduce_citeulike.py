@@ -111,7 +111,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         if "--epochs" not in " ".join(sys.argv[1:] if argv is None else argv):
             args.epochs = 2
         if "--pretrain-epochs" not in " ".join(sys.argv[1:] if argv is None else argv):
-            args.pretrain_epochs = 1
+            args.pretrain_epochs = 3   # fewer leaves the output layer too little signal: training stops (collapse)
     args.out_dir = Path(args.out_dir or DEFAULT_OUT).resolve()
     if args.ckpt_dir is None:
         args.ckpt_dir = str(args.out_dir / "ckpt") if args.quick else os.path.join(tempfile.gettempdir(),

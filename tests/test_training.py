@@ -281,3 +281,30 @@ def test_learning_rate_follows_the_batch_unless_given(small_run, monkeypatch):
     for batch, lr in ((512, None), (512, 0.01)):
         train_mod.train(replace(small_run, epochs=1, pretrain_epochs=1, batch_size=batch, lr=lr), log=lambda *a: None)
     assert seen == [pytest.approx(2e-3), 0.01]
+
+
+def test_validation_keeps_the_best_epochs_weights_not_the_last(small_run, monkeypatch):
+    """Validation NDCG@10 peaks at epoch 2 of 3 (the evaluation is replaced by fixed figures): the checkpoint
+    holds the weights as they were after epoch 2."""
+    real_fit, real_eval = train_mod.fit_epoch, train_mod.evaluate_epoch
+    after = []
+
+    def fit(model, *args, **kw):
+        stats = real_fit(model, *args, **kw)
+        if kw.get("desc", "").startswith("CMN"):
+            after.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        return stats
+
+    def evaluate(rec, cfg, fit_data, data):
+        row = real_eval(rec, cfg, fit_data, data)
+        row["validation"] = {**row["validation"], "ndcg@10": (0.5, 0.9, 0.7)[len(after) - 1]}
+        return row
+
+    monkeypatch.setattr(train_mod, "fit_epoch", fit)
+    monkeypatch.setattr(train_mod, "evaluate_epoch", evaluate)
+    metrics = train_mod.train(replace(small_run, epochs=3, validation=True, two_stage=False), log=lambda *a: None)
+    assert metrics["best_validation_epoch"] == 2 and len(after) == 3
+    saved = load_checkpoint(small_run.out).state
+    for name, value in saved.items():
+        assert torch.equal(value, after[1][name]), name
+    assert any(not torch.equal(saved[name], after[2][name]) for name in saved)   # epoch 3 did change the weights
