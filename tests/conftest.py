@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import threading
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -209,3 +210,22 @@ def trained_checkpoint(tmp_path_factory) -> TrainedCheckpoint:
                    "--seed", "0", timeout=1800)
     assert proc.returncode == 0, f"training failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}"
     return TrainedCheckpoint(out, proc)
+
+
+@pytest.fixture
+def held_loading(monkeypatch):
+    """The service's model load waits on the returned gate until the test sets it (so "before the model is
+    loaded" is a state a test can hold, not a race)."""
+    import app.service as service_module
+    from app.engine import Engine
+
+    gate = threading.Event()
+
+    class GatedEngine(Engine):
+        def __init__(self, *args, **kwargs):
+            gate.wait(60)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(service_module, "Engine", GatedEngine)
+    yield gate
+    gate.set()

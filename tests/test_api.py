@@ -142,16 +142,9 @@ def assert_sorted(answer: dict) -> None:
 
 # --------------------------------------------------------------------------- health and readiness
 
-async def test_health_before_and_after_load(ckpt_path, truth, tmp_path, monkeypatch):
+async def test_health_before_and_after_load(ckpt_path, truth, tmp_path, held_loading):
     """Loading is held on a gate, so 'before' is deterministic: /health 503 loading, /recommend 503 + Retry-After."""
-    gate = threading.Event()
-
-    class GatedEngine(Engine):
-        def __init__(self, *args, **kwargs):
-            gate.wait(60)
-            super().__init__(*args, **kwargs)
-
-    monkeypatch.setattr(service_module, "Engine", GatedEngine)
+    gate = held_loading
     async with serving(settings_for(ckpt_path, tmp_path)) as c:
         try:
             r = await c.get("/health")

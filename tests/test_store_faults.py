@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import sqlite3
 import subprocess
-import threading
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
@@ -21,7 +20,6 @@ import numpy as np
 import pytest
 
 import app.engine as engine_module
-import app.service as service_module
 from app.engine import Engine
 from app.main import create_app
 from model.checkpoint import load_checkpoint
@@ -244,16 +242,9 @@ async def test_a_read_only_store_at_start_is_reported_before_any_write(api_check
 
 
 @pytest.mark.anyio
-async def test_feedback_waits_for_a_model(api_checkpoint, tmp_path, monkeypatch):
+async def test_feedback_waits_for_a_model(api_checkpoint, tmp_path, held_loading):
     """Before a model is loaded no id can be verified: 503 + Retry-After, and nothing is stored."""
-    gate = threading.Event()
-
-    class GatedEngine(Engine):
-        def __init__(self, *args, **kwargs):
-            gate.wait(60)
-            super().__init__(*args, **kwargs)
-
-    monkeypatch.setattr(service_module, "Engine", GatedEngine)
+    gate = held_loading
     async with serving(settings_for(api_checkpoint, tmp_path)) as client:
         try:
             r = await client.post("/feedback", json={"events": [{"user_id": "1", "item_id": "2"}]})
