@@ -35,6 +35,7 @@ def cli(capsys):
 
 # --------------------------------------------------------------------------- both paths, end to end
 
+@pytest.mark.slow   # a real training run through the CLI
 @pytest.mark.parametrize("pretrain, cause", [("0", "without GMF pretraining"),
                                              ("1", "after GMF pretraining (output-layer signal")])
 def test_a_collapsing_run_stops_in_epoch_1_and_writes_nothing(cli, tmp_path, pretrain, cause):
@@ -50,6 +51,7 @@ def test_a_collapsing_run_stops_in_epoch_1_and_writes_nothing(cli, tmp_path, pre
     assert list(tmp_path.iterdir()) == []                                     # no checkpoint, resume file or report
 
 
+@pytest.mark.slow   # a real training run through the CLI
 def test_short_pretraining_is_scaled_up_and_cmn_learns(cli, tmp_path):
     out = tmp_path / "m.ckpt"
     rc, stdout, err = cli("train", "--data", SMALL, "--out", str(out), "--epochs", "2", "--pretrain-epochs", "2",
