@@ -5,10 +5,13 @@
 
 Every cell is a fresh child process (libgomp reads its environment once, when torch loads it), timing GMF
 pretraining steps and CMN steps (paper settings, batch 128) for --seconds of wall time each, alone and next to one
-busy process (`python -c 'while True: pass'`, what another job on a laptop or shared host looks like). Policies:
+busy process (`python -c 'while True: pass'`, what another job on a laptop or shared host looks like); batch 128
+unless --batch-size. Policies:
   default     torch as it comes: one thread per core, GNU OpenMP's default spin-then-sleep wait
-  configure   what `python -m training` and `python -m app` now do (model/threads.py)
-  one-thread  OMP_NUM_THREADS=1 (the other candidate)
+  configure   what `python -m training` now does (model/threads.py: one thread, PASSIVE)
+  one-thread  OMP_NUM_THREADS=1 alone
+  passive     OMP_WAIT_POLICY=PASSIVE with one thread per core (what `python -m app` does)
+  spin-10k    GOMP_SPINCOUNT=10000: a short spin, then sleep
 Cells alternate across --rounds; the best round of each is reported, and the ratios are same-run.
 """
 from __future__ import annotations
@@ -31,8 +34,8 @@ THREAD_VARS = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "MKL_NUM_
 def child(args) -> None:
     """One cell: triples/s of GMF steps and of CMN steps, printed as one JSON line."""
     if args.policy == "configure":
-        from model.threads import configure
-        configure()
+        from model.threads import TRAINING_THREADS, configure
+        configure(threads=TRAINING_THREADS)
     import torch
 
     from model.checkpoint import csr
@@ -47,7 +50,7 @@ def child(args) -> None:
     torch.manual_seed(0)
     sampler = TripleSampler(data.train, data.n_items, 4, seed=0)
     users, pos, neg = (torch.from_numpy(a) for a in sampler.epoch(0))
-    cfg = TrainConfig(batch_size=128, progress=False)
+    cfg = TrainConfig(batch_size=args.batch_size, progress=False)
     gmf = GMF(data.n_users, data.n_items, 50, 1e-4)
     cmn = CMN(CMNConfig(data.n_users, data.n_items, 50, 3))
     indptr, indices = (torch.from_numpy(a) for a in csr(data.train[:, 1], data.train[:, 0], data.n_items))
@@ -56,13 +59,13 @@ def child(args) -> None:
             ("gmf", gmf, gmf_pair_scores(gmf), DenseAdam(gmf.parameters(), lr=1e-3)),
             ("cmn", cmn, cmn_pair_scores(cmn, indptr, indices, False), make_optimizer("rmsprop", cmn.parameters(), 1e-3))):
         # fit_epoch on 8-batch slices until the time is up: the training loop itself, not a copy of it
-        done, start, s = 0, time.perf_counter(), 0
+        done, start, s, size = 0, time.perf_counter(), 0, 8 * cfg.batch_size
         while time.perf_counter() - start < args.seconds or done == 0:
-            piece = slice(s, s + 8 * 128)
+            piece = slice(s, s + size)
             fit_epoch(model, scores, optimizer, Slice(users[piece], pos[piece], neg[piece]), 0, cfg,
                       torch.device("cpu"), name)
             done += piece.stop - piece.start
-            s = (s + 8 * 128) % (len(users) - 8 * 128)
+            s = (s + size) % (len(users) - size)
         out[name] = done / (time.perf_counter() - start)
     print(json.dumps(out), flush=True)
 
@@ -86,7 +89,8 @@ def cell(policy: str, contended: bool, args) -> dict:
     busy = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if contended else None
     try:
         proc = subprocess.run([sys.executable, "-m", "benchmarks.threads", "--child", "--policy", policy,
-                               "--data", args.data, "--seconds", str(args.seconds)],
+                               "--data", args.data, "--seconds", str(args.seconds),
+                               "--batch-size", str(args.batch_size)],
                               cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     finally:
         if busy is not None:
@@ -102,6 +106,7 @@ def main(argv=None) -> int:
     ap.add_argument("--data", default=str(CITEULIKE) if CITEULIKE.exists() else "synthetic")
     ap.add_argument("--seconds", type=float, default=3.0, help="wall time per phase (GMF, CMN) per cell")
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--policies", default=",".join(POLICIES))
     ap.add_argument("--json")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)

@@ -6,8 +6,9 @@ threads than CPUs. And GNU OpenMP threads spin-wait at every barrier for a while
 thread is descheduled (another busy process on the host, or more threads than the quota allows) each of the
 thousands of small parallel regions per second waits for it (issue 13: GMF pretraining at ~800 triples/s
 against ~30,000 alone). libgomp reads OMP_WAIT_POLICY and OMP_NUM_THREADS once, when it is loaded, so
-`configure()` runs before `import torch`: `python -m training` and `python -m app` call it first thing in their
-`__main__`. docs/performance.md has the measurements behind the choice (benchmarks/threads.py).
+`configure()` runs before `import torch`: `python -m training` (one thread: TRAINING_THREADS) and `python -m app`
+(every available CPU) call it first thing in their `__main__`. docs/performance.md has the measurements behind
+the choice (benchmarks/threads.py).
 """
 from __future__ import annotations
 
@@ -86,12 +87,19 @@ def _cfs_quota(directory: str) -> float | None:
     return None if quota <= 0 or period <= 0 else quota / period
 
 
-def configure(environ: MutableMapping[str, str] = os.environ, cgroup_root: str = CGROUP_ROOT,
-              proc_cgroup: str = "/proc/self/cgroup") -> str:
-    """Sets OMP_NUM_THREADS to the available CPUs and OMP_WAIT_POLICY to PASSIVE, each only when the user has
-    not set it; returns `describe()`. Must run before torch is imported to set the wait policy; if torch is
-    already loaded only the thread count still takes effect."""
-    environ.setdefault("OMP_NUM_THREADS", str(available_cpus(cgroup_root, proc_cgroup)))
+# `python -m training`'s intra-op threads: its ops are small (a batch of 128 triples is a few dozen ops on ~4,500 x 50
+# arrays), and on 2 CPUs one thread measured 0.77x two spinning threads on an idle machine, 3x them next to one busy
+# process, and 2x two passive threads idle (docs/performance.md, benchmarks/threads.py)
+TRAINING_THREADS = 1
+
+
+def configure(environ: MutableMapping[str, str] = os.environ, threads: int | None = None,
+              cgroup_root: str = CGROUP_ROOT, proc_cgroup: str = "/proc/self/cgroup") -> str:
+    """Sets OMP_NUM_THREADS to `threads` (default: the available CPUs; never more) and OMP_WAIT_POLICY to
+    PASSIVE, each only when the user has not set it; returns `describe()`. Must run before torch is imported to
+    set the wait policy; if torch is already loaded only the thread count still takes effect."""
+    cpus = available_cpus(cgroup_root, proc_cgroup)
+    environ.setdefault("OMP_NUM_THREADS", str(min(threads or cpus, cpus)))
     environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if "torch" in sys.modules:
         import torch

@@ -48,12 +48,19 @@ def test_no_quota_means_the_affinity_mask(tmp_path):
 
 def test_configure_fills_in_only_what_the_user_left_unset(tmp_path):
     write(tmp_path / "self", "0::/\n")
-    write(tmp_path / "cg" / "cpu.max", "100000 100000\n")
+    write(tmp_path / "cg" / "cpu.max", "200000 100000\n")                # 2 CPUs
+    where = dict(cgroup_root=str(tmp_path / "cg"), proc_cgroup=str(tmp_path / "self"))
     env = {}
-    configure(env, str(tmp_path / "cg"), str(tmp_path / "self"))
-    assert env == {"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+    configure(env, **where)
+    assert env == {"OMP_NUM_THREADS": str(min(2, affinity())), "OMP_WAIT_POLICY": "PASSIVE"}
+    env = {}
+    configure(env, threads=64, **where)                                    # never more than the CPUs
+    assert env["OMP_NUM_THREADS"] == str(min(2, affinity()))
+    env = {}
+    configure(env, threads=1, **where)
+    assert env["OMP_NUM_THREADS"] == "1"
     mine = {"OMP_NUM_THREADS": "7", "OMP_WAIT_POLICY": "ACTIVE"}
-    configure(mine, str(tmp_path / "cg"), str(tmp_path / "self"))
+    configure(mine, **where)
     assert mine == {"OMP_NUM_THREADS": "7", "OMP_WAIT_POLICY": "ACTIVE"}
 
 
@@ -71,7 +78,8 @@ def test_both_entry_points_load_openmp_with_the_passive_policy():
     if "GOMP_SPINCOUNT" not in bare:
         pytest.skip("torch's OpenMP runtime here is not GNU libgomp (nothing displays its settings)")
     assert "GOMP_SPINCOUNT = '300000'" in bare                     # torch alone: spin 300k times, then sleep
-    for entry in (["-m", "training", "--help"], ["-m", "app"]):   # app: exits at once, the checkpoint is missing
+    for entry, threads in ((["-m", "training", "--help"], 1),                 # TRAINING_THREADS
+                           (["-m", "app"], available_cpus())):                # exits at once: no checkpoint
         shown = openmp_environment(*entry)
         assert "GOMP_SPINCOUNT = '0'" in shown, entry              # passive: sleep at once
-        assert f"OMP_NUM_THREADS = '{available_cpus()}'" in shown, entry
+        assert f"OMP_NUM_THREADS = '{threads}'" in shown, entry
