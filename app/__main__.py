@@ -1,12 +1,23 @@
 """`python -m app`: serve the configured checkpoint with uvicorn (settings from CMN_* environment variables)."""
-# threads first: libgomp reads its environment once, when torch loads it (model/threads.py)
-from model.threads import configure
-
-configure()
-
+# threads first: libgomp reads its environment once, when torch loads it (model/threads.py); worker processes
+# inherit the environment, so each gets its share of the CPUs
 import os
+
+from model.threads import available_cpus, configure
+
+
+def _workers() -> int:
+    try:  # Settings validates it (and explains a bad value) once torch may load
+        return max(1, int(os.environ.get("CMN_WORKERS", "1")))
+    except ValueError:
+        return 1
+
+
+configure(threads=max(1, available_cpus() // _workers()))
+
 import signal
 import sys
+import tempfile
 
 import uvicorn
 
@@ -30,7 +41,12 @@ def main() -> int:
     # uvicorn drains in-flight requests and runs the lifespan shutdown on SIGTERM, then re-raises the signal, which
     # (default handler) would end a cleanly stopped server with status 143; exit 0 instead.
     signal.signal(signal.SIGTERM, _stopped)
-    uvicorn.run(create_app(settings), **server_options(settings))
+    if settings.workers == 1:
+        uvicorn.run(create_app(settings), **server_options(settings))
+    else:  # uvicorn's supervisor: it restarts a worker that dies, and SIGHUP restarts them all, one at a time
+        # one metrics directory for all workers (app/metrics.py), made before they start and import the client
+        os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="cmn-metrics-"))
+        uvicorn.run("app.main:create_app", factory=True, workers=settings.workers, **server_options(settings))
     return 0
 
 

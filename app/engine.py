@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from app import metrics
 from app.schemas import RecommendRequest
 from model.checkpoint import MAX_BYTES, load_checkpoint, model_version
-from model.feedback import Event, FeedbackLog
+from model.feedback import Event, FeedbackStore
 from model.quality import checkpoint_warnings
 from model.recommender import Recommender
 
@@ -174,13 +174,29 @@ class Engine:
             self.recommender.add_interactions(users, items)
         return len(known), len(events) - len(known)
 
-    def catch_up(self, store: FeedbackLog) -> int:
+    def apply_rows(self, rows: list[tuple[int, Event]]) -> None:
+        """Apply the store's next events, in sequence order: every process, the writer included, applies each
+        event through here exactly once, so all of them reach the same state."""
+        if not rows or rows[0][0] <= self.feedback_seq:
+            rows = [(seq, e) for seq, e in rows if seq > self.feedback_seq]
+        if not rows:
+            return
+        applied, deferred = self.apply_feedback([e for _, e in rows])
+        self.feedback_seq = rows[-1][0]
+        metrics.FEEDBACK_APPLIED.labels("applied").inc(applied)
+        metrics.FEEDBACK_APPLIED.labels("deferred").inc(deferred)
+        metrics.APPLIED_SEQ.set(self.feedback_seq)
+        now = time.time()
+        for _, e in rows:
+            if e.received is not None:
+                metrics.APPLY_LAG.observe(max(0.0, now - e.received))
+
+    def catch_up(self, store: FeedbackStore) -> int:
         """Apply the store's events this engine has not seen (start-up replay, and after a reload), a page at a
         time: a store of millions of events is never all in memory."""
         replayed = 0
         while rows := store.events(after=self.feedback_seq, limit=CATCH_UP_PAGE):
-            self.apply_feedback([e for _, e in rows])
-            self.feedback_seq = rows[-1][0]
+            self.apply_rows(rows)
             replayed += len(rows)
         return replayed
 

@@ -23,7 +23,9 @@ class HeadTimeoutProtocol(H11Protocol):
     from the connection's start, and again from the end of each response (that also bounds how long the rest of a
     body refused with 413 is read and discarded after the answer)."""
 
-    head_timeout: float = 10.0   # set per server by `server_options`
+    # set per server by `server_options`; None (worker processes, which uvicorn hands the class by reference):
+    # CMN_HEADER_TIMEOUT_S of the process's environment, read once
+    head_timeout: float | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self._head_timer: asyncio.TimerHandle | None = None
@@ -50,6 +52,8 @@ class HeadTimeoutProtocol(H11Protocol):
 
     def _arm_head_timer(self) -> None:
         self._cancel_head_timer()
+        if self.head_timeout is None:
+            type(self).head_timeout = Settings().header_timeout_s
         self._head_timer = self.loop.call_later(self.head_timeout, self._head_timed_out)
 
     def _cancel_head_timer(self) -> None:
@@ -65,8 +69,10 @@ class HeadTimeoutProtocol(H11Protocol):
 
 
 def server_options(settings: Settings) -> dict:
-    """Keyword arguments for `uvicorn.run` / `uvicorn.Config` (besides the app)."""
-    protocol = type("HeadTimeoutProtocol", (HeadTimeoutProtocol,), {"head_timeout": settings.header_timeout_s})
+    """Keyword arguments for `uvicorn.run` / `uvicorn.Config` (besides the app). Several workers get the protocol
+    class itself: a class made here could not be sent to their processes."""
+    protocol = HeadTimeoutProtocol if settings.workers > 1 else type(
+        "HeadTimeoutProtocol", (HeadTimeoutProtocol,), {"head_timeout": settings.header_timeout_s})
     return {"host": settings.host, "port": settings.port, "http": protocol,
             "h11_max_incomplete_event_size": settings.max_header_bytes,
             "limit_concurrency": settings.limit_concurrency, "timeout_keep_alive": settings.keep_alive_s,

@@ -156,12 +156,30 @@ class ReloadResponse(BaseModel):
     model_version: str
     previous_version: str | None
     took_ms: float
+    rollout: Literal["published", "local"] = Field(
+        description="published: recorded in the feedback store, every process sharing it loads it within the lag "
+                    "bound; local: this process only (the store could not be written, see note)")
+    note: str | None = None
+
+
+class Rollout(BaseModel):
+    id: int = Field(description="the newest checkpoint published in the store that this process acted on")
+    model_version: str
+    status: Literal["ok", "failed"] = Field(description="failed: this process could not load it and keeps "
+                                                        "serving its model (detail says why)")
+    detail: str | None = None
 
 
 class Health(BaseModel):
     status: Literal["ok", "degraded", "loading", "failed"] = Field(
-        description="degraded: recommendations are served but the feedback store cannot be written (see detail)")
-    store: Literal["ok", "not_writable"] | None = Field(None, description="whether /feedback can store events")
+        description="degraded: recommendations are served, but the feedback store cannot be written or read, or "
+                    "this process lags behind it by more than CMN_MAX_LAG_S (see detail)")
+    store: Literal["ok", "not_writable", "unreachable"] | None = Field(
+        None, description="not_writable: /feedback cannot store events; unreachable: the store cannot be read either")
+    applied_seq: int | None = Field(None, description="sequence number of the last stored event applied here")
+    lag_s: float | None = Field(None, description="time since this process last read the store to its end")
+    rollout: Rollout | None = None
+    worker: int | None = Field(None, description="this worker's process id (CMN_WORKERS > 1 runs several)")
     model_version: str | None = None
     device: str | None = None
     users: int | None = None

@@ -41,7 +41,17 @@ class Settings(BaseSettings):
     allow_explain: bool = Field(False, description="explanations reveal other users' ids: off unless enabled")
     api_key: SecretStr | None = Field(None, description="X-API-Key for /admin routes; unset (and no "
                                                         "CMN_AUTH_FILE) disables them")
-    feedback_path: str = Field("artifacts/feedback.sqlite3", description="durable feedback store")
+    feedback_path: str = Field("artifacts/feedback.sqlite3", description="the SQLite feedback store's file, when "
+                               "CMN_FEEDBACK_URL is unset")
+    feedback_url: str | None = Field(None, description="the durable feedback store every process shares: "
+                                     "sqlite:///relative/path, sqlite:////absolute/path or postgresql://user@host/db; "
+                                     "unset: CMN_FEEDBACK_PATH")
+    feedback_poll_s: float = Field(0.1, gt=0, le=60, description="how often each process reads the events other "
+                                   "processes stored, and the active checkpoint")
+    max_lag_s: float = Field(5.0, gt=0, description="/health is degraded when this process has not read the store "
+                             "to its end for this long")
+    workers: int = Field(1, ge=1, le=64, description="worker processes of `python -m app` (uvicorn's), each with "
+                         "its own model copy and model thread; torch threads are shared out between them")
 
     # auth and quotas (app/auth.py, docs/security.md)
     auth_file: str | None = Field(None, description="API keys, one '<sha256 hex> <scopes> [name]' a line; unset: "
@@ -67,7 +77,19 @@ class Settings(BaseSettings):
             self.checkpoint_dir = os.path.dirname(os.path.abspath(self.checkpoint))
         return self
 
-    @field_validator("api_key", "auth_file", mode="before")
+    @field_validator("feedback_url")
+    @classmethod
+    def _store_url(cls, v):
+        if v is not None and not v.startswith(("sqlite://", "postgresql://", "postgres://")):
+            raise ValueError("CMN_FEEDBACK_URL must start with sqlite://, postgresql:// or postgres://")
+        return v
+
+    @property
+    def store_url(self) -> str:
+        """The feedback store to open: CMN_FEEDBACK_URL, else the file CMN_FEEDBACK_PATH names."""
+        return self.feedback_url or self.feedback_path
+
+    @field_validator("api_key", "auth_file", "feedback_url", mode="before")
     @classmethod
     def _empty_is_unset(cls, v):
         return None if v is None or (isinstance(v, str) and not v.strip()) else v

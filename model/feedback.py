@@ -1,8 +1,14 @@
-"""The feedback log: durable interaction events shared by the server (writes) and training (reads).
+"""The feedback store: durable interaction events shared by the serving processes (writes) and training (reads).
 
-SQLite in WAL mode with synchronous=FULL: an event is on disk before `append` returns, so a server
-killed with SIGKILL loses nothing it acknowledged. An `append` is one transaction: all of its events are stored,
-or none (a reused event id with another payload, a full disk, a read-only file).
+Two backends behind one interface (`FeedbackStore`), chosen by URL with `open_store`:
+- SQLite (`FeedbackLog`, the embedded default: one file) in WAL mode with synchronous=FULL;
+- PostgreSQL (`model.feedback_pg.PostgresFeedbackStore`), shared by many processes and replicas.
+
+Both make the same promises. An event is durable before `append` returns (a process killed with SIGKILL loses
+nothing it acknowledged). An `append` is one transaction: all of its events are stored, or none (a reused event id
+with another payload, a full disk, a read-only file, an unreachable server). Every stored event gets a sequence
+number (`seq`) and commits in seq order, so a reader that has seen seq N and asks for `events(after=N)` never
+misses one that commits later.
 
 Event ids are unique per writer (`key`: the API key's name, "" when the server runs without auth): a retry with
 the same id and payload is a duplicate, another payload under a used id is an `EventIdConflict`. Events without
@@ -10,6 +16,9 @@ an id are duplicates of an event with the same key, user and item received withi
 
 `verified` records whether the serving model knew the event's user and item when it was written; training folds
 unverified events into new embedding rows only when asked to (`--feedback-unverified`).
+
+The store also records model rollouts (`publish_checkpoint`): the newest is the checkpoint every serving process
+should be running.
 """
 from __future__ import annotations
 
@@ -17,9 +26,12 @@ import os
 import sqlite3
 import threading
 import time
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import Any, Callable, Iterable, TypeVar
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # one statement each: sqlite3's executescript() commits the open transaction first, and creating or migrating the
 # schema must be one transaction
 SCHEMA = (
@@ -46,7 +58,25 @@ MIGRATE_FROM_1 = ("ALTER TABLE events RENAME TO events_v1",) + SCHEMA + (
     "UPDATE sqlite_sequence SET name = 'events' WHERE name = 'events_v1'",
     "DROP TABLE events_v1",
 )
+# schema 3 added the rollout records; created on every open for writing, so that a schema-2 store gains them
+ROLLOUTS = """CREATE TABLE IF NOT EXISTS rollouts (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    path TEXT NOT NULL,
+    version TEXT NOT NULL,
+    published REAL NOT NULL)"""
 CONFLICTS_LISTED = 10
+
+# The statements both backends run, with SQLite's "?" placeholders (the PostgreSQL store turns them into "%s").
+INSERT_EVENT = ("INSERT INTO events (key_name, event_id, user_id, item_id, timestamp, received, verified) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)")
+INSERT_ROLLOUT = "INSERT INTO rollouts (path, version, published) VALUES (?, ?, ?)"
+SELECT_EVENTS = ("SELECT seq, user_id, item_id, timestamp, event_id, {verified}, received FROM events "
+                 "WHERE seq > ? ORDER BY seq LIMIT ?")
+SELECT_ID = "SELECT user_id, item_id, timestamp FROM events WHERE key_name = ? AND event_id = ?"
+SELECT_RECENT = "SELECT 1 FROM events WHERE key_name = ? AND user_id = ? AND item_id = ? AND received >= ? LIMIT 1"
+
+T = TypeVar("T")
+Row = tuple  # (key_name, event_id, user_id, item_id, timestamp, received, verified): INSERT_EVENT's parameters
 
 
 @dataclass(frozen=True)
@@ -56,6 +86,16 @@ class Event:
     timestamp: float | None       # None on append: not sent by the client (the time received is stored)
     event_id: str | None = None
     verified: bool = True
+    received: float | None = None  # when the store received it (filled on read; ignored on append)
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """A checkpoint published to every serving process; the newest (highest id) is the active one."""
+    id: int
+    path: str
+    version: str
+    published: float
 
 
 class EventIdConflict(ValueError):
@@ -69,19 +109,166 @@ class EventIdConflict(ValueError):
 
 
 class StoreUnavailable(RuntimeError):
-    """The store could not make a write durable (disk full, read-only file or directory, I/O error); nothing of
-    the append was stored."""
+    """The store could not be reached, or could not make a write durable (disk full, read-only file or directory,
+    I/O error, database server down); nothing of the write was stored."""
 
 
-def _reason(e: BaseException) -> str:
+def reason(e: BaseException) -> str:
     # an OSError's str() names the file; the reason is shown on /health, which needs no key
-    return e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    return "; ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
 
 
-class FeedbackLog:
+def masked(url: str) -> str:
+    """`url` with its password (in the authority or a `password=` parameter) replaced by ***: safe to log or show."""
+    parts = urlsplit(url)
+    if parts.password is None and "password" not in parts.query:
+        return url      # as it is: urlunsplit would also drop the empty authority of sqlite:////abs/path
+    netloc, query = parts.netloc, parts.query
+    if parts.password is not None:
+        userinfo, _, host = netloc.rpartition("@")
+        netloc = f"{userinfo.partition(':')[0]}:***@{host}"
+    query = urlencode([(k, "***" if k == "password" else v) for k, v in parse_qsl(query, keep_blank_values=True)])
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
+
+
+def plan_append(events: list[Event], key: str, now: float, dedup_window_s: float,
+                stored: dict[str, tuple], recent: set[tuple[str, str]]) -> tuple[list[Row], list[int], list[str]]:
+    """What an append stores, given what the store holds: `stored` maps the key's used event ids (among the
+    events') to their (user_id, item_id, timestamp), `recent` holds the (user_id, item_id) pairs of the key received
+    within the dedup window. Returns the rows to insert, for each the index of its event, and the conflicting ids.
+
+    Events earlier in the same append count as stored: a repeated id is a duplicate (or a conflict), a repeated
+    id-less pair a duplicate within the window."""
+    stored, recent = dict(stored), set(recent)
+    rows: list[Row] = []
+    slots: list[int] = []
+    conflicts: list[str] = []
+    for n, e in enumerate(events):
+        if e.event_id is not None:
+            if (old := stored.get(e.event_id)) is not None:
+                # the timestamp is part of the payload only when the client sent one (a retry that leaves it out
+                # is the same event)
+                if old[:2] != (e.user_id, e.item_id) or (e.timestamp is not None and old[2] != e.timestamp):
+                    conflicts.append(e.event_id)
+                continue
+        elif dedup_window_s > 0 and (e.user_id, e.item_id) in recent:
+            continue
+        timestamp = now if e.timestamp is None else e.timestamp
+        rows.append((key, e.event_id, e.user_id, e.item_id, timestamp, now, bool(e.verified)))
+        slots.append(n)
+        if e.event_id is not None:
+            stored[e.event_id] = (e.user_id, e.item_id, timestamp)
+        recent.add((e.user_id, e.item_id))
+    return rows, slots, conflicts
+
+
+class FeedbackStore(ABC):
+    """What the server and training use of a store; `open_store(url)` gives the backend the URL names.
+
+    Every method raises StoreUnavailable when the store cannot be reached or written (never a driver's own error);
+    `fault` says why the last write failed and is cleared by the next one that succeeds."""
+
+    url: str                 # where the store is, any password masked
+    readonly: bool
+    fault: str | None        # why the store cannot be written now; None: writable
+    NO_LIMIT: Any            # the LIMIT parameter that means "all rows"
+
+    # ------------------------------------------------------------------ what a backend provides
+
+    @abstractmethod
+    def _write(self, work: Callable[[Any, float], T]) -> T:
+        """work(connection, now) in one write transaction that holds the store's append lock (commits in seq
+        order), `now` the store's clock; sets or clears `fault`."""
+
+    @abstractmethod
+    def _query(self, sql: str, params: tuple = ()) -> list[tuple]:
+        """The rows of one read (SQLite placeholders)."""
+
+    @abstractmethod
+    def _stored_ids(self, conn, key: str, ids: list[str]) -> dict[str, tuple]:
+        """event id → (user_id, item_id, timestamp) of those of `ids` the key has used."""
+
+    @abstractmethod
+    def _recent_pairs(self, conn, key: str, pairs: list[tuple[str, str]], since: float) -> set[tuple[str, str]]:
+        """Those of `pairs` the key stored with `received >= since`."""
+
+    @abstractmethod
+    def _insert(self, conn, sql: str, rows: list[tuple]) -> list[int]:
+        """Run INSERT_EVENT or INSERT_ROLLOUT for each row, in order; the new ids (seq or rollout id)."""
+
+    @abstractmethod
+    def bulk_append(self, events: Iterable[Event], key: str = "") -> int:
+        """Store events in one transaction without the duplicate and conflict checks of `append` (a reused id
+        fails the whole load with ValueError): for filling a store fast (benchmarks, migrations). Returns how many
+        were stored."""
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    # ------------------------------------------------------------------ writes
+
+    def append(self, events: list[Event], key: str = "", dedup_window_s: float = 0.0) -> list[int | None]:
+        """Store events durably, all or none; returns, per event, its seq, or None for a duplicate.
+
+        Raises EventIdConflict (a used id with another payload) or StoreUnavailable (the write failed); either
+        way nothing was stored."""
+        def work(conn, now: float) -> list[int | None]:
+            ids = list({e.event_id for e in events if e.event_id is not None})
+            pairs = list({(e.user_id, e.item_id) for e in events if e.event_id is None}) if dedup_window_s > 0 else []
+            stored = self._stored_ids(conn, key, ids) if ids else {}
+            recent = self._recent_pairs(conn, key, pairs, now - dedup_window_s) if pairs else set()
+            rows, slots, conflicts = plan_append(events, key, now, dedup_window_s, stored, recent)
+            if conflicts:
+                raise EventIdConflict(conflicts)
+            seqs: list[int | None] = [None] * len(events)
+            for slot, seq in zip(slots, self._insert(conn, INSERT_EVENT, rows) if rows else []):
+                seqs[slot] = seq
+            return seqs
+        return self._write(work)
+
+    def publish_checkpoint(self, path: str, version: str) -> int:
+        """Record `path` (at `version`) as the checkpoint every serving process should run; returns its id."""
+        return self._write(lambda conn, now: self._insert(conn, INSERT_ROLLOUT, [(path, version, now)])[0])
+
+    # ------------------------------------------------------------------ reads
+
+    def events(self, after: int = 0, limit: int | None = None) -> list[tuple[int, Event]]:
+        """(seq, event) in seq order, those with seq > `after`; at most `limit` of them."""
+        rows = self._query(SELECT_EVENTS.format(verified=self._verified_column()),
+                           (after, self.NO_LIMIT if limit is None else limit))
+        return [(r[0], Event(r[1], r[2], r[3], r[4], bool(r[5]), r[6])) for r in rows]
+
+    def _verified_column(self) -> str:
+        return "verified"
+
+    def last_seq(self) -> int:
+        """The highest seq stored; 0 when the store is empty."""
+        return self._query("SELECT COALESCE(MAX(seq), 0) FROM events")[0][0]
+
+    def count(self) -> int:
+        return self._query("SELECT COUNT(*) FROM events")[0][0]
+
+    def ping(self) -> None:
+        """Returns when the store can be read; raises StoreUnavailable otherwise."""
+        self._query("SELECT 1 FROM events LIMIT 1")
+
+    def active_checkpoint(self) -> Rollout | None:
+        """The newest published checkpoint; None before any."""
+        rows = self._query("SELECT id, path, version, published FROM rollouts ORDER BY id DESC LIMIT 1")
+        return Rollout(*rows[0]) if rows else None
+
+
+class FeedbackLog(FeedbackStore):
+    """The SQLite store: one file, which one process at a time writes (others wait for its lock)."""
+
+    NO_LIMIT = -1
+
     def __init__(self, path: str, readonly: bool = False):
         self.path, self.readonly = path, readonly
-        self.fault: str | None = None     # why the store cannot be written now; None: writable
+        self.url = "sqlite:///" + path   # sqlite:////abs/path for an absolute one
+        self.fault = None
         self._lock = threading.Lock()
         if readonly:
             if not os.path.exists(path):
@@ -97,7 +284,7 @@ class FeedbackLog:
 
     def _open(self) -> None:
         """Connect and bring the schema up to date. A store that cannot be written (read-only file, full disk)
-        still opens for reading, with `fault` saying why; the next `append` reopens it."""
+        still opens for reading, with `fault` saying why; the next write reopens it."""
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         self.fault = None
         try:
@@ -106,33 +293,28 @@ class FeedbackLog:
             columns = self._columns()
             statements = SCHEMA if not columns else MIGRATE_FROM_1 if "key_name" not in columns else ()
             self._db.execute("BEGIN IMMEDIATE")
-            for statement in statements:
+            for statement in statements + (ROLLOUTS,):
                 self._db.execute(statement)
             # written on every open: a write that must commit, so a store that cannot be written is known at once
             self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             self._db.execute("COMMIT")
         except (sqlite3.Error, OSError) as e:
             self._rollback()
-            self.fault = _reason(e)
+            self.fault = reason(e)
 
-    def _columns(self) -> set[str]:
-        return {row[1] for row in self._db.execute("PRAGMA table_info(events)")}
+    def _columns(self, table: str = "events") -> set[str]:
+        return {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
 
     def _rollback(self) -> None:
         try:
             if self._db.in_transaction:  # SQLite rolls back by itself after some errors (SQLITE_FULL, I/O errors)
                 self._db.execute("ROLLBACK")
         except sqlite3.Error:
-            pass  # the error that made us roll back is the one to report; the next append starts with a reopen
+            pass  # the error that made us roll back is the one to report; the next write starts with a reopen
 
-    # ------------------------------------------------------------------ writes
+    # ------------------------------------------------------------------ the backend
 
-    def append(self, events: list[Event], key: str = "", dedup_window_s: float = 0.0) -> list[bool]:
-        """Store events durably, all or none; returns, per event, whether it is new (False: a duplicate).
-
-        Raises EventIdConflict (a used id with another payload) or StoreUnavailable (the write failed); either
-        way nothing was stored."""
-        now = time.time()
+    def _write(self, work):
         with self._lock:
             try:
                 if self.fault and not self.readonly:
@@ -143,58 +325,82 @@ class FeedbackLog:
                     stale.close()
                     if self.fault:
                         raise StoreUnavailable(self.fault)
+                # IMMEDIATE: the write lock first, so that seq order is commit order across processes
                 self._db.execute("BEGIN IMMEDIATE")
-                conflicts: list[str] = []
-                new = [self._insert(e, key, now, dedup_window_s, conflicts) for e in events]
-                if conflicts:
-                    raise EventIdConflict(conflicts)
+                result = work(self._db, time.time())
                 self._db.execute("COMMIT")
+            except sqlite3.IntegrityError as e:   # a reused id in bulk_append: the store itself is fine
+                self._rollback()
+                raise ValueError(reason(e)) from e
             except (sqlite3.Error, OSError) as e:
                 self._rollback()
-                self.fault = _reason(e)
+                self.fault = reason(e)
                 raise StoreUnavailable(self.fault) from e
             except BaseException:
                 self._rollback()
                 raise
-        return new
+        return result
 
-    def _insert(self, e: Event, key: str, now: float, dedup_window_s: float, conflicts: list[str]) -> bool:
-        db = self._db
-        if e.event_id is not None:
-            row = db.execute("SELECT user_id, item_id, timestamp FROM events WHERE key_name = ? AND event_id = ?",
-                             (key, e.event_id)).fetchone()
-            if row is not None:
-                # the timestamp is part of the payload only when the client sent one (a retry that leaves it out
-                # is the same event)
-                if row[:2] != (e.user_id, e.item_id) or (e.timestamp is not None and row[2] != e.timestamp):
-                    conflicts.append(e.event_id)
-                return False
-        elif dedup_window_s > 0 and db.execute(
-                "SELECT 1 FROM events WHERE key_name = ? AND user_id = ? AND item_id = ? AND received >= ? LIMIT 1",
-                (key, e.user_id, e.item_id, now - dedup_window_s)).fetchone():
-            return False
-        db.execute("INSERT INTO events (key_name, event_id, user_id, item_id, timestamp, received, verified) "
-                   "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                   (key, e.event_id, e.user_id, e.item_id, now if e.timestamp is None else e.timestamp, now,
-                    int(e.verified)))
-        return True
-
-    # ------------------------------------------------------------------ reads
-
-    def events(self, after: int = 0, limit: int | None = None) -> list[tuple[int, Event]]:
-        """(seq, event) in arrival order, those with seq > `after` (seq only grows); at most `limit` of them."""
+    def _query(self, sql, params=()):
         with self._lock:
-            # a store of schema 1 opened read-only has no verified column: its events count as unverified
-            verified = "verified" if "verified" in self._columns() else "0"
-            rows = self._db.execute(f"SELECT seq, user_id, item_id, timestamp, event_id, {verified} FROM events "
-                                    "WHERE seq > ? ORDER BY seq LIMIT ?",
-                                    (after, -1 if limit is None else limit)).fetchall()
-        return [(r[0], Event(r[1], r[2], r[3], r[4], bool(r[5]))) for r in rows]
+            try:
+                return self._db.execute(sql, params).fetchall()
+            except (sqlite3.Error, OSError) as e:
+                raise StoreUnavailable(reason(e)) from e
 
-    def count(self) -> int:
+    def _stored_ids(self, conn, key, ids):
+        found = {i: conn.execute(SELECT_ID, (key, i)).fetchone() for i in ids}
+        return {i: row for i, row in found.items() if row is not None}
+
+    def _recent_pairs(self, conn, key, pairs, since):
+        return {p for p in pairs if conn.execute(SELECT_RECENT, (key, *p, since)).fetchone()}
+
+    def _insert(self, conn, sql, rows):
+        return [conn.execute(sql, row).lastrowid for row in rows]
+
+    def _verified_column(self) -> str:
+        # a store of schema 1 (opened read-only, or not yet migrated) has no verified column: its events count as
+        # unverified
         with self._lock:
-            return self._db.execute("SELECT COUNT(*) FROM events").fetchone()[0]
+            return "verified" if "verified" in self._columns() else "0"
+
+    def active_checkpoint(self) -> Rollout | None:
+        if self.readonly:  # a store written before schema 3, opened read-only, has no rollouts table
+            with self._lock:
+                if not self._columns("rollouts"):
+                    return None
+        return super().active_checkpoint()
+
+    def bulk_append(self, events: Iterable[Event], key: str = "") -> int:
+        def work(conn, now: float) -> int:
+            before = conn.total_changes
+            conn.executemany(INSERT_EVENT, ((key, e.event_id, e.user_id, e.item_id,
+                                             now if e.timestamp is None else e.timestamp, now, bool(e.verified))
+                                            for e in events))
+            return conn.total_changes - before
+        return self._write(work)
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+def open_store(url: str, readonly: bool = False) -> FeedbackStore:
+    """The store at `url`: sqlite:///relative/path, sqlite:////absolute/path, a bare file path (SQLite), or
+    postgresql://user:password@host:port/database (also postgres://...).
+
+    Opened for writing, a store is created when missing; a PostgreSQL server that cannot be reached yet is not an
+    error (`fault` says why, and the store connects when the server answers). Read-only, a missing or unreachable
+    store is: FileNotFoundError or StoreUnavailable."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return FeedbackLog(url, readonly)
+    if scheme == "sqlite":
+        if not rest.startswith("/") or len(rest) < 2:
+            raise ValueError(f"feedback store URL {url!r}: use sqlite:///relative/path or sqlite:////absolute/path")
+        return FeedbackLog(rest[1:], readonly)
+    if scheme in ("postgresql", "postgres"):
+        from model.feedback_pg import PostgresFeedbackStore
+        return PostgresFeedbackStore(url, readonly)
+    raise ValueError(f"feedback store URL {masked(url)!r}: unknown scheme {scheme!r} (use sqlite:///PATH, "
+                     "postgresql://... or a file path)")

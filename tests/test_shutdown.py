@@ -101,7 +101,7 @@ def test_graceful_shutdown_answers_every_in_flight_request_and_closes_the_store(
             closed.append(self.path)
 
     monkeypatch.setattr(service_module, "Engine", GatedEngine)
-    monkeypatch.setattr(service_module, "FeedbackLog", ObservedLog)
+    monkeypatch.setattr(service_module, "open_store", ObservedLog)
 
     ckpt = load_checkpoint(api_checkpoint)
     users, items = ckpt.user_ids, ckpt.item_ids

