@@ -134,18 +134,14 @@ def lag(args) -> dict:
 
 # --------------------------------------------------------------------------- catch-up from a large store
 
-def fill_known(store_url: str, ckpt, n: int, page: int = 20_000) -> None:
+def fill_known(store_url: str, ckpt, n: int) -> None:
     """N events that repeat pairs the model already has (with distinct event ids): applying them changes no
     state, so the server's memory after catch-up shows what reading them cost."""
-    store = open_store(store_url)
     pairs = np.asarray(ckpt.seen)[:, :2]
     users, items = ckpt.user_ids, ckpt.item_ids
-    written = 0
-    while written < n:
-        chunk = pairs[np.arange(written, min(n, written + page)) % len(pairs)]
-        store.append([Event(users[u], items[i], 0.0, f"fill-{written + k}")
-                      for k, (u, i) in enumerate(chunk.tolist())])
-        written += len(chunk)
+    store = open_store(store_url)
+    store.bulk_append(Event(users[u], items[i], 0.0, f"fill-{k}")
+                      for k, (u, i) in enumerate(pairs[np.arange(n) % len(pairs)].tolist()))
     store.close()
 
 

@@ -210,10 +210,8 @@ def test_a_late_process_catches_up_page_by_page(api_checkpoint, tmp_path, backen
     n = 2 * CATCH_UP_PAGE + 123
     users = rng.integers(len(ckpt.user_ids), size=n)
     items = rng.integers(len(ckpt.item_ids), size=n)
-    for start in range(0, n, 20_000):
-        store.append([Event(ckpt.user_ids[u], ckpt.item_ids[i], 0.0, f"e{start + k}")
-                      for k, (u, i) in enumerate(zip(users[start:start + 20_000].tolist(),
-                                                     items[start:start + 20_000].tolist()))])
+    store.bulk_append(Event(ckpt.user_ids[u], ckpt.item_ids[i], 0.0, f"e{k}")
+                      for k, (u, i) in enumerate(zip(users.tolist(), items.tolist())))
     engine = Engine(api_checkpoint, "cpu")
     counting = CountingStore(store)
     assert engine.catch_up(counting) == n
