@@ -7,6 +7,10 @@
 #   docker build --target api     -t cmn-service:api .
 #   docker build --target trainer -t cmn-service:trainer .
 #
+# Both run their command through docker/entrypoint.sh, which hands libpq the PostgreSQL password a file names
+# (PGPASSWORD_FILE; docker-compose.yml's secret). libpq itself comes inside psycopg's binary wheel, so the images
+# need no system PostgreSQL package.
+#
 # Every Python dependency comes from a lock with hashes (docker/*.lock, made with
 # pip-compile --generate-hashes; docs/deploy.md, "Dependency locks"), installed with
 # --require-hashes --no-deps: a package that changed on the index, or one the
@@ -105,11 +109,16 @@ ENV PATH=/opt/venv/bin:$PATH \
     CMN_FEEDBACK_PATH=/data/feedback.sqlite3
 
 WORKDIR /app
+COPY docker/entrypoint.sh /usr/local/bin/cmn-entrypoint
 COPY model/ /app/model/
 COPY app/ /app/app/
 
 USER cmn
 EXPOSE 8000
+
+# runs CMD (or compose's command) after handing libpq the PostgreSQL password PGPASSWORD_FILE names, if set;
+# through sh, so the file needs no executable bit in the build context
+ENTRYPOINT ["/bin/sh", "/usr/local/bin/cmn-entrypoint"]
 
 # curl is not in python:3.11-slim; urlopen raises (exit 1) on anything but 2xx
 HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \

@@ -1,0 +1,30 @@
+#!/bin/sh
+# Entrypoint of the api and trainer images: runs its arguments, after giving libpq the PostgreSQL password that
+# PGPASSWORD_FILE names, if set (a file holding the password alone, such as the compose secret
+# cmn_postgres_password; see docs/deploy.md).
+#
+# Why not simpler: the password in CMN_FEEDBACK_URL or PGPASSWORD would be in the environment, where `docker
+# inspect` and every child process see it; and libpq ignores a password file (PGPASSFILE) that its group or others
+# may read, which a compose secret is (compose bind-mounts it with the host file's owner and mode, and uid 10001 must
+# be able to read it). So the password is copied into a pgpass file private to this user on the container's /tmp (a
+# tmpfs: memory, gone with the container), and PGPASSFILE names it.
+set -eu
+
+if [ -n "${PGPASSWORD_FILE:-}" ]; then
+    if [ ! -r "$PGPASSWORD_FILE" ]; then
+        echo "entrypoint: PGPASSWORD_FILE=$PGPASSWORD_FILE cannot be read (create it: sh docker/init-secrets.sh)" >&2
+        exit 2
+    fi
+    password=$(head -n 1 "$PGPASSWORD_FILE")
+    if [ -z "$password" ]; then
+        echo "entrypoint: PGPASSWORD_FILE=$PGPASSWORD_FILE is empty" >&2
+        exit 2
+    fi
+    PGPASSFILE=$(mktemp "${TMPDIR:-/tmp}/pgpass.XXXXXX")
+    # (mktemp makes it mode 0600) host:port:database:user:password, any host, port, database and user; `\` and `:` escaped as libpq expects
+    printf '*:*:*:*:%s\n' "$(printf '%s' "$password" | sed 's/[\\:]/\\&/g')" >"$PGPASSFILE"
+    export PGPASSFILE
+    unset PGPASSWORD_FILE password
+fi
+
+exec "$@"
