@@ -1,6 +1,7 @@
 """Reproduce CMN (Ebesu et al., SIGIR 2018) on citeulike-a, with TopPop / ItemKNN CF / RP3beta in the same evaluator.
 
-    python benchmarks/reproduce_citeulike.py                      # main run (50 epochs) + baselines → docs/results.md
+    python benchmarks/reproduce_citeulike.py                      # main run (50 epochs) + baselines + two-stage
+    python benchmarks/reproduce_citeulike.py --skip-main --skip-baselines --two-stage-checkpoint val.ckpt
     python benchmarks/reproduce_citeulike.py --ablations --epochs 20 --skip-main --skip-baselines
     python benchmarks/reproduce_citeulike.py --report-only         # rewrite docs/results.md from the JSONs
     python benchmarks/reproduce_citeulike.py --quick --out-dir /tmp/x   # a few epochs on a slice (test suite)
@@ -9,6 +10,11 @@ Every part writes `<out-dir>/<name>.json` (metrics, config, wall time, command, 
 the report (`docs/results.md` next to `<out-dir>`, or `<out-dir>/results.md` when `--out-dir` is elsewhere) is
 rewritten from all JSONs found after each part, so interrupted or partial sessions still report what finished.
 Checkpoints go to --ckpt-dir (default /tmp/cmn_reproduce), never into the repository.
+
+The two-stage part takes a CMN trained on a validation split (the tuning grid's paper-setting run, trained here
+unless it exists in --ckpt-dir, or --two-stage-checkpoint), chooses the retrieval method, R, the blend and CMN's
+weight on that split (training/two_stage.py), writes the served checkpoint `<ckpt-dir>/two_stage.ckpt` and reports
+every strategy on test, as `python -m training evaluate` does on that checkpoint.
 """
 from __future__ import annotations
 
@@ -52,6 +58,9 @@ REFERENCE = {
     "cmn": ("CMN (original code, 50 epochs)", (0.8069, 0.6666, 0.8910, 0.6942)),
 }
 TARGET_HR10, TARGET_NDCG10 = 0.885, 0.685
+LABELS = {"toppop": "TopPop", "itemknn": "ItemKNN CF", "rp3beta": "RP3beta"}
+# the report keeps this line of the file it rewrites and everything after it: sections written by hand
+HAND_WRITTEN = "<!-- Hand-written sections below: benchmarks/reproduce_citeulike.py keeps them as they are. -->"
 
 # The attempt to beat RP3beta: CMN (memory + attention + output module unchanged) with other training settings,
 # each trained on the training pairs less one validation item per user. The configuration and its epoch are chosen
@@ -66,6 +75,7 @@ TUNING = {
     # adam's validation NDCG@10 was still rising at its 12th (last) epoch
     "tune_adam_40": ("optimizer adam, up to 40 epochs", dict(validation=True, optimizer="adam", epochs=40)),
 }
+TWO_STAGE_CMN = "tune_paper"   # the CMN the two-stage part re-ranks with, unless --two-stage-checkpoint
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -90,6 +100,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="also run the tuning grid on a validation split (the attempt to beat RP3beta)")
     p.add_argument("--tune-epochs", type=int, default=20, help="CMN epochs of each tuning run (early stop 5)")
     p.add_argument("--only-tune", nargs="+", choices=sorted(TUNING), help="with --tune: run just these")
+    p.add_argument("--skip-two-stage", action="store_true", help="do not (re)run the two-stage part")
+    p.add_argument("--two-stage-checkpoint", metavar="PATH",
+                   help=f"the two-stage part re-ranks with this CMN checkpoint, trained with --validation on --data "
+                        f"(default: the {TWO_STAGE_CMN} tuning run in --ckpt-dir, trained first when absent)")
     p.add_argument("--resume", action="store_true",
                    help="continue the main run from its .resume file in --ckpt-dir (written after every epoch)")
     p.add_argument("--skip-main", action="store_true", help="do not (re)run the main CMN run")
@@ -122,6 +136,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def set_threads(n: int) -> None:
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = str(n)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # spinning OpenMP threads collapse on a shared machine
     import torch
     torch.set_num_threads(n)
 
@@ -253,6 +268,67 @@ def run_baseline_set(args, data_path: str, command: str, validation_fit: bool = 
     return blob
 
 
+def run_tuning(name: str, args, data: str, command: str) -> dict:
+    label, overrides = TUNING[name]
+    overrides = {**overrides, "early_stop": 5}
+    return run_cmn(name, label, overrides, args, data, command, epochs=overrides.pop("epochs", args.tune_epochs),
+                   full_eval=True)
+
+
+class PartError(Exception):
+    """A part cannot run with the arguments given: reported as one `error:` line."""
+
+
+def run_two_stage(args, data_path: str, command: str) -> dict:
+    """Choose the two-stage settings on the CMN checkpoint's validation split, write the served checkpoint and
+    evaluate every strategy on test: `two_stage.json`."""
+    from model.checkpoint import load_checkpoint, save_checkpoint
+    from model.recommender import Recommender
+    from training.data import Split, load
+    from training.evaluate import evaluate_strategies
+    from training.two_stage import add_two_stage
+
+    def log(msg):
+        print(f"[two_stage {datetime.now().strftime('%H:%M:%S')}] {msg}", flush=True)
+
+    source = args.two_stage_checkpoint
+    if source is None:
+        source = os.path.join(args.ckpt_dir, f"{TWO_STAGE_CMN}.ckpt")
+        if not (os.path.exists(source) and (args.out_dir / f"{TWO_STAGE_CMN}.json").exists()):
+            run_tuning(TWO_STAGE_CMN, args, data_path, command)
+    start = time.perf_counter()
+    try:
+        ckpt = load_checkpoint(source)
+        table = add_two_stage(ckpt, load(data_path, seed=PAPER["seed"]), log)
+    except ValueError as e:   # not a checkpoint, not trained with --validation, or on other data
+        raise PartError(f"--two-stage-checkpoint {source}: {e}") from None
+    select_s = time.perf_counter() - start
+    served = os.path.join(args.ckpt_dir, "two_stage.ckpt")
+    save_checkpoint(ckpt, served)
+    log(f"chose {ckpt.two_stage} in {select_s:.0f} s; wrote {served}; evaluating every strategy on test "
+        "(the full-catalogue protocol ranks every item for every user: minutes on a CPU)")
+    # what `python -m training evaluate --checkpoint <served>` measures: the stored file, training pairs as seen-sets
+    ckpt = load_checkpoint(served)
+    rec = Recommender.from_checkpoint(ckpt, args.device, seen=ckpt.train)
+    split = Split(ckpt.test_users, ckpt.test_positives, ckpt.test_negatives)
+    test = evaluate_strategies(rec, split, ckpt.train)
+    wall = time.perf_counter() - start
+    blob = {"name": "two_stage", "label": "two-stage selection and test evaluation", "kind": "two_stage",
+            "command": command, "checkpoint": os.path.abspath(source), "served_checkpoint": served,
+            "cmn": {"train_config": ckpt.meta.get("train_config"),
+                    "best_validation_epoch": ckpt.metrics.get("best_validation_epoch"),
+                    "epochs_run": len(ckpt.metrics.get("epochs", []))},
+            "chosen": ckpt.two_stage.to_dict(), "validation": table, "default_strategy": rec.default_strategy,
+            "test": test, "select_seconds": select_s, "wall_seconds": wall,
+            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "machine": machine_info(args.threads)}
+    write_json(args.out_dir / "two_stage.json", blob)
+    log(f"wall {wall:.0f} s: " + ", ".join(
+        f"{name} sampled NDCG@10 {m['sampled']['ndcg@10']:.4f} full NDCG@10 {m['full']['ndcg@10']:.4f}"
+        for name, m in test.items()))
+    return blob
+
+
 # ----------------------------------------------------------------------------------------------- report
 
 def fmt(x) -> str:
@@ -285,6 +361,106 @@ def hms(seconds: float | None) -> str:
     return f"{m} min {s:02d} s" if m else f"{s} s"
 
 
+def two_stage_section(b: dict, base: dict | None, rel_out: str) -> list[str]:
+    from model.retrieval import RRF_K
+    chosen, table, test = b["chosen"], b["validation"], b["test"]
+    cfg = b["cmn"]["train_config"] or {}
+    # what the run changed of the paper's hyperparameters (full_eval is how it was evaluated, not trained)
+    differs = [f"{k} {cfg[k]} (paper {v})" for k, v in PAPER.items() if k != "full_eval" and k in cfg and cfg[k] != v]
+    weights = sorted({r["weight"] for r in table})
+    rows = list(dict.fromkeys((r["method"], r["candidates"], r["blend"]) for r in table))
+    cell = {(r["method"], r["candidates"], r["blend"], r["weight"]): r["ndcg@10"] for r in table}
+    best_row = (chosen["method"], chosen["candidates"], chosen["blend"])
+    method = LABELS.get(chosen["method"], chosen["method"])
+    L = ["## Two-stage recommendation: retrieval + CMN re-ranking (issue 16)", "",
+         "The served default on a checkpoint trained with `--validation` is `two_stage`: a retrieval stage (RP3beta "
+         "or ItemKNN CF, fitted at training time and stored in the checkpoint) proposes R items per user, CMN scores "
+         "them, and the list is a blend of the two scores, whose scales are unrelated: `zscore` is "
+         "`w·z(CMN) + (1 − w)·z(retrieval)` with each score standardised over the user's candidates, `rrf` "
+         f"(reciprocal-rank fusion) is `w/({RRF_K} + rank(CMN)) + (1 − w)/({RRF_K} + rank(retrieval))` with ranks "
+         "from 1 among the candidates, so that only the two orders count and not how far apart the scores are. "
+         "Method, R, blend and w are chosen on the validation split cut from training (`holdout_validation`, seed "
+         f"{cfg.get('seed', PAPER['seed'])}), by full-catalogue NDCG@10; equal figures go to the smallest R "
+         "(cheapest), then `zscore`, then the smallest w. The test split is never used to choose.", "",
+         f"CMN: `{b['checkpoint']}`, trained with `--validation` for up to {cfg.get('epochs')} epochs (early stop "
+         f"after {cfg.get('early_stop') or '—'} without improvement; best validation epoch "
+         f"{b['cmn']['best_validation_epoch']} of {b['cmn']['epochs_run']} run), "
+         + (f"the paper's settings otherwise except {', '.join(differs)}" if differs else "the paper's settings")
+         + f". Selection (`training/two_stage.py`): {hms(b['select_seconds'])}; with the test evaluation of every "
+         f"strategy: {hms(b['wall_seconds'])}. The served checkpoint (`{os.path.basename(b['served_checkpoint'])}` "
+         "in --ckpt-dir) holds the chosen stage.", "",
+         "Validation full-catalogue NDCG@10 by CMN weight w (rows: method, R, blend; every cell is in "
+         f"`{rel_out}/two_stage.json` under `validation`):", "",
+         "| method, R, blend | " + " | ".join("w 0" if w == 0 else "1 (CMN's order)" if w == 1 else f"{w:g}"
+                                             for w in weights) + " |",
+         "|---" * (len(weights) + 1) + "|"]
+    for key in rows:
+        shown = [fmt(cell.get((*key, w))) for w in weights]
+        if key == best_row:
+            shown[weights.index(chosen["weight"])] = f"**{shown[weights.index(chosen['weight'])]}**"
+        L.append(f"| {LABELS.get(key[0], key[0])}, {key[1]}, {key[2]} | " + " | ".join(shown) + " |")
+    L += ["", f"Chosen: **{method}, R {chosen['candidates']}, {chosen['blend']}, w {chosen['weight']:g}**. Test "
+              "figures, same evaluator (`python -m training evaluate --checkpoint` on the served checkpoint reports "
+              "the same):", "",
+          "| strategy | sampled HR@10 | sampled NDCG@10 | full HR@10 | full NDCG@10 |", "|---|---|---|---|---|"]
+    names = {"full": "full (CMN over the catalogue)", "retrieval": f"retrieval ({method} alone)"}
+    for name, m in test.items():
+        cells = [fmt(c) for c in (m["sampled"]["hr@10"], m["sampled"]["ndcg@10"], m["full"]["hr@10"],
+                                  m["full"]["ndcg@10"])]
+        if name == b["default_strategy"]:
+            L.append(f"| **{name} (served default)** | " + " | ".join(f"**{c}**" for c in cells) + " |")
+        else:
+            L.append(f"| {names.get(name, name)} | " + " | ".join(cells) + " |")
+    rp3 = (base or {}).get("results", {}).get("rp3beta", {}).get("metrics")
+    if rp3:
+        L.append("| RP3beta baseline (main table) | " + " | ".join(
+            fmt(c) for c in (rp3["sampled"]["hr@10"], rp3["sampled"]["ndcg@10"], rp3["full"].get("hr@10"),
+                             rp3["full"]["ndcg@10"])) + " |")
+        served = test[b["default_strategy"]]
+        L += ["", "Target, the served default at least as good as RP3beta in the same evaluator: " + "; ".join(
+            f"{proto} NDCG@10 {served[proto]['ndcg@10']:.6f} against {rp3[proto]['ndcg@10']:.6f}, "
+            + ("**met**" if served[proto]["ndcg@10"] >= rp3[proto]["ndcg@10"] else "**not met**")
+            for proto in ("full", "sampled")) + "."]
+    L.append("")
+    at_zero = cell.get((*best_row, 0.0))
+    rises = [key for key in rows if any(cell[(*key, w)] > cell[(*key, 0.0)] for w in weights if w > 0)]
+    if chosen["weight"] == 0:
+        reading = [f"Validation turned CMN's vote off (w 0): in none of the {len(rows)} rows (method, R, blend) did "
+                   "any amount of CMN raise validation NDCG@10 above the retrieval's own order, so the two-stage "
+                   "system is exactly its retrieval stage."]
+    else:
+        reading = [f"CMN's weight is {chosen['weight']:g} in the {chosen['blend']} blend: validation NDCG@10 "
+                   f"{cell[(*best_row, chosen['weight'])] - at_zero:+.5f} over the retrieval's own order (w 0) in "
+                   f"that row; {len(rises)} of the {len(rows)} rows gain from some amount of CMN. On test, the served "
+                   f"two_stage list reaches full NDCG@10 {test['two_stage']['full']['ndcg@10']:.6f} against "
+                   f"{test['retrieval']['full']['ndcg@10']:.6f} for the retrieval stage alone."]
+        reach = rrf_reorder_rank(chosen["weight"], chosen["candidates"]) if chosen["blend"] == "rrf" else 1
+        if reach > 1:
+            reading.append(f"At this weight CMN cannot move an item past any of the retrieval's top {reach - 1} "
+                           "unless their retrieval scores are equal: there it only breaks the retrieval's ties "
+                           f"(w·(1/{RRF_K + 1} − 1/({RRF_K} + R)), the most CMN can move an item, is less than the "
+                           "(1 − w)-weighted gap between two neighbouring retrieval ranks).")
+    if (*best_row, 1.0) in cell and at_zero:
+        reading.append(f"CMN alone re-ranking {method}'s top {chosen['candidates']} (w 1, "
+                       f"{cell[(*best_row, 1.0)]:.4f}) reaches {cell[(*best_row, 1.0)] / at_zero:.0%} of {method}'s "
+                       f"own order ({at_zero:.4f}) on validation.")
+    L.append(" ".join(reading))
+    L += ["", "Not tried: a learned (logistic) blend, CMN trained with the tuned Adam configuration (the tuning "
+              "table's selected row), and training CMN on the retrieval stage's candidates as negatives.", ""]
+    return L
+
+
+def rrf_reorder_rank(weight: float, candidates: int) -> int:
+    """The first retrieval rank r at which CMN, with this rrf weight, can swap the items at r and r + 1 when their
+    retrieval scores differ: (1 − w)·(1/(K + r) − 1/(K + 1 + r)) < w·(1/(K + 1) − 1/(K + R)), K = RRF_K."""
+    from model.retrieval import RRF_K
+    reach = weight * (1 / (RRF_K + 1) - 1 / (RRF_K + candidates))
+    r = 1
+    while r < candidates and (1 - weight) * (1 / (RRF_K + r) - 1 / (RRF_K + r + 1)) >= reach:
+        r += 1
+    return r
+
+
 def report(args, command_log: list[str]) -> Path:
     runs = load_runs(args.out_dir)
     target = (args.out_dir.parent / "results.md") if args.out_dir == DEFAULT_OUT else args.out_dir / "results.md"
@@ -303,11 +479,11 @@ def report(args, command_log: list[str]) -> Path:
     L += ["## Main table (leave-one-out, 1 positive + 100 sampled negatives, `sampled` convention)", ""]
     L += ["| method | HR@5 | NDCG@5 | HR@10 | NDCG@10 | full NDCG@10 |", "|---|---|---|---|---|---|"]
     if base:
-        names = {"toppop": "TopPop", "itemknn": "ItemKNN CF", "rp3beta": "RP3beta"}
         for key in ("toppop", "itemknn", "rp3beta"):
             r = base["results"].get(key)
             if r:
-                L.append(row(f"{names[key]} (ours)", r["metrics"]["sampled"], r["metrics"].get("full", {}).get("ndcg@10")))
+                L.append(row(f"{LABELS[key]} (ours)", r["metrics"]["sampled"],
+                             r["metrics"].get("full", {}).get("ndcg@10")))
             ref_label, ref = REFERENCE[key]
             L.append(row(f"*reference* {ref_label}", dict(zip(("hr@5", "ndcg@5", "hr@10", "ndcg@10"), ref))))
     else:
@@ -483,6 +659,9 @@ def report(args, command_log: list[str]) -> Path:
         L += ["", f"**Result:** the selected configuration ({TUNING[chosen[0]][0]}) reaches test NDCG@10 "
                   f"{got:.4f}, which {verdict}. One seed; no variance is reported.", ""]
 
+    if "two_stage" in runs:
+        L += two_stage_section(runs["two_stage"], base, rel_out)
+
     # ---- runs still in progress
     for name, log_path in getattr(args, "running_log", []):
         if name in runs:
@@ -536,7 +715,10 @@ def report(args, command_log: list[str]) -> Path:
                  "",
                  "The script calls `training.train.train(TrainConfig(...))` in-process with: "
                  + ", ".join(f"{k}={v}" for k, v in PAPER.items())
-                 + " (CMN epochs from `--epochs`); then `training.baselines.run_baselines(data)`.", ""]
+                 + " (CMN epochs from `--epochs`); then `training.baselines.run_baselines(data)`; then "
+                 f"`training.two_stage.add_two_stage` on the `{TWO_STAGE_CMN}` tuning run's checkpoint (or "
+                 "`--two-stage-checkpoint`) and `training.evaluate.evaluate_strategies` on the checkpoint it "
+                 "writes.", ""]
 
     # ---- machine & seeds
     m = (main or base or next(iter(runs.values()), {})).get("machine") if runs else None
@@ -553,7 +735,9 @@ def report(args, command_log: list[str]) -> Path:
           "and the data loader. The test split (positives and 100 negatives) is fixed by the .npz file.",
           "- One seed only: no variance across seeds is reported.", ""]
     target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text("\n".join(L))
+    previous = target.read_text() if target.exists() else ""
+    kept = previous[previous.index(HAND_WRITTEN):] if HAND_WRITTEN in previous else ""
+    target.write_text("\n".join(L) + ("\n" + kept if kept else ""))
     return target
 
 
@@ -570,6 +754,9 @@ def main(argv=None) -> int:
     data = args.data
     if not os.path.exists(data):
         print(f"error: data file not found: {data}", file=sys.stderr)
+        return 2
+    if args.two_stage_checkpoint and not os.path.isfile(args.two_stage_checkpoint):
+        print(f"error: --two-stage-checkpoint {args.two_stage_checkpoint}: no such file", file=sys.stderr)
         return 2
     if args.quick:
         data = quick_slice(data, args.quick_users, args.out_dir)
@@ -598,11 +785,15 @@ def main(argv=None) -> int:
         for name in (args.only_tune or list(TUNING)):
             if exists(name):
                 continue
-            label, overrides = TUNING[name]
-            overrides = {**overrides, "early_stop": 5}
-            run_cmn(name, label, overrides, args, data, command, epochs=overrides.pop("epochs", args.tune_epochs),
-                    full_eval=True)
+            run_tuning(name, args, data, command)
             report(args, [])
+    if not args.skip_two_stage and not exists("two_stage"):
+        try:
+            run_two_stage(args, data, command)
+        except PartError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        report(args, [])
     print(f"wrote {report(args, [])}", flush=True)
     return 0
 

@@ -6,6 +6,9 @@ one object, so a served list is, by construction, the list the evaluator ranked.
     items, scores = rec.recommend([3, 17], k=10)                # whole catalogue, seen items removed
     items, scores = rec.recommend([3], k=5, candidates=[[4, 8, 15, 16, 23, 42]], exclude=[[8]])
     rec.add_interactions([3], [42])                             # feedback: seen at once, and 3 joins N(42)
+    items, scores = rec.recommend_history([[4, 8, 15]], k=10)   # an anonymous history, folded in (model/foldin.py)
+    u = rec.add_user([4, 8, 15])                                # a live user: folded in, stored, joins N(4), N(8)…
+    i = rec.add_item([3, u])                                    # a live item: E row fitted from its users
 
 Top-k, seen-filtering and exclusions run once per batch on the scoring device. Rows are padded to the batch's
 largest k: item -1 and score -inf mark the end of a row that had fewer items left (or a smaller k).
@@ -14,12 +17,14 @@ The HTTP service maps external ids around it (app/engine.py); nothing here knows
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import contextmanager
 
 import numpy as np
 import torch
 
 from model.checkpoint import Checkpoint, load_checkpoint
 from model.cmn import CMN
+from model.foldin import FoldedUser, FoldInConfig, fold_in_item, fold_in_user
 from model.neighbours import neighbour_csr
 from model.retrieval import STRATEGIES, ItemRetrieval, TwoStage, blend
 from model.scorer import Scorer, resolve_device
@@ -45,12 +50,15 @@ class Recommender:
     """Recommendations from one trained CMN in internal ids (0..n_users-1, 0..n_items-1).
 
     `train` pairs define the neighbourhoods N(i) (inside `scorer`) and the popularity order; `seen` pairs
-    (default: `train`) are what `exclude_seen` removes. Methods that change state (`add_interactions`) must not
-    run concurrently with scoring: the server calls both from one model thread.
+    (default: `train`) are what `exclude_seen` removes. Methods that change state (`add_interactions`, `add_user`,
+    `add_item`, `refit_user`, `refit_item`) and the fold-in of anonymous histories must not run concurrently with
+    scoring: the server calls them all from one model thread. Users and items past the trained ones are live
+    (`is_live_user`, `is_live_item`): folded in on this process (`foldin` sets how) and gone at the next load.
     """
 
     def __init__(self, scorer: Scorer, train: np.ndarray, seen: np.ndarray | None = None,
-                 retrieval: ItemRetrieval | None = None, two_stage: TwoStage | None = None):
+                 retrieval: ItemRetrieval | None = None, two_stage: TwoStage | None = None,
+                 foldin: FoldInConfig | None = None):
         if (retrieval is None) != (two_stage is None):
             raise ValueError("a retrieval stage comes with its two-stage settings, and only with them")
         self.scorer = scorer
@@ -63,6 +71,9 @@ class Recommender:
         self._seen = [set(items) for items in by_user]
         self.interactions = sum(len(s) for s in self._seen)
         self._popularity = item_popularity(train, self.n_items).to(self.device)
+        self.foldin = foldin or FoldInConfig()
+        self.trained_users, self.trained_items = self.n_users, self.n_items
+        self._item_users: dict[int, list[int]] = {}     # each live item's users, in order: what it is fitted from
 
     @classmethod
     def from_checkpoint(cls, checkpoint: Checkpoint | str, device: str | torch.device = "cpu",
@@ -94,6 +105,20 @@ class Recommender:
 
     def seen(self, user: int) -> frozenset[int]:
         return frozenset(self._seen[user])
+
+    @property
+    def live_users(self) -> int:
+        return self.n_users - self.trained_users
+
+    @property
+    def live_items(self) -> int:
+        return self.n_items - self.trained_items
+
+    def is_live_user(self, user: int) -> bool:
+        return self.trained_users <= user < self.n_users
+
+    def is_live_item(self, item: int) -> bool:
+        return self.trained_items <= item < self.n_items
 
     # ------------------------------------------------------------------ scoring and ranking
 
@@ -187,7 +212,7 @@ class Recommender:
             dense = self._retrieval_scores(users) if dense is None else dense
             retrieved = dense.gather(1, items.clamp(min=0)).masked_fill(~valid, -torch.inf)
         if strategy == "two_stage":
-            return blend(cmn, retrieved, valid, self.two_stage.weight)
+            return blend(cmn, retrieved, valid, self.two_stage.weight, self.two_stage.blend)
         return cmn if strategy == "full" else retrieved
 
     def _pad(self, lists: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -238,18 +263,133 @@ class Recommender:
             return []
         return self.scorer.attention(user, torch.tensor(list(items), dtype=torch.long, device=self.device), top)
 
+    # ------------------------------------------------------------------ fold-in: anonymous histories
+
+    def fold_in(self, items: Sequence[int], seed: int | None = None) -> FoldedUser:
+        """A user's rows of M and C fitted to `items` (model/foldin.py), stored nowhere. Deterministic for a seed
+        (None: 0)."""
+        return fold_in_user(self.scorer, items, self.foldin, seed)
+
+    @contextmanager
+    def _scoring_folded(self, folded: Sequence[FoldedUser]):
+        """Folded users as scratch rows past the users (in no neighbourhood), their histories as their seen-sets,
+        for the duration of the block: inside it they are users like any other."""
+        self.scorer.reserve_users(len(folded))
+        users = list(range(self.n_users, self.n_users + len(folded)))
+        if folded:
+            self.scorer.set_users(users, torch.stack([f.memory for f in folded]),
+                                  torch.stack([f.output for f in folded]))
+        self._seen.extend(set(f.items) for f in folded)
+        try:
+            yield users
+        finally:
+            del self._seen[self.n_users:]
+
+    @torch.no_grad()
+    def recommend_history(self, histories: Sequence[Sequence[int]], k: int | Sequence[int] = 10,
+                          exclude_seen: bool | Sequence[bool] = True, exclude: Lists | None = None,
+                          candidates: Lists | None = None, strategy: str | None = None,
+                          seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`recommend` for anonymous users given by their histories: each is folded in (with `seed`: a history's
+        list does not depend on the others in the batch), its history is its seen-set (and retrieval's), and the
+        rows are `recommend`'s. Nothing is stored: afterwards the users, the neighbourhoods and every trained or
+        live user's scores are as before. The folded user is in no N(i), so with `exclude_seen=False` its history
+        items score as if it had not joined their neighbourhoods (a live user would have)."""
+        return self.recommend_folded([self.fold_in(h, seed) for h in histories], k, exclude_seen, exclude,
+                                     candidates, strategy)
+
+    @torch.no_grad()
+    def recommend_folded(self, folded: Sequence[FoldedUser], k: int | Sequence[int] = 10,
+                         exclude_seen: bool | Sequence[bool] = True, exclude: Lists | None = None,
+                         candidates: Lists | None = None,
+                         strategy: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`recommend_history` for users already folded in."""
+        with self._scoring_folded(folded) as users:
+            return self.recommend(users, k, exclude_seen, exclude, candidates, strategy)
+
+    @torch.no_grad()
+    def score_folded(self, folded: Sequence[FoldedUser], items=None, strategy: str | None = None) -> torch.Tensor:
+        """`score` for users already folded in (the evaluator's protocol for cold users)."""
+        with self._scoring_folded(folded) as users:
+            return self.score(users, items, strategy)
+
+    # ------------------------------------------------------------------ live users and items
+
+    @torch.no_grad()
+    def add_user(self, items: Sequence[int], seed: int | None = None) -> int:
+        """A live user: folded in from `items`, stored (its rows grow the user tables, amortised), its items its
+        seen-set and counted in popularity, and it joins N(i) of each; returns its id (`n_users` grows by one)."""
+        folded = self.fold_in(items, seed)
+        user = int(self.scorer.add_users(folded.memory[None], folded.output[None])[0])
+        self._seen.append(set())
+        self.add_interactions([user] * len(folded.items), folded.items)
+        return user
+
+    @torch.no_grad()
+    def refit_user(self, user: int, seed: int | None = None) -> None:
+        """Fit a live user's rows again to its seen-set (after `add_interactions` grew it); its slots in N(i) are
+        the rows being fitted, and the neighbour caches that hold them are rebuilt."""
+        if not self.is_live_user(user):
+            raise ValueError(f"user {user} is not a live user (trained users are refitted by a training run)")
+        folded = fold_in_user(self.scorer, sorted(self._seen[user]), self.foldin, seed, user=user)
+        self.scorer.set_users([user], folded.memory[None], folded.output[None])
+
+    @torch.no_grad()
+    def add_item(self, users: Sequence[int], seed: int | None = None) -> int:
+        """A live item: its row of E fitted from `users` (model/foldin.py), a candidate from now on, in their
+        seen-sets and counted in popularity, its users its N(i); the retrieval stage proposes it as the mix of the
+        items its users interacted with (model/retrieval.py). Returns its id (`n_items` grows by one)."""
+        memory = fold_in_item(self.scorer, users, self.foldin, seed)
+        item = int(self.scorer.add_items(memory[None])[0])
+        self._popularity = torch.cat([self._popularity, self._popularity.new_zeros(1)])
+        self._item_users[item] = []
+        if self.retrieval is not None:
+            self.retrieval.add_item([], [])
+        listed = list(dict.fromkeys(int(u) for u in users))
+        self.add_interactions(listed, [item] * len(listed))
+        return item
+
+    @torch.no_grad()
+    def refit_item(self, item: int, seed: int | None = None) -> None:
+        """Fit a live item's row of E again to its users (after `add_interactions` added some)."""
+        if not self.is_live_item(item):
+            raise ValueError(f"item {item} is not a live item (trained items are refitted by a training run)")
+        self.scorer.set_items([item], fold_in_item(self.scorer, self._item_users[item], self.foldin, seed,
+                                                   item=item)[None])
+
+    def _retrieval_mix(self, item: int) -> None:
+        """A live item's retrieval mix: the trained items its users interacted with, each by how many of them."""
+        counts: dict[int, int] = {}
+        for u in self._item_users[item]:
+            for i in self._seen[u]:
+                if i < self.trained_items:
+                    counts[i] = counts.get(i, 0) + 1
+        self.retrieval.set_item(item, list(counts), list(counts.values()))
+
     # ------------------------------------------------------------------ online feedback
 
     @torch.no_grad()
     def add_interactions(self, users: Sequence[int], items: Sequence[int]) -> int:
-        """Known users interacted with known items: never re-recommended from now on, counted in popularity,
-        and each user joins its item's neighbourhood. Returns how many pairs were new to the seen-sets."""
+        """Known (trained or live) users interacted with known items: never re-recommended from now on, counted in
+        popularity, and each user joins its item's neighbourhood. Returns how many pairs were new to the seen-sets.
+        A live user's or item's rows stay as fitted until `refit_user` / `refit_item`; a live item's retrieval mix
+        follows at once."""
         users, items = [int(u) for u in users], [int(i) for i in items]
-        new = []
+        bad = [(u, i) for u, i in zip(users, items) if not (0 <= u < self.n_users and 0 <= i < self.n_items)]
+        if bad:
+            raise ValueError(f"interactions {bad[:3]} name users or items the model does not hold "
+                             f"({self.n_users} users, {self.n_items} items)")
+        new, mixes = [], set()
         for u, i in zip(users, items):
             if i not in self._seen[u]:
                 self._seen[u].add(i)
                 new.append(i)
+                if i >= self.trained_items:
+                    self._item_users[i].append(u)
+                if self.retrieval is not None and self.live_items:  # a live item's mix reads its users' seen-sets
+                    mixes.update(j for j in self._seen[u] if j >= self.trained_items)
+        for i in mixes:
+            self._retrieval_mix(i)
         self.interactions += len(new)
         if new:
             self._popularity.index_add_(0, torch.tensor(new, device=self.device),

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -111,9 +111,31 @@ class Tables:
         # to a multiple of 16 floats (64-byte rows: embedding_bag runs measurably faster on them)
         ones = torch.zeros(m.cfg.n_users, -(-(d + 1) // 16) * 16 - d, device=out_values.device)
         ones[:, 0] = 1
-        hop2_item = F.linear(m.item_memory, m.hop_maps[0].weight, m.hop_maps[0].bias) if m.hop_maps else None
+        hop2_item = cls.hop2_rows(m, m.item_memory)
         return cls(out_values, torch.cat([m.user_output, ones], 1), torch.cat([out_values, ones], 1),
                    m.user_memory.T, hop2_item)
+
+    def grown(self, model: CMN) -> Tables:
+        """These tables for `model` after its user tables grew: the old rows kept as they are (bit for bit, and no
+        O(users) recomputation), the new ones zero (no user yet; `set_users` fills them)."""
+        extra = model.user_memory.shape[0] - self.out_values.shape[0]
+        grow = lambda t: torch.cat([t, t.new_zeros(extra, t.shape[1])])
+        values_ones, out_values_ones = grow(self.values_ones), grow(self.out_values_ones)
+        values_ones[-extra:, model.cfg.embed_size] = out_values_ones[-extra:, model.cfg.embed_size] = 1
+        return Tables(grow(self.out_values), values_ones, out_values_ones, model.user_memory.T, self.hop2_item)
+
+    def set_users(self, model: CMN, users: torch.Tensor) -> None:
+        """The rows of `users` after their rows of M and C changed (`keys_t` is a view of M: nothing to do)."""
+        d = model.cfg.embed_size
+        out = F.linear(model.user_output[users], model.output.weight[:, d:], model.output.bias)
+        self.out_values[users] = out
+        self.values_ones[users, :d] = model.user_output[users]
+        self.out_values_ones[users, :d] = out
+
+    @staticmethod
+    def hop2_rows(model: CMN, memory: torch.Tensor) -> torch.Tensor | None:
+        """Hop 2's item half `W_2 e + b_2` of the item rows `memory` (None with one hop)."""
+        return F.linear(memory, model.hop_maps[0].weight, model.hop_maps[0].bias) if model.hop_maps else None
 
 
 def attend(packed: Packed, logits: torch.Tensor, table_ones: torch.Tensor, d: int) -> torch.Tensor:
@@ -250,7 +272,7 @@ class BucketedCatalogue:
             for chunk in items_cap.split(max(1, min(chunk_items, chunk_items * 16 // cap))):
                 self.item_bucket[chunk] = len(self.buckets)
                 self.buckets.append(self._bucket(chunk.to(device), cap))
-        self._layout()
+        self.layout()
 
     def add_neighbours(self, indptr: torch.Tensor, indices: torch.Tensor, touched: torch.Tensor) -> None:
         """The CSR after the neighbourhoods of `touched` items changed (grew, or under a `max_neighbours` cap swapped
@@ -258,19 +280,41 @@ class BucketedCatalogue:
         larger cap; items that had no neighbours form a new bucket)."""
         self.indptr, self.indices = indptr, indices
         counts = (indptr[1:] - indptr[:-1]).cpu()
+        touched = touched.cpu()
         for b in torch.unique(self.item_bucket[touched]).tolist():
             if b >= 0:
                 bucket = self.buckets[b]
-                cap = max(bucket.nbr.shape[1], bucket_cap(int(counts[bucket.items.cpu()].max())))
-                self.buckets[b] = self._bucket(bucket.items, cap)
-        newly = touched[self.item_bucket[touched] < 0]
+                mine = touched[self.item_bucket[touched] == b]
+                cap = bucket.nbr.shape[1]
+                if int(counts[mine].max()) <= cap:      # their rows rewritten in place: a bucket holds ~2,048 items
+                    self._fill(bucket, torch.searchsorted(bucket.items, mine.to(bucket.items.device)))
+                else:
+                    self.buckets[b] = self._bucket(bucket.items, bucket_cap(int(counts[bucket.items.cpu()].max())))
+        newly = touched[(self.item_bucket[touched] < 0) & (counts[touched] > 0)]
         if len(newly):
             self.item_bucket[newly] = len(self.buckets)
             self.buckets.append(self._bucket(newly.to(indptr.device), bucket_cap(int(counts[newly].max()))))
             self.empty_items = self.empty_items[~torch.isin(self.empty_items, newly.to(indptr.device))]
-        self._layout()
+            self.layout()
+
+    def add_items(self, items: torch.Tensor) -> None:
+        """New items, with no neighbours yet (the model's item rows already grown)."""
+        self.item_bucket = torch.cat([self.item_bucket, torch.full((len(items),), -1, dtype=torch.long)])
+        self.empty_items = torch.cat([self.empty_items, items.to(self.empty_items.device)])
+        self.layout()
 
     def _bucket(self, items: torch.Tensor, cap: int) -> Bucket:
+        return Bucket(items, *self._rows(items, cap))
+
+    def _fill(self, bucket: Bucket, rows: torch.Tensor) -> None:
+        """Rewrite the rows `rows` of a bucket (their items' neighbourhoods changed within its cap)."""
+        fresh = self._rows(bucket.items[rows], bucket.nbr.shape[1])
+        for name, value in zip(("keys", "values", "out_values", "item_logits", "pad", "nbr"), fresh):
+            if value is not None:
+                getattr(bucket, name)[rows] = value
+
+    def _rows(self, items: torch.Tensor, cap: int) -> tuple:
+        """A bucket's tensors for `items` padded to `cap` slots, in `Bucket`'s field order after `items`."""
         m, indptr, indices = self.model, self.indptr, self.indices
         start, length = indptr[items], indptr[items + 1] - indptr[items]
         slot = torch.arange(cap, device=items.device)
@@ -280,11 +324,12 @@ class BucketedCatalogue:
         item_logits = torch.einsum("nld,nd->nl", keys, m.item_memory[items]).masked_fill(~real, -torch.inf)
         pad = torch.zeros(real.shape, device=items.device).masked_fill(~real, -torch.inf).unsqueeze(2)
         deep = m.cfg.hops > 1
-        return Bucket(items, keys if deep else None, m.user_output[nbr] * real[..., None] if deep else None,
-                      self.tables.out_values[nbr] * real[..., None], item_logits, pad, nbr)
+        return (keys if deep else None, m.user_output[nbr] * real[..., None] if deep else None,
+                self.tables.out_values[nbr] * real[..., None], item_logits, pad, nbr)
 
-    def _layout(self) -> None:
-        """The item order of a call: bucket after bucket, then the items without neighbours."""
+    def layout(self) -> None:
+        """The item order of a call (bucket after bucket, then the items without neighbours) and the item rows'
+        copies in that order; again after item rows changed."""
         order = torch.cat([b.items for b in self.buckets] + [self.empty_items])
         self.position = torch.empty_like(order)
         self.position[order] = torch.arange(len(order), device=order.device)
@@ -379,15 +424,18 @@ class Scorer:
     online feedback rebuilds little); `block_pairs` sets the bucketed route's block of (user, item) pairs; calls
     with at most `packed_max_users` users take the packed route (0: never). `graph_catalogue` sends every
     whole-catalogue call through the graph-captured route of model/gpu_scorer.py (opt-in: not yet measured on a
-    GPU).
+    GPU). Live users and items grow the model's tables (`add_users`, `add_items`): a caller's model is copied first
+    unless `owns_model` (`from_checkpoint`'s own). `n_users` counts the users; the user tables may hold more rows
+    (`capacity`), free for the next users or for scoring anonymous histories.
     """
 
     def __init__(self, model: CMN, indptr, indices, device: str | torch.device | None = None,
                  chunk_items: int = 2048, block_pairs: int = BLOCK_PAIRS,
                  packed_max_users: int = PACKED_MAX_USERS, recency=None,
-                 graph_catalogue: bool = False):
+                 graph_catalogue: bool = False, owns_model: bool = False):
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.model = model if _holds(model, self.device) else copy.deepcopy(model).to(self.device)
+        self.owns_model = owns_model or self.model is not model
         self.n_items = model.cfg.n_items
         self.n_users = model.cfg.n_users
         self.chunk_items = chunk_items
@@ -404,7 +452,8 @@ class Scorer:
         `Scorer`."""
         device = resolve_device(device) if isinstance(device, str) else device
         indptr, indices, recency = neighbour_csr(ckpt.train, ckpt.config.n_items, ckpt.config.max_neighbours)
-        return cls(ckpt.build_model(device), indptr, indices, device=device, recency=recency, **options)
+        return cls(ckpt.build_model(device), indptr, indices, device=device, recency=recency, owns_model=True,
+                   **options)
 
     def set_neighbourhoods(self, indptr, indices, recency=None) -> None:
         self.indptr = torch.as_tensor(indptr, dtype=torch.long, device=self.device)
@@ -439,6 +488,109 @@ class Scorer:
             self.graphed = GraphedCatalogue.build(self.model, self.tables, self.indptr, self.indices)
         return self.graphed
 
+    # ------------------------------------------------------------------ growth: live users and items
+
+    @property
+    def capacity(self) -> int:
+        """Rows of the user tables: users past `n_users` are free (scratch rows for anonymous histories)."""
+        return self.model.user_memory.shape[0]
+
+    def _own_model(self) -> None:
+        """Growth writes into the model: a caller's model is copied first (the scorer never changes it)."""
+        if not self.owns_model:
+            self.model = copy.deepcopy(self.model)
+            self.owns_model = True
+            self.refresh()
+
+    @torch.no_grad()
+    def reserve_users(self, n: int) -> None:
+        """Room for `n` rows past the current users. The user tables grow by half their size at a time, so users
+        added one by one cost amortised O(d) each, not a rebuild of every user-sized cache per user."""
+        rows = self.capacity
+        if self.n_users + n <= rows:
+            return
+        self._own_model()
+        grown = max(self.n_users + n, rows + rows // 2, rows + 64)
+        for name in ("user_memory", "user_output"):
+            old = getattr(self.model, name)
+            table = torch.cat([old.detach(), old.new_zeros(grown - rows, old.shape[1])])
+            setattr(self.model, name, torch.nn.Parameter(table, requires_grad=old.requires_grad))
+        self.model.cfg = replace(self.model.cfg, n_users=grown)     # a copy: the config may be a checkpoint's
+        self.tables = self.tables.grown(self.model)
+        self.pairs = PairRoute(self.model, self.tables, self.exclude_self)
+        self.packed = PackedCatalogue(self.model, self.tables, self.indptr, self.indices)  # its pattern is user-wide
+        if self.bucketed is not None:   # its buckets hold copies of rows that did not change
+            self.bucketed.tables = self.tables
+        self.graphed = None
+
+    @torch.no_grad()
+    def set_users(self, users, memory: torch.Tensor, output: torch.Tensor) -> None:
+        """Write rows of M and C (users < `capacity`) and every cache that reads them: the tables' rows, and where a
+        user sits in some N(i) (a refit), the neighbour caches of those items."""
+        self._own_model()
+        users = torch.as_tensor(users, dtype=torch.long, device=self.device)
+        self.model.user_memory[users] = memory.to(self.device)
+        self.model.user_output[users] = output.to(self.device)
+        self.tables.set_users(self.model, users)
+        placed = users[users < self.n_users]    # rows past n_users are in no neighbourhood
+        if len(placed):
+            lengths = self.indptr[1:] - self.indptr[:-1]
+            slots = torch.isin(self.indices, placed)
+            if bool(slots.any()):
+                touched = torch.unique(torch.repeat_interleave(torch.arange(self.n_items, device=self.device),
+                                                               lengths)[slots])
+                self._neighbours_changed(touched.cpu())
+
+    @torch.no_grad()
+    def add_users(self, memory: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        """New users with these rows of M and C, in no neighbourhood yet; returns their ids."""
+        self.reserve_users(len(memory))
+        users = torch.arange(self.n_users, self.n_users + len(memory), device=self.device)
+        self.set_users(users, memory, output)
+        self.n_users += len(memory)
+        return users
+
+    @torch.no_grad()
+    def add_items(self, memory: torch.Tensor) -> torch.Tensor:
+        """New items with these rows of E, no users in their neighbourhoods yet; returns their ids. The item tables
+        grow by exactly these rows: an item changes the catalogue's width, which every score row has."""
+        self._own_model()
+        items = torch.arange(self.n_items, self.n_items + len(memory), device=self.device)
+        old = self.model.item_memory
+        table = torch.cat([old.detach(), memory.to(self.device)])
+        self.model.item_memory = torch.nn.Parameter(table, requires_grad=old.requires_grad)
+        self.model.cfg = replace(self.model.cfg, n_items=len(table))
+        self.n_items = len(table)
+        self.indptr = torch.cat([self.indptr, self.indptr[-1:].expand(len(memory))])
+        if self.tables.hop2_item is not None:
+            self.tables.hop2_item = torch.cat([self.tables.hop2_item, Tables.hop2_rows(self.model, memory)])
+        self.packed = PackedCatalogue(self.model, self.tables, self.indptr, self.indices)
+        if self.bucketed is not None:
+            self.bucketed.add_items(items)
+        self.graphed = None
+        return items
+
+    @torch.no_grad()
+    def set_items(self, items, memory: torch.Tensor) -> None:
+        """Rewrite rows of E (a refit) and the caches that read them."""
+        self._own_model()
+        items = torch.as_tensor(items, dtype=torch.long, device=self.device)
+        self.model.item_memory[items] = memory.to(self.device)
+        if self.tables.hop2_item is not None:
+            self.tables.hop2_item[items] = Tables.hop2_rows(self.model, self.model.item_memory[items])
+        self._neighbours_changed(items.cpu())
+        if self.bucketed is not None:   # its copy of the item rows, in its order
+            self.bucketed.layout()
+        self.graphed = None
+
+    def _neighbours_changed(self, touched: torch.Tensor) -> None:
+        """Rebuild what caches rows of the `touched` items' neighbourhoods (or of the items themselves)."""
+        self.packed = PackedCatalogue(self.model, self.tables, self.indptr, self.indices)
+        if self.bucketed is not None:
+            self.bucketed.add_neighbours(self.indptr, self.indices, touched)
+        if self.graphed is not None:
+            self.graphed.add_neighbours(self.indptr, self.indices, touched)
+
     @torch.no_grad()
     def add_interactions(self, users, items) -> int:
         """Online feedback: put `users[k]` into N(items[k]), the newest member; under the model's `max_neighbours`
@@ -448,28 +600,32 @@ class Scorer:
         items = torch.as_tensor(items, dtype=torch.long).cpu()
         indptr, indices = self.indptr.cpu(), self.indices.cpu()
         lengths = indptr[1:] - indptr[:-1]
-        old = torch.repeat_interleave(torch.arange(self.n_items), lengths) * self.n_users + indices
-        new = items * self.n_users + users
-        fresh = ~torch.isin(new, old)
-        if not bool(fresh.any()):
+        # the slots' keys item·n + user are sorted (items in order, users sorted within one): new pairs are found
+        # and inserted by binary search, not by sorting every slot again
+        old = (torch.repeat_interleave(torch.arange(self.n_items), lengths) * self.n_users + indices).numpy()
+        new = (items * self.n_users + users).numpy()
+        at = np.searchsorted(old, new)
+        fresh = (at == len(old)) | (old[np.minimum(at, len(old) - 1)] != new) if len(old) else np.ones(len(new), bool)
+        if not fresh.any():
             return 0
         # a pair fed back twice in one call keeps its first place in line
-        added, first = np.unique(new[fresh].numpy(), return_index=True)
-        touched = torch.unique(items[fresh])
+        added, first = np.unique(new[fresh], return_index=True)
+        touched = torch.unique(items[torch.from_numpy(fresh)])
         clock = int(self.recency.max()) + 1 if len(self.recency) else 0
-        keys = np.concatenate([old.numpy(), added])
-        recency = np.concatenate([self.recency.numpy(), clock + first])
-        kept = keep_newest(keys // self.n_users, recency, self.max_neighbours)
-        order = np.argsort(keys[kept], kind="stable")
-        keys, self.recency = torch.from_numpy(keys[kept][order]), torch.from_numpy(recency[kept][order])
+        where = np.searchsorted(old, added)
+        keys = np.insert(old, where, added)
+        recency = np.insert(self.recency.numpy(), where, clock + first)
+        if self.max_neighbours is not None:     # only the touched items can have outgrown the cap
+            slot_items = keys // self.n_users
+            near = np.isin(slot_items, touched.numpy())
+            kept = np.ones(len(keys), dtype=bool)
+            kept[near] = keep_newest(slot_items[near], recency[near], self.max_neighbours)
+            keys, recency = keys[kept], recency[kept]
+        keys, self.recency = torch.from_numpy(keys), torch.from_numpy(recency)
         counts = torch.bincount(keys // self.n_users, minlength=self.n_items)
         self.indptr = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(counts, 0)]).to(self.device)
         self.indices = (keys % self.n_users).to(self.device)
-        self.packed = PackedCatalogue(self.model, self.tables, self.indptr, self.indices)
-        if self.bucketed is not None:
-            self.bucketed.add_neighbours(self.indptr, self.indices, touched)
-        if self.graphed is not None:
-            self.graphed.add_neighbours(self.indptr, self.indices, touched)
+        self._neighbours_changed(touched)
         return len(added)
 
     @torch.no_grad()

@@ -1,10 +1,11 @@
 """The reproduction path (`benchmarks/reproduce_citeulike.py`), end to end on a slice of citeulike-a.
 
 The full run is a benchmark (an hour on 2 cores, figures in docs/results.md); here `--quick` runs every kind of
-part it has (main run, baselines, one ablation, one tuning run, the validation-fit baselines) for a couple of
-epochs on 300 users, and the test checks what a reader of the report relies on: the paper's hyperparameters
-are the ones used, the table's figures are the checkpoint's, and the tuning run reports the epoch it selected
-on validation, not the last one.
+part it has (main run, baselines, one ablation, one tuning run, the validation-fit baselines, the two-stage part
+with the paper-setting tuning run it trains) for a couple of epochs on 300 users, and the test checks what a reader
+of the report relies on: the paper's hyperparameters are the ones used, the table's figures are the checkpoint's,
+the tuning run reports the epoch it selected on validation, not the last one, and the two-stage settings are the
+validation grid's best while its test table is what `evaluate` measures on the served checkpoint.
 """
 import json
 import os
@@ -38,12 +39,14 @@ def quick_run(tmp_path_factory):
 
 def test_every_part_writes_its_result_and_the_report(quick_run):
     out, runs, report = quick_run
-    assert set(runs) == {"main", "baselines", "ablation_hops1", "tune_l2_0.01", "baselines_validation_fit"}
-    for name in ("main", "ablation_hops1", "tune_l2_0.01"):
+    assert set(runs) == {"main", "baselines", "ablation_hops1", "tune_l2_0.01", "baselines_validation_fit",
+                         "tune_paper", "two_stage"}
+    for name in ("main", "ablation_hops1", "tune_l2_0.01", "tune_paper"):
         assert (out / f"{name}.curves.png").stat().st_size > 0
     assert "| **CMN (ours), final epoch 2** |" in report
     for label in ("TopPop (ours)", "ItemKNN CF (ours)", "RP3beta (ours)", "| hops 1 |", "l2 0.01 **(selected)**",
-                  "RP3beta fit on the same pairs (ours)", "## Wall times", "## Commands", "## Machine"):
+                  "RP3beta fit on the same pairs (ours)", "## Two-stage recommendation", "(served default)** |",
+                  "| RP3beta baseline (main table) |", "## Wall times", "## Commands", "## Machine"):
         assert label in report, label
     assert "benchmarks/reproduce_citeulike.py --quick" in report
 
@@ -98,3 +101,54 @@ def test_baselines_beat_popularity_on_the_slice(quick_run):
         pop = r["toppop"]["metrics"]["sampled"]["hr@10"]
         for model in ("itemknn", "rp3beta"):
             assert r[model]["metrics"]["sampled"]["hr@10"] > pop + 0.1, (name, model)
+
+
+def test_two_stage_settings_are_the_validation_grids_best(quick_run):
+    """The part chooses on validation alone: its choice is the grid's best cell (the first of equals in the grid's
+    order), marked in the report, stored in the served checkpoint, and the test table is what `python -m training
+    evaluate` measures on that checkpoint."""
+    out, runs, report = quick_run
+    part = runs["two_stage"]
+    table, chosen = part["validation"], part["chosen"]
+    assert {row["blend"] for row in table} == {"zscore", "rrf"} and {row["method"] for row in table} == \
+        {"rp3beta", "itemknn"}
+    best = max(table, key=lambda row: row["ndcg@10"])
+    assert {k: chosen[k] for k in ("method", "candidates", "blend", "weight")} == \
+        {k: best[k] for k in ("method", "candidates", "blend", "weight")}
+    assert f"**{best['ndcg@10']:.4f}**" in report
+    assert part["checkpoint"] == str(out / "ckpt" / "tune_paper.ckpt")
+    assert runs["tune_paper"]["config"]["validation"] is True
+    served = load_checkpoint(part["served_checkpoint"])
+    assert served.two_stage.to_dict() == chosen
+    done = run_cli("evaluate", "--checkpoint", part["served_checkpoint"], "--json")
+    assert done.returncode == 0, done.stderr
+    measured = json.loads(done.stdout)
+    assert measured["strategy"] == part["default_strategy"] == "two_stage"
+    for strategy, figures in part["test"].items():
+        for protocol in ("sampled", "full"):
+            assert measured["strategies"][strategy][protocol] == pytest.approx(figures[protocol], abs=1e-9)
+    s = part["test"]["two_stage"]["sampled"]
+    assert f"| **{s['hr@10']:.4f}** | **{s['ndcg@10']:.4f}** |" in report
+
+
+def test_two_stage_refuses_a_checkpoint_without_a_validation_split(quick_run, tmp_path):
+    out, _, _ = quick_run
+    done = subprocess.run(
+        [sys.executable, "benchmarks/reproduce_citeulike.py", "--quick", "--data", str(CITEULIKE), "--out-dir",
+         str(tmp_path), "--skip-main", "--skip-baselines", "--two-stage-checkpoint", str(out / "ckpt" / "main.ckpt")],
+        cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    assert done.stderr.startswith("error: --two-stage-checkpoint") and "--validation" in done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "two_stage.json").exists()
+
+
+def test_the_report_keeps_hand_written_sections(quick_run):
+    """Regenerating the report rewrites what it generates and keeps what follows the hand-written marker."""
+    from benchmarks.reproduce_citeulike import HAND_WRITTEN
+    out, _, report = quick_run
+    tail = f"{HAND_WRITTEN}\n\n## Notes written by hand\n\nA figure measured elsewhere: 0.1234.\n"
+    (out / "results.md").write_text("# an outdated generated part\n\n" + tail)
+    done = subprocess.run([sys.executable, "benchmarks/reproduce_citeulike.py", "--report-only", "--out-dir", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert (out / "results.md").read_text() == report + "\n" + tail

@@ -7,7 +7,7 @@ import torch
 
 from conftest import make_cmn
 from model.recommender import Recommender
-from model.retrieval import ItemRetrieval, TwoStage, blend
+from model.retrieval import RRF_K, ItemRetrieval, TwoStage, blend
 from training.data import holdout_validation, synthetic
 from training.evaluate import evaluate
 from training.two_stage import fit_retrieval, select_two_stage, validation_ndcg
@@ -44,6 +44,14 @@ def zscore(x: np.ndarray) -> np.ndarray:
     return (x - x.mean()) / (std if std > 0 else 1.0)
 
 
+def reciprocal_rank(x: np.ndarray) -> np.ndarray:
+    """1 / (60 + r), r the 1-based rank by score descending; equal scores share the best rank."""
+    return np.array([1.0 / (RRF_K + 1 + (x > v).sum()) for v in x])
+
+
+BLENDS = {"zscore": zscore, "rrf": reciprocal_rank}
+
+
 def test_retrieval_scores_are_the_history_times_w(data):
     stage, w = random_retrieval(data.n_items)
     users = [0, 5, 77]
@@ -65,11 +73,57 @@ def test_blend_standardises_each_row_over_its_candidates():
     assert out[0, 3] == -torch.inf and (out[1, 2:] == -torch.inf).all()
 
 
-@pytest.mark.parametrize("weight", [0.0, 0.4, 1.0])
-def test_two_stage_list_is_retrieval_top_r_reranked_by_the_blend(data, model, weight):
+def test_rrf_blend_by_rank_only():
+    cmn = torch.tensor([[0.1, 0.7, 0.7, -3.0, 5.0], [2.0, 1.0, 0.0, 0.0, 0.0]])
+    ret = torch.tensor([[9.0, 1.0, 2.0, 3.0, 8.0], [0.5, 0.5, 0.0, 0.0, 0.0]])
+    valid = torch.tensor([[True, True, True, True, False], [True, True, False, False, False]])
+    out = blend(cmn, ret, valid, 0.25, "rrf")
+    # row 0: CMN ranks 3, 1, 1, 4 (the tie shares rank 1), retrieval ranks 1, 4, 3, 2; the invalid 5.0 / 8.0 count not
+    by_hand = [0.25 / (RRF_K + c) + 0.75 / (RRF_K + r) for c, r in zip((3, 1, 1, 4), (1, 4, 3, 2))]
+    np.testing.assert_allclose(out[0, :4].numpy(), by_hand, rtol=1e-6)
+    np.testing.assert_allclose(out[1, :2].numpy(), [0.25 / 61 + 0.75 / 61, 0.25 / 62 + 0.75 / 61], rtol=1e-6)
+    assert out[0, 4] == -torch.inf and (out[1, 2:] == -torch.inf).all()
+    # only the orders count: a monotone transform of either score changes nothing
+    np.testing.assert_array_equal(blend(cmn.exp() * 40, ret ** 3, valid, 0.25, "rrf").numpy(), out.numpy())
+    with pytest.raises(ValueError, match="unknown blend 'mean'"):
+        blend(cmn, ret, valid, 0.5, "mean")
+    with pytest.raises(ValueError, match="blend must be one of zscore, rrf"):
+        TwoStage("rp3beta", 10, 0.5, {}, "mean")
+
+
+def test_rrf_reorder_rank_is_where_cmn_first_moves_an_item():
+    """What docs/results.md says of a small rrf weight: CMN cannot move an item past any of the retrieval's top
+    `reach - 1` (distinct retrieval scores), and can move the item at `reach` past the one above it."""
+    from benchmarks.reproduce_citeulike import rrf_reorder_rank
+    r, weight = 50, 0.02
+    reach = rrf_reorder_rank(weight, r)
+    assert 1 < reach < r
+    retrieval = torch.arange(r, 0, -1, dtype=torch.float32)[None]          # item j at retrieval rank j + 1
+    valid = torch.ones_like(retrieval, dtype=torch.bool)
+
+    def order(cmn_ranks):
+        out = blend(-torch.tensor(cmn_ranks, dtype=torch.float32)[None], retrieval, valid, weight, "rrf")
+        return torch.argsort(out[0], descending=True, stable=True).tolist()
+
+    for upper in (reach - 2, reach - 1):   # items at ranks reach - 1 and reach, each against the next one down
+        others = [j for j in range(r) if j not in (upper, upper + 1)]
+        ranks = [0] * r
+        ranks[upper], ranks[upper + 1] = r, 1          # CMN's last place above, its first place just below
+        for n, j in enumerate(others):
+            ranks[j] = n + 2
+        listed = order(ranks)
+        assert (listed.index(upper + 1) < listed.index(upper)) == (upper == reach - 1), (upper, reach)
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        assert order(rng.permutation(r) + 1)[:reach - 1] == list(range(reach - 1))
+
+
+@pytest.mark.parametrize("weight, kind", [(0.0, "zscore"), (0.4, "zscore"), (1.0, "zscore"), (0.4, "rrf")])
+def test_two_stage_list_is_retrieval_top_r_reranked_by_the_blend(data, model, weight, kind):
     stage, w = random_retrieval(data.n_items)
     r, k = 20, 7
-    rec = Recommender.from_model(model, data.train, retrieval=stage, two_stage=TwoStage("random", r, weight, {}))
+    rec = Recommender.from_model(model, data.train, retrieval=stage,
+                                 two_stage=TwoStage("random", r, weight, {}, blend=kind))
     full = Recommender.from_model(model, data.train)
     users = [3, 40, 41, 99]
     exclude = [[1, 2], [], [5], []]
@@ -81,7 +135,8 @@ def test_two_stage_list_is_retrieval_top_r_reranked_by_the_blend(data, model, we
         allowed = [i for i in range(data.n_items) if i not in banned]
         retrieved = sorted(allowed, key=lambda i: -retrieval[n, i])[:r]
         assert set(rec.retrieve([u], [sorted(banned)])[0][0].tolist()) == set(retrieved)
-        mixed = weight * zscore(cmn[n, retrieved]) + (1 - weight) * zscore(retrieval[n, retrieved])
+        scale = BLENDS[kind]
+        mixed = weight * scale(cmn[n, retrieved]) + (1 - weight) * scale(retrieval[n, retrieved])
         order = np.argsort(-mixed, kind="stable")[:k]
         assert items[n].tolist() == [retrieved[j] for j in order]
         np.testing.assert_allclose(scores[n].numpy(), mixed[order], rtol=1e-4, atol=1e-5)
@@ -102,17 +157,22 @@ def test_a_model_without_retrieval_offers_full_only(data, model):
 
 
 def test_selection_figures_are_the_evaluators(data, model):
-    """The grid's validation NDCG@10 for the chosen configuration equals training/evaluate.py's full protocol on
-    the same split for a Recommender built with that configuration: selection ranks what evaluation ranks."""
+    """Every cell of the grid (R, blend, weight) equals training/evaluate.py's full protocol on the same split for
+    a Recommender built with that configuration: selection ranks what evaluation ranks, and the best cell wins."""
     fit = holdout_validation(data, seed=0)
     stage, table = select_two_stage(model, fit, methods=("rp3beta",), candidates=(10, 30), weights=(0.0, 0.5, 1.0),
                                     log=lambda *_: None)
-    assert len(table) == 6 and stage.method == "rp3beta"
-    chosen = next(row for row in table if (row["candidates"], row["weight"]) == (stage.candidates, stage.weight))
+    assert len(table) == 12 and stage.method == "rp3beta"
+    assert {(row["blend"], row["weight"]) for row in table} == {(b, w) for b in ("zscore", "rrf") for w in (0, .5, 1)}
+    chosen = next(row for row in table
+                  if (row["candidates"], row["blend"], row["weight"]) == (stage.candidates, stage.blend, stage.weight))
     assert chosen["ndcg@10"] == max(row["ndcg@10"] for row in table)
     retrieval, _ = fit_retrieval("rp3beta", fit.train, fit.n_users, fit.n_items)
-    rec = Recommender.from_model(model, fit.train, retrieval=retrieval, two_stage=stage)
-    assert evaluate(rec, fit.test, fit.train, full=True)["full"]["ndcg@10"] == pytest.approx(chosen["ndcg@10"])
+    assert len({row["ndcg@10"] for row in table}) > 3, "a grid whose settings change nothing checks nothing"
+    for row in table:
+        settings = TwoStage("rp3beta", row["candidates"], row["weight"], {}, row["blend"])
+        rec = Recommender.from_model(model, fit.train, retrieval=retrieval, two_stage=settings)
+        assert evaluate(rec, fit.test, fit.train, full=True)["full"]["ndcg@10"] == pytest.approx(row["ndcg@10"]), row
 
 
 def test_validation_ndcg_by_hand():

@@ -1,5 +1,6 @@
-"""Two-stage serving: `strategy` per request, answered with the strategy used, and the served default lists equal
-what `python -m training evaluate` ranks (real HTTP, the full-catalogue protocol)."""
+"""Two-stage serving: `strategy` per request, answered with the strategy used, explanations of the re-ranked lists,
+old checkpoints' settings, and the served default lists equal what `python -m training evaluate` ranks (real HTTP,
+the full-catalogue protocol)."""
 import asyncio
 import json
 import subprocess
@@ -10,10 +11,12 @@ import numpy as np
 import pytest
 
 from benchmarks.servers import ROOT, running_server
-from conftest import make_cmn
-from model.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from conftest import make_cmn, neighbourhood, numpy_params, reference_forward
+from model.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from model.recommender import Recommender
-from test_api import serving, settings_for, wait_ready
+from model.retrieval import TwoStage
+from test_api import samples, serving, settings_for, value, wait_ready
+from test_cli_errors import rewrite_metadata
 from training.data import holdout_validation, synthetic
 from training.two_stage import fit_two_stage
 
@@ -41,6 +44,57 @@ def test_checkpoint_round_trip_keeps_the_retrieval_stage(two_stage_checkpoint):
     assert len(ckpt.retrieval.values) > 0
 
 
+def test_a_checkpoint_from_before_the_blend_setting_reads_as_zscore(two_stage_checkpoint, tmp_path):
+    """Checkpoints written before `blend` existed hold no such key: they keep ranking by the z-score blend."""
+    settings = load_checkpoint(two_stage_checkpoint).two_stage.to_dict()
+    old = {k: v for k, v in settings.items() if k != "blend"}
+    path = rewrite_metadata(two_stage_checkpoint, tmp_path / "old.ckpt", two_stage=json.dumps(old))
+    assert load_checkpoint(path).two_stage == TwoStage(**{**old, "blend": "zscore"})
+    bad = rewrite_metadata(two_stage_checkpoint, tmp_path / "bad.ckpt", two_stage=json.dumps({**old, "blend": "max"}))
+    with pytest.raises(CheckpointError, match="blend must be one of zscore, rrf, got 'max'"):
+        load_checkpoint(bad)
+
+
+def reference_explanation(ckpt: Checkpoint, params: dict, user: int, item: int, top: int = 5):
+    """The `top` neighbours of N(item) the last hop of (user, item) attends to most, by the numpy reference."""
+    _, p, nbr, _ = reference_forward(params, [user], [item], [neighbourhood(ckpt.train, user, item)])
+    order = np.argsort(-p[0], kind="stable")[:top]
+    return [(int(nbr[0, j]), float(p[0, j])) for j in order if p[0, j] > 0]
+
+
+@pytest.mark.anyio
+async def test_explanations_follow_the_two_stage_list(two_stage_checkpoint, tmp_path):
+    """explain under two_stage (the default) and retrieval: the list is the one served without explain, and each
+    item carries the neighbours CMN's last hop attends to most, as the numpy reference computes them; so does
+    `Recommender.explain` on the recommender's own two-stage list."""
+    ckpt = load_checkpoint(two_stage_checkpoint)
+    rec = Recommender.from_checkpoint(ckpt)
+    params = numpy_params(ckpt.build_model())
+    lengths = []
+    async with serving(settings_for(two_stage_checkpoint, tmp_path, allow_explain=True)) as c:
+        await wait_ready(c)
+        for user, strategy in [(3, None), (60, None), (121, None), (7, "two_stage"), (44, "retrieval")]:
+            body = {"user_id": ckpt.user_ids[user], "k": 6, **({"strategy": strategy} if strategy else {})}
+            plain = await c.post("/recommend", json=body)
+            r = await c.post("/recommend", json={**body, "explain": True})
+            assert r.status_code == 200 and plain.status_code == 200, r.text
+            answer = r.json()
+            assert answer["strategy"] == (strategy or "two_stage")
+            assert [(x["item_id"], x["score"]) for x in answer["items"]] == \
+                [(x["item_id"], x["score"]) for x in plain.json()["items"]]
+            items, _ = rec.recommend([user], k=6, strategy=strategy)
+            listed = [i for i in items[0].tolist() if i >= 0]
+            assert [x["item_id"] for x in answer["items"]] == [ckpt.item_ids[i] for i in listed]
+            for x, item, direct in zip(answer["items"], listed, rec.explain(user, listed)):
+                want = reference_explanation(ckpt, params, user, item)
+                assert [n["user_id"] for n in x["explanation"]] == [ckpt.user_ids[v] for v, _ in want]
+                assert [v for v, _ in direct] == [v for v, _ in want]
+                np.testing.assert_allclose([n["weight"] for n in x["explanation"]], [w for _, w in want], atol=1e-5)
+                np.testing.assert_allclose([w for _, w in direct], [w for _, w in want], atol=1e-5)
+                lengths.append(len(want))
+    assert max(lengths) > 1, "explanations of single neighbours check no order"
+
+
 @pytest.mark.anyio
 async def test_strategy_is_chosen_per_request_and_reported(two_stage_checkpoint, api_checkpoint, tmp_path):
     ckpt = load_checkpoint(two_stage_checkpoint)
@@ -48,6 +102,7 @@ async def test_strategy_is_chosen_per_request_and_reported(two_stage_checkpoint,
     user = ckpt.user_ids[7]
     async with serving(settings_for(two_stage_checkpoint, tmp_path)) as c:
         await wait_ready(c)
+        before = samples((await c.get("/metrics")).text)   # the counters are the process's, shared by every test
         for strategy in (None, "full", "two_stage", "retrieval"):
             body = {"user_id": user, "k": 5, **({"strategy": strategy} if strategy else {})}
             r = await c.post("/recommend", json=body)
@@ -57,9 +112,11 @@ async def test_strategy_is_chosen_per_request_and_reported(two_stage_checkpoint,
             assert [x["item_id"] for x in r.json()["items"]] == [ckpt.item_ids[i] for i in items[0].tolist()]
         r = await c.post("/recommend", json={"user_id": "nobody", "k": 3, "strategy": "retrieval"})
         assert r.status_code == 200 and r.json()["fallback"] == "unknown_user" and "strategy" not in r.json()
-        metrics = (await c.get("/metrics")).text
-        assert 'cmn_recommendations_total{kind="personalised",strategy="two_stage"} 2.0' in metrics
-        assert 'cmn_recommendations_total{kind="personalised",strategy="retrieval"} 1.0' in metrics
+        after = samples((await c.get("/metrics")).text)
+        for strategy, served in (("two_stage", 2), ("retrieval", 1), ("full", 1)):
+            labels = dict(kind="personalised", strategy=strategy)
+            assert value(after, "cmn_recommendations_total", **labels) - \
+                value(before, "cmn_recommendations_total", **labels) == served, strategy
     async with serving(settings_for(api_checkpoint, tmp_path / "plain")) as c:   # a model without retrieval
         await wait_ready(c)
         r = await c.post("/recommend", json={"user_id": "0", "strategy": "two_stage"})

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import fields
 
@@ -16,11 +17,8 @@ TRUST_PICKLE = ("an original-format .npz's test_data is a pickle: by default onl
                 "as it is, which runs whatever code the file holds (only for a file you trust)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m training", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    t = sub.add_parser("train", help="train CMN (GMF pretraining first) and write one checkpoint")
+def add_train_arguments(t: argparse.ArgumentParser) -> None:
+    """The training flags, shared by `train` and `coldstart` (which trains on the warm users)."""
     t.add_argument("--data", default=DEFAULTS.data,
                    help="'synthetic' (built in, the default), an original-format .npz, or a CSV/TSV of interactions")
     t.add_argument("--out", default=DEFAULTS.out, help="checkpoint path; metrics JSON and PNG go next to it")
@@ -58,7 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-two-stage", dest="two_stage", action="store_false",
                    help="with --validation: fit no retrieval stage (the checkpoint then serves full-catalogue CMN)")
     t.add_argument("--resume", action="store_true", help="continue an interrupted run of the same command")
-    t.add_argument("--feedback", help="fold a feedback store (the server's CMN_FEEDBACK_PATH) into the data")
+    t.add_argument("--feedback", metavar="URL",
+                   help="fold the server's feedback store (its CMN_FEEDBACK_URL: sqlite:///PATH, postgresql://... "
+                        "or a file path) into the data")
     t.add_argument("--feedback-unverified", action="store_true",
                    help="with --feedback: also fold in events the server stored as unverified (their user or item "
                         "was unknown to the serving model); each new id becomes a new embedding row. Without it "
@@ -72,12 +72,30 @@ def build_parser() -> argparse.ArgumentParser:
     shown.add_argument("--quiet", dest="progress", action="store_const", const=False, help="no progress bars")
     t.add_argument("--trust-pickle", action="store_true", help=TRUST_PICKLE)
 
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m training", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train CMN (GMF pretraining first) and write one checkpoint")
+    add_train_arguments(t)
+
     e = sub.add_parser("evaluate", help="evaluate a checkpoint (sampled, full-catalogue, TopPop)")
     e.add_argument("--checkpoint", required=True)
     e.add_argument("--data", help="evaluate on this data's split instead of the one stored in the checkpoint")
     e.add_argument("--device", default="auto")
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.add_argument("--trust-pickle", action="store_true", help=TRUST_PICKLE)
+
+    c = sub.add_parser("coldstart", help="hold a fraction of users out of training, then rank each one's held-out "
+                                         "item from its other items: fold-in, popularity and ItemKNN side by side")
+    add_train_arguments(c)
+    c.add_argument("--cold-users", type=float, default=0.1, metavar="FRACTION",
+                   help="fraction of all users held out of training, drawn with --seed among the users of the data's "
+                        "leave-one-out split (default 0.1)")
+    c.add_argument("--checkpoint", help="evaluate this model, written by an earlier coldstart with the same --data, "
+                                        "--cold-users and --seed, instead of training one")
+    c.add_argument("--json", action="store_true", help="print one JSON object (the training log goes to stderr)")
 
     b = sub.add_parser("baselines", help="TopPop, ItemKNN CF and RP3beta in the same evaluator")
     b.add_argument("--data", default="synthetic")
@@ -166,6 +184,61 @@ def remap(data, ckpt):
     return train, Split(u_map[t.users[keep]], i_map[t.positives[keep]], i_map[t.negatives[keep]])
 
 
+def cmd_coldstart(args) -> int:
+    """Cold users: the data less a fraction of its users is written next to --out in the .npz format and trained on
+    as `train` would (unless --checkpoint), then each cold user's held-out item is ranked from its other items."""
+    from model.checkpoint import load_checkpoint
+    from model.recommender import Recommender
+    from training.data import load, pair_keys
+    from training.evaluate import cold_users_in, evaluate_cold_start, hold_out_users, write_npz
+    from training.train import train
+
+    if args.feedback:
+        raise ValueError("coldstart trains on the data alone: --feedback has no cold users to hold out")
+    data = load(args.data, seed=args.seed, min_rating=args.min_rating, trust_pickle=args.trust_pickle)
+    warm, cold = hold_out_users(data, args.cold_users, args.seed)
+    log = (lambda line: print(line, file=sys.stderr)) if args.json else print
+    path = args.checkpoint
+    if path is None:
+        args.max_neighbours = neighbour_cap(args.max_neighbours)
+        warm_path = args.out + ".warm.npz"
+        os.makedirs(os.path.dirname(os.path.abspath(warm_path)), exist_ok=True)
+        write_npz(warm, warm_path)
+        log(f"cold start: {len(cold.ids):,} cold users held out; training on {warm.summary()} ({warm_path})")
+        values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
+        train(TrainConfig(**{**values, "data": warm_path}), log=log)
+        path = args.out
+    ckpt = load_checkpoint(path)
+    # the model must be the warm users' (an .npz's ids are its indices: user k is warm user k, item j data item j)
+    try:
+        users = np.array([int(u) for u in ckpt.user_ids])[ckpt.train[:, 0]]
+        items = np.array([int(i) for i in ckpt.item_ids])[ckpt.train[:, 1]]
+        trained = np.unique(pair_keys(users, items, data.n_items))
+    except ValueError:      # ids that are not indices: not a model of the warm .npz
+        trained = None
+    if trained is None or not np.array_equal(trained, np.unique(pair_keys(warm.train[:, 0], warm.train[:, 1],
+                                                                          data.n_items))):
+        raise ValueError(f"{path} was not trained on {args.data} less its {len(cold.ids):,} cold users of "
+                         f"--cold-users {args.cold_users} --seed {args.seed}; run coldstart without --checkpoint")
+    cold, left_out = cold_users_in(cold, [str(i) for i in range(data.n_items)], ckpt.item_ids)
+    rec = Recommender.from_checkpoint(ckpt, args.device, seen=ckpt.train)
+    result = {"data": args.data, "fraction": args.cold_users, "seed": args.seed, "checkpoint": path,
+              "left_out": left_out, **evaluate_cold_start(rec, cold, ckpt.train, args.seed, full=args.full_eval,
+                                                          progress=bool(args.progress))}
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"{result['cold_users']:,} cold users of {args.data} (held-out item: {result['held_out']}; history "
+          f"{result['history_length']['mean']:.1f} items on average); fold-in {result['fold_in']['steps']} steps, "
+          f"p50 {result['fold_in']['ms_p50']:.1f} ms, p99 {result['fold_in']['ms_p99']:.1f} ms per user")
+    print(f"{'':20s}{'sampled HR@10':>14s}{'NDCG@10':>9s}{'full HR@10':>12s}{'NDCG@10':>9s}")
+    for name, m in result["methods"].items():
+        full = m.get("full", {"hr@10": float("nan"), "ndcg@10": float("nan")})
+        print(f"{name:20s}{m['sampled']['hr@10']:14.4f}{m['sampled']['ndcg@10']:9.4f}{full['hr@10']:12.4f}"
+              f"{full['ndcg@10']:9.4f}")
+    return 0
+
+
 def cmd_baselines(args) -> int:
     from training.baselines import run_baselines
     from training.data import load
@@ -189,7 +262,8 @@ def main(argv=None) -> int:
     from training.train import TrainingCollapsed
     args = build_parser().parse_args(argv)
     try:
-        return {"train": cmd_train, "evaluate": cmd_evaluate, "baselines": cmd_baselines}[args.command](args)
+        return {"train": cmd_train, "evaluate": cmd_evaluate, "coldstart": cmd_coldstart,
+                "baselines": cmd_baselines}[args.command](args)
     except (DataError, CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,11 +1,13 @@
 """Fit the retrieval stage and choose the two-stage settings on a validation split, never on test.
 
     retrieval, stage, table = fit_two_stage(model, fit, data)   # what python -m training train --validation does
+    table = add_two_stage(ckpt, data)                            # the same for a checkpoint written without it
 
-The grid is every method × R × blend weight. CMN scores each validation user's largest candidate list once, so
-the whole grid costs one retrieval and one CMN pass per method; a configuration's validation NDCG@10 is the
+The grid is every method × R × blend kind × CMN weight. CMN scores each validation user's largest candidate list
+once, so the whole grid costs one retrieval and one CMN pass per method; a configuration's validation NDCG@10 is the
 full-catalogue protocol of training/evaluate.py (ties against the positive, training items excluded): the rank of
-the held-out item among the user's re-ranked R candidates, a miss when retrieval did not propose it.
+the held-out item among the user's re-ranked R candidates, a miss when retrieval did not propose it. Equal figures
+go to the smallest R (the cheapest), then the z-score blend (the older default), then the smallest CMN weight.
 """
 from __future__ import annotations
 
@@ -13,15 +15,17 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from model.checkpoint import Checkpoint
 from model.cmn import CMN
 from model.recommender import Recommender
-from model.retrieval import ItemRetrieval, TwoStage, blend
+from model.retrieval import BLENDS, ItemRetrieval, TwoStage, blend
 from training.baselines import ItemKNN, RP3beta
-from training.data import Dataset
+from training.data import Dataset, holdout_validation
 
 METHODS = {"rp3beta": RP3beta, "itemknn": ItemKNN}
 CANDIDATES = (50, 100, 200, 400)
-WEIGHTS = tuple(np.round(np.linspace(0.0, 1.0, 11), 2))
+# finer below 0.1: on citeulike-a every weight from 0.1 up lowered validation NDCG@10 (docs/results.md)
+WEIGHTS = (0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 
 def fit_retrieval(method: str, train: np.ndarray, n_users: int, n_items: int,
@@ -50,9 +54,9 @@ def validation_ndcg(scores: torch.Tensor, items: torch.Tensor, valid: torch.Tens
 
 @torch.no_grad()
 def select_two_stage(model: CMN, fit: Dataset, methods=tuple(METHODS), candidates=CANDIDATES, weights=WEIGHTS,
-                     log=print) -> tuple[TwoStage, list[dict]]:
-    """The (method, R, weight) with the best validation NDCG@10 (`fit.test` is the validation split, `fit.train`
-    what the model and the retrieval are fitted on), and every configuration's figure."""
+                     blends=BLENDS, log=print) -> tuple[TwoStage, list[dict]]:
+    """The (method, R, blend, weight) with the best validation NDCG@10 (`fit.test` is the validation split,
+    `fit.train` what the model and the retrieval are fitted on), and every configuration's figure."""
     users = [int(u) for u in fit.test.users]
     positives = torch.as_tensor(fit.test.positives)
     table, params = [], {}
@@ -63,16 +67,18 @@ def select_two_stage(model: CMN, fit: Dataset, methods=tuple(METHODS), candidate
         dense = retrieval.scores([sorted(rec.seen(u)) for u in users])
         items, valid = rec.retrieve(users, [sorted(rec.seen(u)) for u in users], dense)
         cmn, found = (rec.score_lists(users, items, valid, strategy, dense) for strategy in ("full", "retrieval"))
-        for r in candidates:
-            for weight in weights:
-                ndcg = validation_ndcg(blend(cmn[:, :r], found[:, :r], valid[:, :r], float(weight)), items[:, :r],
-                                       valid[:, :r], positives)
-                table.append({"method": method, "candidates": r, "weight": float(weight), "ndcg@10": ndcg})
+        for r in sorted(candidates):
+            for kind in blends:
+                for weight in sorted(weights):
+                    ndcg = validation_ndcg(blend(cmn[:, :r], found[:, :r], valid[:, :r], float(weight), kind),
+                                           items[:, :r], valid[:, :r], positives)
+                    table.append({"method": method, "candidates": r, "blend": kind, "weight": float(weight),
+                                  "ndcg@10": ndcg})
         best = max((row for row in table if row["method"] == method), key=lambda row: row["ndcg@10"])
         log(f"two-stage {method}: best validation full NDCG@10 {best['ndcg@10']:.4f} "
-            f"(R {best['candidates']}, CMN weight {best['weight']:.1f})")
-    best = max(table, key=lambda row: row["ndcg@10"])
-    return TwoStage(best["method"], best["candidates"], best["weight"], params[best["method"]]), table
+            f"(R {best['candidates']}, {best['blend']} blend, CMN weight {best['weight']:g})")
+    best = max(table, key=lambda row: row["ndcg@10"])   # the first of equals: the order above
+    return TwoStage(best["method"], best["candidates"], best["weight"], params[best["method"]], best["blend"]), table
 
 
 def fit_two_stage(model: CMN, fit: Dataset, data: Dataset, log=print) -> tuple[ItemRetrieval, TwoStage, list[dict]]:
@@ -81,3 +87,19 @@ def fit_two_stage(model: CMN, fit: Dataset, data: Dataset, log=print) -> tuple[I
     stage, table = select_two_stage(model, fit, log=log)
     retrieval, _ = fit_retrieval(stage.method, data.train, data.n_users, data.n_items)
     return retrieval, stage, table
+
+
+def add_two_stage(ckpt: Checkpoint, data: Dataset, log=print) -> list[dict]:
+    """Choose and fit the two-stage settings of a checkpoint trained with --validation, as `train` does at its end,
+    and set them on `ckpt`; returns the validation table. `data` is what it was trained on: the validation split is
+    cut from it again with the checkpoint's seed (the pairs its epoch was chosen on; nothing of the test split)."""
+    cfg = ckpt.meta.get("train_config", {})
+    if not cfg.get("validation"):
+        raise ValueError("the checkpoint was not trained with --validation: there is no held-out split of its "
+                         "training pairs to choose the two-stage settings on (retrain with --validation)")
+    if (list(ckpt.user_ids) != list(data.user_ids) or list(ckpt.item_ids) != list(data.item_ids)
+            or not np.array_equal(np.unique(ckpt.train, axis=0), np.unique(data.train, axis=0))):
+        raise ValueError(f"the checkpoint was not trained on {data.name}: its users, items or training pairs differ")
+    fit = holdout_validation(data, cfg["seed"])
+    ckpt.retrieval, ckpt.two_stage, table = fit_two_stage(ckpt.build_model(), fit, data, log)
+    return table

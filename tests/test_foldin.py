@@ -1,0 +1,359 @@
+"""Fold-in (cold start): the fitted rows' scores and gradients against CMN.forward and autograd on the whole model
+with the user (item) added, determinism, what growth may and may not change, anonymous histories leaving no trace,
+and (slow lane) what fold-in is for: ranking cold users' held-out items far above popularity."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_cmn, random_train, run_cli
+from model.cmn import CMN, CMNConfig, gather_neighbourhoods
+from model.foldin import FoldInConfig, Frozen, ItemNeighbours, UserPairs, bpr
+from model.recommender import Recommender
+from model.retrieval import ItemRetrieval, TwoStage
+
+N_USERS, D = 30, 6
+LENGTHS = [0, 1, 2, 3, 4, 5, 7, 9, 13, 17, 25, 0, 1, 1, 2, 6, 11, 3, 8, 15]
+N_ITEMS = len(LENGTHS)
+
+
+def setup(exclude_self: bool = False, hops: int = 3):
+    train = random_train(np.random.default_rng(4), N_USERS, LENGTHS)
+    model = make_cmn(N_USERS, N_ITEMS, D, hops=hops, seed=2)
+    model.cfg.exclude_self = exclude_self
+    return model, train, Recommender.from_model(model, train)
+
+
+def grown(model: CMN, users: torch.Tensor | None = None, items: torch.Tensor | None = None) -> CMN:
+    """The whole model with rows appended: M and C rows `users` (2, d) or an E row `items` (d,)."""
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    n_users, n_items = model.cfg.n_users, model.cfg.n_items
+    if users is not None:
+        state["user_memory"] = torch.cat([state["user_memory"], users[:1]])
+        state["user_output"] = torch.cat([state["user_output"], users[1:]])
+        n_users += 1
+    if items is not None:
+        state["item_memory"] = torch.cat([state["item_memory"], items[None]])
+        n_items += 1
+    big = CMN(CMNConfig(n_users, n_items, D, model.cfg.hops, exclude_self=model.cfg.exclude_self), sparse_grad=False)
+    big.load_state_dict(state)
+    return big
+
+
+def csr(pairs: np.ndarray, n_items: int) -> tuple[torch.Tensor, torch.Tensor]:
+    by_item = [sorted(set(pairs[pairs[:, 1] == j, 0].tolist())) for j in range(n_items)]
+    return (torch.tensor(np.cumsum([0] + [len(b) for b in by_item])),
+            torch.tensor([u for b in by_item for u in b], dtype=torch.long))
+
+
+def forward(model: CMN, pairs: np.ndarray, users, items) -> torch.Tensor:
+    """CMN.forward on (users[b], items[b]) with N(i) from `pairs`, gathered here."""
+    indptr, indices = csr(pairs, model.cfg.n_items)
+    users, items = torch.as_tensor(users), torch.as_tensor(items)
+    nbr, seg = gather_neighbourhoods(indptr, indices, users, items, model.cfg.exclude_self)
+    return model(users, items, nbr, seg)
+
+
+# --------------------------------------------------------------------------- the fitted computation
+
+@pytest.mark.parametrize("exclude_self", [False, True])
+def test_user_scores_and_gradient_are_the_whole_models(exclude_self):
+    """A new user u in N(i) of its history: its scores are CMN.forward's on the model with u's rows appended, and
+    the BPR gradient on its two rows is autograd's over that whole model (items 0 and 11 have no users: N = [u])."""
+    model, train, rec = setup(exclude_self)
+    history, negatives = [1, 3, 11, 7], [2, 4, 0, 9, 12, 5, 19, 6]
+    fz = Frozen(rec.scorer)
+    rows = torch.randn(2, D, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    items = torch.tensor(history + negatives)
+    pairs = UserPairs(fz, items, torch.arange(len(items)) < len(history))
+    scores = pairs.scores(fz, rows[0], rows[1])
+    bpr(scores[:4], scores[4:].view(4, 2)).backward()
+
+    big = grown(model, users=rows.detach())
+    u = N_USERS
+    joined = np.concatenate([train, [[u, i] for i in history]])
+    expected = forward(big, joined, [u] * len(items), items)
+    assert torch.allclose(scores.detach(), expected.detach(), atol=1e-5)
+    bpr(expected[:4], expected[4:].view(4, 2)).backward()
+    assert torch.allclose(rows.grad[0], big.user_memory.grad[u], atol=1e-5)
+    assert torch.allclose(rows.grad[1], big.user_output.grad[u], atol=1e-5)
+    assert rows.grad[1].abs().max() > 0        # C[u] is reached: u's own slots (or N = [u])
+
+
+@pytest.mark.parametrize("exclude_self", [False, True])
+def test_item_scores_and_gradient_are_the_whole_models(exclude_self):
+    """A new item x with N(x) = its users: scores of (q, x) and the gradient on E[x] are the whole model's, for
+    queries in N(x) (under exclude_self one is N(x)'s only user: it attends to itself) and outside it."""
+    model, train, rec = setup(exclude_self)
+    users = [4] if exclude_self else [4, 9, 17, 23]
+    queries = torch.tensor([4, 9, 0, 1, 17, 29, 23])
+    fz = Frozen(rec.scorer)
+    e = torch.randn(D, generator=torch.Generator().manual_seed(3), requires_grad=True)
+    scores = ItemNeighbours(fz, torch.tensor(users)).scores(fz, e, queries)
+    (scores * torch.arange(1.0, 8.0)).sum().backward()
+
+    big = grown(model, items=e.detach())
+    x = N_ITEMS
+    joined = np.concatenate([train, [[u, x] for u in users]])
+    expected = forward(big, joined, queries, [x] * len(queries))
+    assert torch.allclose(scores.detach(), expected.detach(), atol=1e-5)
+    (expected * torch.arange(1.0, 8.0)).sum().backward()
+    assert torch.allclose(e.grad, big.item_memory.grad[x], atol=1e-5)
+
+
+def test_fold_in_is_deterministic_for_a_seed_and_fits():
+    _, _, rec = setup()
+    a, b, other = rec.fold_in([1, 3, 7, 9], seed=5), rec.fold_in([1, 3, 7, 9], seed=5), rec.fold_in([1, 3, 7, 9], 6)
+    assert torch.equal(a.memory, b.memory) and torch.equal(a.output, b.output)
+    assert not torch.equal(a.memory, other.memory)      # other negatives
+    assert a.items == [1, 3, 7, 9]
+    rec.foldin = FoldInConfig(steps=1)
+    first = rec.fold_in([1, 3, 7, 9], seed=5)
+    rec.foldin = FoldInConfig(steps=30, lr=0.05)
+    fitted = rec.fold_in([1, 3, 7, 9], seed=5)
+    assert fitted.loss < first.loss and not torch.equal(first.memory, fitted.memory)
+
+
+@pytest.mark.parametrize("bad, message", [([], "empty history"), ([3, N_ITEMS], "not in the catalogue"),
+                                          ([-1], "not in the catalogue")])
+def test_bad_histories_are_refused(bad, message):
+    _, _, rec = setup()
+    with pytest.raises(ValueError, match=message):
+        rec.fold_in(bad)
+    with pytest.raises(ValueError, match=message):
+        rec.recommend_history([[1, 2], bad])
+
+
+# --------------------------------------------------------------------------- anonymous histories
+
+def state_of(rec: Recommender) -> dict:
+    return {"scores": rec.score(list(range(rec.n_users))), "indptr": rec.scorer.indptr.clone(),
+            "indices": rec.scorer.indices.clone(), "seen": [rec.seen(u) for u in range(rec.n_users)],
+            "users": rec.n_users, "items": rec.n_items, "popular": rec.popular(N_ITEMS)[0],
+            "M": rec.scorer.model.user_memory[:rec.n_users].clone()}
+
+
+def test_anonymous_histories_leave_no_trace_and_rank_as_a_live_user_would():
+    model, train, rec = setup()
+    before = state_of(rec)
+    histories = [[1, 3, 7], [9, 10, 15, 2], [0, 11]]
+    items, scores = rec.recommend_history(histories, k=5, seed=3)
+    after = state_of(rec)
+    for key, value in before.items():
+        assert (torch.equal(value, after[key]) if isinstance(value, torch.Tensor) else value == after[key]), key
+    assert all(not set(row) & set(h) for row, h in zip(items.tolist(), histories))
+    # a history's list does not depend on its batch, and is the list of a live user folded from it
+    assert torch.equal(rec.recommend_history([histories[1]], k=5, seed=3)[0][0], items[1])
+    live = rec.add_user(histories[1], seed=3)
+    assert torch.equal(rec.recommend([live], k=5)[0][0], items[1])
+
+
+def test_anonymous_scores_are_the_folded_rows_scores():
+    """Whole-catalogue scores of a folded history equal CMN.forward for a user with those rows, in no N(i)."""
+    model, train, rec = setup()
+    folded = rec.fold_in([2, 5, 8, 13], seed=1)
+    scores = rec.score_folded([folded], None)[0]
+    big = grown(model, users=torch.stack([folded.memory, folded.output]))
+    expected = forward(big, train, [N_USERS] * N_ITEMS, torch.arange(N_ITEMS))
+    assert torch.allclose(scores, expected.detach(), atol=1e-5)
+
+
+# --------------------------------------------------------------------------- live users and items
+
+def test_a_live_user_changes_scores_only_through_its_neighbourhoods():
+    """Existing users' scores of items outside the new user's history are what they were (bit for bit on the pair
+    route; the whole-catalogue routes' GEMMs change shape with the tables, which may move a score by an ulp); those
+    of its items now read it in N(i), as CMN.forward on the grown model does."""
+    model, train, rec = setup()
+    users = list(range(N_USERS))
+    catalogue = torch.arange(N_ITEMS).expand(N_USERS, -1)
+    before, pairs_before = rec.score(users), rec.score(users, catalogue)
+    history = [3, 8, 10, 14]
+    u = rec.add_user(history, seed=0)
+    assert (u, rec.n_users, rec.live_users, rec.is_live_user(u), rec.is_live_user(0)) == (N_USERS, N_USERS + 1, 1,
+                                                                                         True, False)
+    assert rec.seen(u) == frozenset(history)
+    after = rec.score(users)
+    untouched = [i for i in range(N_ITEMS) if i not in history]
+    assert torch.equal(rec.score(users, catalogue)[:, untouched], pairs_before[:, untouched])
+    assert torch.allclose(after[:, untouched], before[:, untouched], rtol=0, atol=1e-6)
+    rows = torch.stack([rec.scorer.model.user_memory[u], rec.scorer.model.user_output[u]])
+    joined = np.concatenate([train, [[u, i] for i in history]])
+    expected = forward(grown(model, users=rows), joined, np.repeat(users, len(history)), history * N_USERS)
+    assert torch.allclose(after[:, history].reshape(-1), expected.detach(), atol=1e-5)
+    assert torch.equal(model.user_memory, make_cmn(N_USERS, N_ITEMS, D, hops=3, seed=2).user_memory)  # caller's
+
+
+def test_many_live_users_grow_the_tables_in_chunks_and_every_route_agrees():
+    model, train, rec = setup()
+    rec.foldin = FoldInConfig(steps=1)              # the fit is not what this is about
+    before = rec.score([0, 5])
+    capacities = set()
+    for n in range(70):
+        rec.add_user([(n * 7) % 10, 10 + n % 3], seed=n)
+        capacities.add(rec.scorer.capacity)
+    assert rec.n_users == N_USERS + 70 and rec.scorer.capacity >= rec.n_users
+    assert len(capacities) == 2                     # two reallocations for 70 users, not one per user
+    assert model.cfg.n_users == N_USERS and model.user_memory.shape[0] == N_USERS   # the caller's model as it was
+    users = [0, 5, N_USERS + 3, N_USERS + 69]
+    packed = rec.score(users)                                     # up to 8 users: the packed route
+    bucketed = rec.score(users + list(range(10, 20)))[:4]         # more: the bucketed route
+    pairs = rec.score(users, torch.arange(N_ITEMS).expand(4, -1))
+    assert torch.allclose(packed, pairs, atol=1e-5) and torch.allclose(bucketed, pairs, atol=1e-5)
+    assert torch.allclose(packed[:2, 13:], before[:, 13:], rtol=0, atol=1e-6)   # items no live user touched
+
+
+def test_a_refit_live_user_is_scored_from_its_new_rows_everywhere():
+    model, train, rec = setup()
+    rec.score(list(range(12)))                       # build the bucketed route's caches first
+    u = rec.add_user([1, 2], seed=0)
+    rec.add_interactions([u, u, u], [5, 9, 13])
+    old = rec.scorer.model.user_memory[u].clone()
+    rec.refit_user(u, seed=1)
+    assert not torch.equal(old, rec.scorer.model.user_memory[u])
+    users = [u, 0, 3]                                 # 0 and 3 read u in N(5), N(9)...
+    pairs = rec.score(users, torch.arange(N_ITEMS).expand(3, -1))
+    assert torch.allclose(rec.score(users), pairs, atol=1e-5)
+    assert torch.allclose(rec.score(users + list(range(10, 20)))[:3], pairs, atol=1e-5)
+    with pytest.raises(ValueError, match="not a live user"):
+        rec.refit_user(0)
+
+
+def test_a_live_item_is_a_candidate_with_its_users_as_neighbourhood():
+    model, train, rec = setup()
+    users = list(range(N_USERS))
+    catalogue = torch.arange(N_ITEMS).expand(N_USERS, -1)
+    before, pairs_before = rec.score(users), rec.score(users, catalogue)
+    fans = [2, 6, 11]
+    x = rec.add_item(fans, seed=0)
+    assert (x, rec.n_items, rec.live_items, rec.is_live_item(x)) == (N_ITEMS, N_ITEMS + 1, 1, True)
+    s = rec.scorer
+    assert s.indices[s.indptr[x]:s.indptr[x + 1]].tolist() == fans          # N(x): its users
+    assert all(x in rec.seen(u) for u in fans)
+    popular = dict(zip(*(t.tolist() for t in rec.popular(N_ITEMS + 1))))
+    assert popular[x] == len(fans)                                           # counted in popularity
+    after = rec.score(users)
+    assert torch.equal(rec.score(users, catalogue), pairs_before)           # no item's N(i) changed
+    assert torch.allclose(after[:, :N_ITEMS], before, rtol=0, atol=1e-6)
+    joined = np.concatenate([train, [[u, x] for u in fans]])
+    expected = forward(grown(model, items=s.model.item_memory[x]), joined, users, [x] * N_USERS)
+    assert torch.allclose(after[:, x], expected.detach(), atol=1e-5)
+    others = [u for u in users if u not in fans]
+    items, _ = rec.recommend(others, k=N_ITEMS + 1)
+    assert all(x in row for row in items.tolist())                          # everyone else may get it
+    assert all(x not in row for row in rec.recommend(fans, k=N_ITEMS + 1)[0].tolist())
+    assert {v for v, _ in rec.explain(0, [x], top=5)[0]} <= set(fans)
+    rec.add_interactions([7], [x])
+    rec.refit_item(x, seed=1)
+    pairs = rec.score([0, 7], torch.arange(N_ITEMS + 1).expand(2, -1))
+    assert torch.allclose(rec.score([0, 7]), pairs, atol=1e-5)
+
+
+def test_retrieval_proposes_a_live_item_as_the_mix_of_its_users_items():
+    """Two-stage: a live item's retrieval score is the mix (by how many of its users had them) of the scores of
+    the trained items its users interacted with."""
+    model, train, _ = setup()
+    rng = np.random.default_rng(0)
+    dense = torch.tensor(rng.random((N_ITEMS, N_ITEMS)) * (rng.random((N_ITEMS, N_ITEMS)) < 0.3), dtype=torch.float32)
+    w = dense.to_sparse_csr()
+    retrieval = ItemRetrieval(w.crow_indices(), w.col_indices(), w.values(), N_ITEMS)
+    rec = Recommender.from_model(model, train, retrieval=retrieval, two_stage=TwoStage("rp3beta", 8, 0.5, {}))
+    fans = [2, 6]
+    x = rec.add_item(fans, seed=0)
+    mix = np.zeros(N_ITEMS)
+    for u in fans:
+        for i in rec.seen(u) - {x}:
+            mix[i] += 1
+    mix /= mix.sum()
+    history = [1, 4, 9]
+    scores = retrieval.scores([history])[0]
+    expected = dense[history].sum(0)
+    assert torch.allclose(scores[:N_ITEMS], expected, atol=1e-6)
+    assert torch.allclose(scores[x], (expected.double() @ torch.tensor(mix)).float(), atol=1e-6)
+    # in a history, x retrieves its mix of rows
+    assert torch.allclose(retrieval.scores([[x]])[0, :N_ITEMS], (torch.tensor(mix).float() @ dense), atol=1e-6)
+
+
+# --------------------------------------------------------------------------- cold-start evaluation
+
+def test_hold_out_users_keeps_every_interaction_of_a_cold_user_out_of_training(tmp_path):
+    from training.data import load, synthetic
+    from training.evaluate import hold_out_users, write_npz
+    data = synthetic(seed=0, n_users=120, n_items=200)
+    warm, cold = hold_out_users(data, 0.1, seed=3)
+    assert len(cold.ids) == 12 and warm.n_users == 108 and warm.n_items == data.n_items
+    assert not set(cold.ids) & set(warm.user_ids)
+    assert cold.last == "latest by timestamp"
+    index = {u: n for n, u in enumerate(data.user_ids)}
+    for uid, history, positive in zip(cold.ids, cold.histories, cold.split.positives):
+        u = index[uid]
+        assert sorted(history) == sorted(data.train[data.train[:, 0] == u, 1].tolist())
+        assert positive == data.test.positives[data.test.users == u][0]
+    warm_index = {u: n for n, u in enumerate(warm.user_ids)}
+    kept = data.train[~np.isin(data.train[:, 0], [index[u] for u in cold.ids])]
+    renumbered = np.array([[warm_index[data.user_ids[u]], i] for u, i in kept])
+    assert np.array_equal(np.unique(renumbered, axis=0), np.unique(warm.train, axis=0))
+    write_npz(warm, str(tmp_path / "warm.npz"))
+    back = load(str(tmp_path / "warm.npz"))
+    assert np.array_equal(back.train, np.unique(warm.train, axis=0)) and len(back.test) == len(warm.test)
+    again, _ = hold_out_users(data, 0.1, seed=3)
+    assert again.user_ids == warm.user_ids
+    with pytest.raises(ValueError, match="fraction"):
+        hold_out_users(data, 1.0, seed=0)
+
+
+@pytest.fixture(scope="module")
+def coldstart(tmp_path_factory):
+    """`python -m training coldstart` on the synthetic default: 10% of users held out, a short training."""
+    out = tmp_path_factory.mktemp("coldstart") / "model.ckpt"
+    proc = run_cli("coldstart", "--data", "synthetic", "--cold-users", "0.1", "--seed", "0", "--epochs", "2",
+                   "--gmf-batch-size", "1024", "--out", str(out), "--json", timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_fold_in_ranks_cold_users_far_above_popularity(coldstart):
+    """Measured on this run: fold-in sampled HR@10 0.725 against popularity's 0.400, full NDCG@10 0.264 against
+    0.077 (80 cold users; ItemKNN 0.775 and 0.244); the margins asserted are about 60% of those."""
+    _, result = coldstart
+    methods = result["methods"]
+    assert set(methods) == {"fold_in:full", "toppop", "itemknn"}
+    assert result["cold_users"] == 80 and result["held_out"] == "latest by timestamp"
+    fold, pop = methods["fold_in:full"], methods["toppop"]
+    assert fold["sampled"]["hr@10"] >= pop["sampled"]["hr@10"] + 0.2
+    assert fold["full"]["ndcg@10"] >= pop["full"]["ndcg@10"] + 0.1
+
+
+@pytest.mark.slow
+def test_fold_in_of_a_trained_users_history_ranks_like_the_trained_user(coldstart):
+    """A sanity check that can fail: folding in a warm user's own training items gives a catalogue order close
+    to the trained user's (top-20 overlap), far closer than another user's (measured: 0.87 against 0.10)."""
+    path, _ = coldstart
+    rec = Recommender.from_checkpoint(str(path))
+    overlaps, strangers = [], []
+    for u in range(0, 200, 10):
+        history = sorted(rec.seen(u))
+        trained = set(rec.recommend([u], k=20, strategy="full")[0][0].tolist())
+        folded = set(rec.recommend_history([history], k=20, strategy="full")[0][0].tolist())
+        other = set(rec.recommend([u + 1], k=20, exclude=[history], strategy="full")[0][0].tolist())
+        overlaps.append(len(trained & folded) / 20)
+        strangers.append(len(trained & other) / 20)
+    assert np.mean(overlaps) >= 0.7 and np.mean(overlaps) >= np.mean(strangers) + 0.5
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--cold-users", "1.5"], "--cold-users must be a fraction within (0, 1)"),
+    (["--cold-users", "0.1", "--checkpoint", "{other}"], "was not trained on synthetic less its 80 cold users"),
+    (["--cold-users", "0.1", "--feedback", "x.sqlite3"], "--feedback has no cold users"),
+])
+def test_coldstart_explains_what_it_cannot_do(tmp_path, capsys, args, message):
+    from conftest import small_checkpoint
+    from training.cli import main
+    other = small_checkpoint(tmp_path / "other.ckpt")
+    rc = main(["coldstart", "--data", "synthetic", "--out", str(tmp_path / "m.ckpt"),
+               *[a.format(other=other) for a in args]])
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and "Traceback" not in err
+    assert not (tmp_path / "m.ckpt").exists()
