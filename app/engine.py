@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import time
+import zlib
 from dataclasses import dataclass
 
 from app import metrics
@@ -50,8 +51,8 @@ class UnknownIds(ValueError):
 @dataclass
 class Job:
     """One request with ids resolved against one engine."""
-    user_id: str
-    user: int | None                  # None: unknown user, served by popularity
+    user_id: str | None
+    user: int | None                  # None: unknown or anonymous user: fold-in of `history`, else popularity
     k: int
     candidates: list[int] | None      # item ids, or None for the whole catalogue
     exclude: list[int]                # item ids removed besides the seen-set
@@ -59,25 +60,37 @@ class Job:
     explain: bool
     strategy: str
     pairs: int                        # what it costs the model thread: the queue limit counts these
+    history: list[int] | None = None  # an unknown user's items, folded in for this request
 
 
 @dataclass
 class Answer:
-    items: list[tuple[str, float, list[tuple[str, float]] | None]]
+    # (item id, score, live item, explanation: [(user id, attention weight, live user)] or None)
+    items: list[tuple[str, float, bool, list[tuple[str, float, bool]] | None]]
     fallback: str | None
     strategy: str | None = None
+    cold_start: str | None = None
+
+
+def stable_seed(external_id: str) -> int:
+    """The fold-in seed of a live user or item: every process creating it from the same events fits the same rows."""
+    return zlib.crc32(external_id.encode())
 
 
 class Engine:
     def __init__(self, checkpoint: str, device: str = "auto", explain_top: int = 5, max_bytes: int = MAX_BYTES,
-                 within: str | None = None, graph_catalogue: bool = False):
-        """`max_bytes`, `within`: see `load_checkpoint` (a path a client named must lie `within` a directory)."""
+                 within: str | None = None, graph_catalogue: bool = False, max_live_users: int = 10_000,
+                 max_live_items: int = 1_000):
+        """`max_bytes`, `within`: see `load_checkpoint` (a path a client named must lie `within` a directory).
+        `max_live_users`, `max_live_items`: how many users and items feedback may create before the next training
+        run (past them, events for new ones are stored and deferred to it)."""
         start = time.perf_counter()
         ckpt = load_checkpoint(checkpoint, max_bytes, within)
         self.recommender = Recommender.from_checkpoint(ckpt, device, graph_catalogue=graph_catalogue)
         self.device = self.recommender.device
         self.path, self.version = checkpoint, served_version(ckpt.model_version, ckpt.state, checkpoint)
-        self.user_ids, self.item_ids = ckpt.user_ids, ckpt.item_ids
+        self.user_ids, self.item_ids = list(ckpt.user_ids), list(ckpt.item_ids)  # live ones are appended
+        self.max_live_users, self.max_live_items = max_live_users, max_live_items
         self.user_index = {u: n for n, u in enumerate(self.user_ids)}
         self.item_index = {i: n for n, i in enumerate(self.item_ids)}
         self.explain_top = explain_top
@@ -114,45 +127,54 @@ class Engine:
                                       "to fit one)")
         candidates = None if req.candidates is None else self._items(req.candidates, "candidates",
                                                                       req.ignore_unknown)
-        # a retrieval-only request scores no CMN pair but is still work: it counts as one
+        exclude = self._items(req.exclude, "exclude", req.ignore_unknown)
+        history = None if req.history is None else self._items(req.history, "history", req.ignore_unknown)
+        user = None if req.user_id is None else self.user_index.get(req.user_id)
+        if user is not None and history and req.exclude_seen:  # a known user's extra items: seen, for this call
+            exclude = list(dict.fromkeys(exclude + history))
+        # a retrieval-only request scores no CMN pair but is still work: it counts as one; a fold-in touches each
+        # history item's neighbourhood a few times, roughly a pair each
         pairs = max(1, self.scored_per_user(strategy) if candidates is None else len(candidates))
-        return Job(req.user_id, self.user_index.get(req.user_id), req.k, candidates,
-                   self._items(req.exclude, "exclude", req.ignore_unknown), req.exclude_seen, req.explain, strategy,
-                   pairs)
+        history = history if user is None and history else None
+        return Job(req.user_id, user, req.k, candidates, exclude, req.exclude_seen, req.explain, strategy,
+                   pairs + len(history or ()), history)
 
     def recommend(self, jobs: list[Job]) -> list[Answer]:
-        """Answers for a batch: one recommender call per strategy for the whole-catalogue jobs and one per strategy
-        for the candidate lists, and the popularity fallback for unknown users."""
+        """Answers for a batch: one recommender call per kind of user (known; folded in from a history), strategy,
+        and whole catalogue or candidate lists; the popularity fallback for unknown users without a history."""
         answers: list[Answer | None] = [None] * len(jobs)
         rec = self.recommender
-        groups: dict[tuple[bool, str], list[int]] = {}
+        groups: dict[tuple[bool, bool, str], list[int]] = {}
         for n, j in enumerate(jobs):
-            if j.user is not None:
-                groups.setdefault((j.candidates is None, j.strategy), []).append(n)
-        for (whole, strategy), group in groups.items():
+            if j.user is not None or j.history:
+                groups.setdefault((j.user is None, j.candidates is None, j.strategy), []).append(n)
+        for (folded, whole, strategy), group in groups.items():
             listed = [jobs[n] for n in group]
             candidates = None if whole else [j.candidates for j in listed]
             metrics.SCORED_ITEMS.labels(strategy).inc(
                 sum(map(len, candidates)) if candidates else len(listed) * self.scored_per_user(strategy))
-            items, scores = rec.recommend([j.user for j in listed], [j.k for j in listed],
-                                          [j.exclude_seen for j in listed], [j.exclude for j in listed], candidates,
-                                          strategy)
+            rows = ([j.history for j in listed] if folded else [j.user for j in listed], [j.k for j in listed],
+                    [j.exclude_seen for j in listed], [j.exclude for j in listed], candidates, strategy)
+            items, scores = rec.recommend_history(*rows, seed=0) if folded else rec.recommend(*rows)
             for n, job, row_items, row_scores in zip(group, listed, items.tolist(), scores.tolist()):
-                answers[n] = self._answer(job, row_items, row_scores, None)
+                cold = "fold_in" if folded else "live_user" if rec.is_live_user(job.user) else None
+                answers[n] = self._answer(job, row_items, row_scores, None, cold)
         for n, job in enumerate(jobs):
-            if job.user is None:
+            if answers[n] is None:
                 items, scores = rec.popular(job.k, job.exclude, job.candidates)
                 answers[n] = self._answer(job, items.tolist(), scores.tolist(), "unknown_user")
         return answers
 
-    def _answer(self, job: Job, items: list[int], scores: list[float], fallback: str | None) -> Answer:
+    def _answer(self, job: Job, items: list[int], scores: list[float], fallback: str | None,
+                cold_start: str | None = None) -> Answer:
+        rec = self.recommender
         kept = [(i, s) for i, s in zip(items, scores) if i >= 0]
         explanations = [None] * len(kept)
         if job.explain and job.user is not None:
-            explanations = [[(self.user_ids[v], w) for v, w in row]
-                            for row in self.recommender.explain(job.user, [i for i, _ in kept], self.explain_top)]
-        return Answer([(self.item_ids[i], s, e) for (i, s), e in zip(kept, explanations)], fallback,
-                      None if fallback else job.strategy)
+            explanations = [[(self.user_ids[v], w, rec.is_live_user(v)) for v, w in row]
+                            for row in rec.explain(job.user, [i for i, _ in kept], self.explain_top)]
+        return Answer([(self.item_ids[i], s, rec.is_live_item(i), e) for (i, s), e in zip(kept, explanations)],
+                      fallback, None if fallback else job.strategy, cold_start)
 
     def scored_per_user(self, strategy: str) -> int:
         """Items CMN scores for one whole-catalogue request (the retrieval stage alone scores none)."""
@@ -164,15 +186,69 @@ class Engine:
     def knows(self, user_id: str, item_id: str) -> bool:
         return user_id in self.user_index and item_id in self.item_index
 
+    def accepts(self, user_id: str, item_id: str) -> bool:
+        """Whether an event can take effect now: its user and item are known, or may still be created live."""
+        rec = self.recommender
+        return ((user_id in self.user_index or rec.live_users < self.max_live_users) and
+                (item_id in self.item_index or rec.live_items < self.max_live_items))
+
     def apply_feedback(self, events: list[Event]) -> tuple[int, int]:
-        """Make events visible at once; returns (applied, deferred). Deferred events name a user or an item
-        the model has no embedding for: the next training run (`--feedback`) picks them up."""
+        """Make events visible at once; returns (applied, deferred).
+
+        An event naming a user or an item the model does not know creates it live (`Recommender.add_user` /
+        `add_item`: rows fitted by fold-in to what it interacted with) while fewer than `max_live_users` /
+        `max_live_items` exist; a live user or item given more interactions is fitted again. Deferred: events
+        past those bounds, or whose user and item are both new and linked to nothing known; the next training run
+        (`--feedback`) folds them in."""
+        rec = self.recommender
+        created_users, created_items = set(), set()
+        created = True
+        while created:  # a new item may make a new user's history known, and the other way round
+            created = False
+            for item_id, users in self._unknown(events, "item_id", "user_id", self.item_index,
+                                                self.user_index).items():
+                if rec.live_items >= self.max_live_items:
+                    break
+                created_items.add(self._register(item_id, rec.add_item(users, seed=stable_seed(item_id)),
+                                                 self.item_ids, self.item_index))
+                created = True
+            for user_id, history in self._unknown(events, "user_id", "item_id", self.user_index,
+                                                  self.item_index).items():
+                if rec.live_users >= self.max_live_users:
+                    break
+                created_users.add(self._register(user_id, rec.add_user(history, seed=stable_seed(user_id)),
+                                                 self.user_ids, self.user_index))
+                created = True
         known = [(self.user_index[e.user_id], self.item_index[e.item_id]) for e in events
                  if self.knows(e.user_id, e.item_id)]
         if known:
             users, items = zip(*known)
-            self.recommender.add_interactions(users, items)
+            rec.add_interactions(users, items)
+            for u in sorted({u for u in users if rec.is_live_user(u)} - created_users):
+                rec.refit_user(u, seed=stable_seed(self.user_ids[u]))
+            for i in sorted({i for i in items if rec.is_live_item(i)} - created_items):
+                rec.refit_item(i, seed=stable_seed(self.item_ids[i]))
+        metrics.LIVE_USERS.set(rec.live_users)
+        metrics.LIVE_ITEMS.set(rec.live_items)
         return len(known), len(events) - len(known)
+
+    @staticmethod
+    def _unknown(events: list[Event], new: str, other: str, new_index: dict, other_index: dict) -> dict[str, list]:
+        """Unknown users (or items) of `events` with the known items (users) each interacted with, in order."""
+        found: dict[str, list[int]] = {}
+        for e in events:
+            key, partner = getattr(e, new), getattr(e, other)
+            if key not in new_index and partner in other_index:
+                found.setdefault(key, []).append(other_index[partner])
+        return found
+
+    @staticmethod
+    def _register(external_id: str, internal: int, ids: list[str], index: dict[str, int]) -> int:
+        if internal != len(ids):
+            raise RuntimeError(f"the model gave live id {internal} to {external_id!r}, expected {len(ids)}")
+        ids.append(external_id)
+        index[external_id] = internal
+        return internal
 
     def apply_rows(self, rows: list[tuple[int, Event]]) -> None:
         """Apply the store's next events, in sequence order: every process, the writer included, applies each

@@ -32,6 +32,10 @@ LAG = Gauge("cmn_feedback_lag_seconds", "time since the feedback store was last 
 APPLY_LAG = Histogram("cmn_feedback_apply_lag_seconds", "from an event's durable write (on any process) to its "
                       "application here", buckets=(.01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30))
 RELOADS = Counter("cmn_reloads_total", "model reloads", ["outcome"])
+LIVE_USERS = Gauge("cmn_live_users", "users created from feedback since the model was trained (fold-in)",
+                   multiprocess_mode="livemax")
+LIVE_ITEMS = Gauge("cmn_live_items", "items created from feedback since the model was trained (fold-in)",
+                   multiprocess_mode="livemax")
 MODEL = Gauge("cmn_model_info", "the model being served: 1 for the version served now",
               ["model_version", "device"], multiprocess_mode="liveall")
 

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Union
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator,
+                      model_validator)
 
 ID_MAX_CHARS = 256
 
@@ -48,14 +49,21 @@ class RecommendRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={
         "examples": [{"user_id": "123", "k": 10, "exclude_seen": True}]})
 
-    user_id: ExternalId
+    user_id: ExternalId | None = Field(None, description="absent: an anonymous session, personalised from `history`")
     k: int = Field(10, ge=1, le=1000, description="number of items to return")
+    history: list[ExternalId] | None = Field(
+        None, min_length=1, max_length=10_000,
+        description="items the user interacted with (at most CMN_MAX_HISTORY): an unknown or absent user_id gets a "
+                    "list personalised by fold-in (nothing is stored); a known user's list also leaves these out")
     candidates: list[ExternalId] | None = Field(
         None, min_length=1, max_length=10_000, description="score only these items; absent = whole catalogue")
     exclude_seen: bool = Field(True, description="drop the user's training and fed-back items")
     exclude: list[ExternalId] = Field(default_factory=list, max_length=10_000, description="items to drop")
     explain: bool = Field(False, description="attach the most attended neighbour users (needs CMN_ALLOW_EXPLAIN)")
     ignore_unknown: bool = Field(False, description="drop unknown candidate/exclude ids instead of answering 422")
+    after_seq: int | None = Field(
+        None, ge=0, le=2 ** 63 - 1, description="answer from a state that includes the feedback store's event "
+        "`seq` (from a /feedback answer): read-your-writes whichever process or replica answers")
     strategy: Literal["full", "two_stage", "retrieval"] | None = Field(
         None, description="full: CMN over the whole catalogue; two_stage: the retrieval stage proposes R items and CMN "
                           "re-ranks them; retrieval: the retrieval stage alone; default: two_stage when the model has "
@@ -64,7 +72,18 @@ class RecommendRequest(BaseModel):
     @field_validator("user_id", mode="after")
     @classmethod
     def _user(cls, v):
-        return as_str(v)
+        return None if v is None else as_str(v)
+
+    @model_validator(mode="after")
+    def _someone(self):
+        if self.user_id is None and self.history is None:
+            raise ValueError("give a user_id, a history (an anonymous session), or both")
+        return self
+
+    @field_validator("history", mode="after")
+    @classmethod
+    def _history(cls, v):
+        return None if v is None else list(dict.fromkeys(as_strs(v)))  # a repeat adds nothing to a history
 
     @field_validator("candidates", mode="after")
     @classmethod
@@ -80,19 +99,25 @@ class RecommendRequest(BaseModel):
 class Neighbour(BaseModel):
     user_id: str
     weight: float
+    live: bool | None = Field(None, description="true: a user created from feedback since the last training run")
 
 
 class ScoredItem(BaseModel):
     item_id: str
     score: float
+    live: bool | None = Field(None, description="true: an item created from feedback since the last training run "
+                                                "(its embedding was fitted online; absent otherwise)")
     explanation: list[Neighbour] | None = None
 
 
 class RecommendResponse(BaseModel):
-    user_id: str
+    user_id: str | None
     items: list[ScoredItem]
     model_version: str
     fallback: Literal["unknown_user"] | None = None
+    cold_start: Literal["fold_in", "live_user"] | None = Field(
+        None, description="fold_in: personalised from the request's history by fitting the user's memory rows to "
+                          "it (nothing stored); live_user: a user created from feedback since the last training run")
     strategy: Literal["full", "two_stage", "retrieval"] | None = Field(
         None, description="how a personalised list was ranked (absent for a fallback)")
     took_ms: float
@@ -129,8 +154,11 @@ class FeedbackResponse(BaseModel):
     duplicates: int = Field(description="events already stored: the same event_id, or without one the same user "
                                         "and item within CMN_DEDUP_WINDOW_S")
     applied: int = Field(description="events now visible to recommendations (known user and item)")
-    deferred: int = Field(description="events for unknown users or items: stored as unverified, used by a training "
-                                      "run with --feedback-unverified")
+    deferred: int = Field(description="events this process could not apply (live-user or live-item bound reached): "
+                                      "stored, folded in by the next training run")
+    seq: int | None = Field(None, description="the store's sequence number once these events are in it: a "
+                                              "/recommend with this `after_seq` is answered only from a state that "
+                                              "includes them, by any process")
     note: str | None = None
 
 
@@ -179,12 +207,15 @@ class Health(BaseModel):
     applied_seq: int | None = Field(None, description="sequence number of the last stored event applied here")
     lag_s: float | None = Field(None, description="time since this process last read the store to its end")
     rollout: Rollout | None = None
-    worker: int | None = Field(None, description="this worker's process id (CMN_WORKERS > 1 runs several)")
+    worker: str | None = Field(None, description="who answered: host name and process id (replicas and "
+                                                 "CMN_WORKERS > 1 run several)")
     model_version: str | None = None
     device: str | None = None
     users: int | None = None
     items: int | None = None
     interactions: int | None = None
+    live_users: int | None = Field(None, description="users (of `users`) created from feedback since training")
+    live_items: int | None = Field(None, description="items (of `items`) created from feedback since training")
     feedback_events: int | None = None
     uptime_s: float
     detail: str | None = None

@@ -11,6 +11,7 @@ import asyncio
 import gc
 import logging
 import os
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -32,6 +33,11 @@ class NotReady(RuntimeError):
     pass
 
 
+class NotCaughtUp(NotReady):
+    """A request's after_seq is beyond what this process could read from the store (→ 503 + Retry-After)."""
+
+
+WORKER = f"{socket.gethostname()}:{os.getpid()}"
 REFUSED = "checkpoint refused, still serving the previous model (the reason is in the server log)"
 
 
@@ -79,7 +85,7 @@ class Service:
             self._counted_seq = await run_on(self.io_threads, self.store.last_seq)
         except StoreUnavailable as e:  # served anyway; the follower catches up when the store is back
             self.read_fault = str(e)
-            log.error("feedback store unreachable: %s", e, extra={"event": "store_unreachable"})
+            log.error("feedback store unreachable: %s", e.detail, extra={"event": "store_unreachable"})
         self.batcher.start()
         self._spawn(self._initial_load())
 
@@ -102,12 +108,13 @@ class Service:
 
     def _build(self, path: str, within: str | None = None) -> Engine:
         engine = Engine(path, self.settings.device, self.settings.explain_top, self.settings.max_checkpoint_bytes,
-                        within, self.settings.graph_catalogue)
+                        within, self.settings.graph_catalogue, self.settings.max_live_users,
+                        self.settings.max_live_items)
         try:
             replayed = engine.catch_up(self.store)
         except StoreUnavailable as e:  # the follower replays the rest when the store is back
             replayed = engine.feedback_seq
-            log.error("feedback store unreachable while loading: %s", e, extra={"event": "store_unreachable"})
+            log.error("feedback store unreachable while loading: %s", e.detail, extra={"event": "store_unreachable"})
         engine.warmup(self.settings.warmup_calls)
         log.info("model loaded", extra={"event": "load", "model_version": engine.version, "path": path,
                                         "device": str(engine.device), "feedback_replayed": replayed,
@@ -180,7 +187,7 @@ class Service:
                     self.rollout, rollout = Rollout(id=rid, model_version=engine.version, status="ok"), "published"
                 except StoreUnavailable as e:
                     note = f"the feedback store cannot be written ({e}): only this process serves the new model"
-                    log.error("reload not published: %s", e, extra={"event": "rollout_unpublished"})
+                    log.error("reload not published: %s", e.detail, extra={"event": "rollout_unpublished"})
         metrics.RELOADS.labels("ok").inc()
         log.info("reloaded", extra={"event": "reload", "model_version": engine.version, "rollout": rollout,
                                     "previous_version": previous.version if previous else None})
@@ -251,7 +258,7 @@ class Service:
                         break
             except StoreUnavailable as e:
                 if self.read_fault is None:
-                    log.error("feedback store unreachable: %s", e, extra={"event": "store_unreachable"})
+                    log.error("feedback store unreachable: %s", e.detail, extra={"event": "store_unreachable"})
                 self.read_fault = str(e)
                 return
             if self.read_fault is not None:
@@ -291,8 +298,9 @@ class Service:
         stored = []
         for e in events:
             user, item = as_str(e.user_id), as_str(e.item_id)
-            stored.append(Event(user, item, e.timestamp, e.event_id, verified=engine.knows(user, item)))
-        unknown = sum(not e.verified for e in stored)
+            # verified: the model knew the user and item, or creates them live (the training run folds those in)
+            stored.append(Event(user, item, e.timestamp, e.event_id, verified=engine.accepts(user, item)))
+        unknown = sum(not engine.knows(e.user_id, e.item_id) for e in stored)  # each may create a user or an item
         self.auth.charge_events(caller, len(stored), unknown)
         fault = self.store.fault
         try:  # durable before we answer
@@ -301,7 +309,7 @@ class Service:
         except (EventIdConflict, StoreUnavailable) as e:
             self.auth.refund_events(caller, len(stored), unknown)
             if isinstance(e, StoreUnavailable) and str(e) != fault:  # logged once per fault, not once per request
-                log.error("feedback store not writable: %s", e, extra={"event": "store_unwritable"})
+                log.error("feedback store not writable: %s", e.detail, extra={"event": "store_unwritable"})
             raise
         if fault:
             log.info("feedback store writable again", extra={"event": "store_writable"})
@@ -309,22 +317,39 @@ class Service:
         self.feedback_events += len(new)
         self._own_seqs.update(seq for seq in seqs if seq is not None and seq > self._counted_seq)
         duplicates = len(stored) - len(new)
-        engine = self.engine  # the one serving now: a reload may have swapped it meanwhile
-        deferred = sum(not engine.knows(e.user_id, e.item_id) for e in new)
-        applied, note = len(new) - deferred, None
+        note = None
         if new:
             last = max(seq for seq in seqs if seq is not None)
             await self.sync(until=last)
-            if self.engine.feedback_seq < last:
-                applied, note = 0, (f"stored durably, but this process cannot read the store back now "
-                                    f"({self.read_fault}): the events take effect when it can")
+        engine = self.engine  # the one serving now: a reload may have swapped it meanwhile
+        deferred = sum(not engine.knows(e.user_id, e.item_id) for e in new)
+        applied = len(new) - deferred
+        if new and engine.feedback_seq < last:
+            applied, deferred, note = 0, 0, (f"stored durably, but this process cannot read the store back now "
+                                             f"({self.read_fault}): the events take effect when it can")
+        seq = last if new else engine.feedback_seq
         if deferred:
-            note = (f"{deferred} events name users or items the model does not know: they are stored as unverified, "
-                    "and a training run folds them in only with --feedback-unverified")
+            note = (f"{deferred} events name users or items this process could not create live (CMN_MAX_LIVE_USERS "
+                    "/ CMN_MAX_LIVE_ITEMS reached, or both new): they are stored, and the next training run folds "
+                    "them in (those stored as unverified only with --feedback-unverified)")
         metrics.FEEDBACK.labels("applied").inc(applied)
         metrics.FEEDBACK.labels("deferred").inc(deferred)
         metrics.FEEDBACK.labels("duplicate").inc(duplicates)
-        return FeedbackResponse(stored=len(new), duplicates=duplicates, applied=applied, deferred=deferred, note=note)
+        return FeedbackResponse(stored=len(new), duplicates=duplicates, applied=applied, deferred=deferred, note=note,
+                                seq=seq)
+
+    async def caught_up(self, seq: int | None) -> bool:
+        """Whether this process has applied the store's events up to `seq`, reading them now if needed (False: the
+        store holds no such seq yet). Raises NotCaughtUp when the store cannot be read."""
+        if seq is None or self.engine is None or self.engine.feedback_seq >= seq:
+            return True
+        await self.sync(until=seq)
+        if self.engine.feedback_seq >= seq:
+            return True
+        if self.read_fault:
+            raise NotCaughtUp(f"this process has applied the feedback store up to seq {self.engine.feedback_seq}, "
+                              f"not {seq}: the store cannot be read now ({self.read_fault})")
+        return False
 
     def health(self) -> Health:
         """Readiness: "ok", or "degraded" (still 200: recommendations are served) while the feedback store cannot
@@ -334,7 +359,7 @@ class Service:
         fault = self.store.fault if self.store else None
         store = None if self.store is None else "unreachable" if self.read_fault else "not_writable" if fault else "ok"
         if e is None:
-            return Health(status=self.status, detail=self.detail, store=store, uptime_s=uptime, worker=os.getpid())
+            return Health(status=self.status, detail=self.detail, store=store, uptime_s=uptime, worker=WORKER)
         lag = round(time.time() - self.synced_at, 3)
         problems = ([f"feedback store unreachable: {self.read_fault}"] if self.read_fault else
                     [f"feedback store not writable: {fault}"] if fault else [])
@@ -343,6 +368,7 @@ class Service:
                             f"(CMN_MAX_LAG_S={self.settings.max_lag_s:g})")
         return Health(status="degraded" if problems else "ok", detail="; ".join(problems) or None, store=store,
                       model_version=e.version, device=str(e.device), users=e.n_users, items=e.n_items,
-                      interactions=e.recommender.interactions, feedback_events=self.feedback_events,
-                      applied_seq=e.feedback_seq, lag_s=lag, rollout=self.rollout, worker=os.getpid(),
+                      interactions=e.recommender.interactions, live_users=e.recommender.live_users,
+                      live_items=e.recommender.live_items, feedback_events=self.feedback_events,
+                      applied_seq=e.feedback_seq, lag_s=lag, rollout=self.rollout, worker=WORKER,
                       uptime_s=uptime, warnings=e.warnings)

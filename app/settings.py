@@ -37,6 +37,11 @@ class Settings(BaseSettings):
     limit_concurrency: int = Field(256, ge=1, description="open connections + requests in progress before "
                                                            "uvicorn answers 503")
     explain_top: int = Field(5, ge=1, le=100, description="neighbours listed per item with explain")
+    max_history: int = Field(500, ge=1, le=10_000, description="most items in a request's `history` (each is "
+                             "folded in: its cost grows with the history)")
+    max_live_users: int = Field(10_000, ge=0, description="users feedback may create in a process before the next "
+                                "training run; past it their events are stored and deferred to that run")
+    max_live_items: int = Field(1_000, ge=0, description="items feedback may create likewise")
 
     allow_explain: bool = Field(False, description="explanations reveal other users' ids: off unless enabled")
     api_key: SecretStr | None = Field(None, description="X-API-Key for /admin routes; unset (and no "

@@ -162,11 +162,15 @@ def run_wrk(url: str, bodies: Path, connections: int, seconds: float, pid: int |
 
 
 def write_bodies(path: Path, user_ids: list[str], item_ids: list[str], candidates: int | None, n: int,
-                 seed: int) -> Path:
+                 seed: int, history: int | None = None) -> Path:
+    """`n` request bodies for random known users (`candidates` random items each, or the whole catalogue); with
+    `history`, anonymous sessions of that many random items instead (fold-in)."""
     rng = np.random.default_rng(seed)
     with open(path, "w") as f:
         for u in rng.choice(len(user_ids), n, replace=False):
             body = {"user_id": user_ids[u], "k": 10}
+            if history:
+                body = {"history": [item_ids[i] for i in rng.choice(len(item_ids), history, replace=False)], "k": 10}
             if candidates:
                 body["candidates"] = [item_ids[i] for i in rng.choice(len(item_ids), candidates, replace=False)]
             f.write(json.dumps(body) + "\n")
@@ -182,7 +186,8 @@ def main(argv=None) -> int:
     ap.add_argument("--duration", type=float, default=10.0, help="seconds per measured point")
     ap.add_argument("--warmup", type=float, default=2.0, help="seconds of load before each measured point")
     ap.add_argument("--concurrency", default="1,8,32,64")
-    ap.add_argument("--kinds", default="candidates,full", help="candidates (100 per request) and/or full")
+    ap.add_argument("--kinds", default="candidates,full", help="candidates (100 per request), full, and/or "
+                    "history (anonymous sessions of 50 items, folded in, whole catalogue: compare with full)")
     ap.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="extra server environment")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json")
@@ -209,6 +214,9 @@ def main(argv=None) -> int:
     if "full" in args.kinds:
         bodies["full"] = write_bodies(workdir / "bodies-full.jsonl", ckpt.user_ids, ckpt.item_ids, None,
                                       min(512, len(ckpt.user_ids)), 2)
+    if "history" in args.kinds:
+        bodies["history"] = write_bodies(workdir / "bodies-history.jsonl", ckpt.user_ids, ckpt.item_ids, None,
+                                         min(512, len(ckpt.user_ids)), 3, history=50)
     print(f"checkpoint {checkpoint} ({checkpoint.stat().st_size / 1e6:.1f} MB; {len(ckpt.user_ids)} users, "
           f"{len(ckpt.item_ids)} items); nproc {os.cpu_count()}; load average {os.getloadavg()}; "
           f"server env {extra_env or '(defaults)'}; OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}")

@@ -108,7 +108,10 @@ def lag(args) -> dict:
                                                   feedback_url=store_url))
         client = stack.enter_context(httpx.Client(timeout=10))
         other = ckpt.item_ids[0]
+        rng = np.random.default_rng(2)
         for user, item in pairs:
+            # at a random moment of B's poll cycle: posting right after B's last change would phase-lock to it
+            time.sleep(float(rng.uniform(0, 2 * float(os.environ.get("CMN_FEEDBACK_POLL_S", 0.1)))))
             candidates = [item] if item == other else [item, other]
             r = client.post(f"{a}/feedback", json={"events": [{"user_id": user, "item_id": item,
                                                                "event_id": uuid.uuid4().hex}]})

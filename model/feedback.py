@@ -110,7 +110,12 @@ class EventIdConflict(ValueError):
 
 class StoreUnavailable(RuntimeError):
     """The store could not be reached, or could not make a write durable (disk full, read-only file or directory,
-    I/O error, database server down); nothing of the write was stored."""
+    I/O error, database server down); nothing of the write was stored. Its message is shown to clients (the 503,
+    /health); `detail` (addresses, the driver's own words) is for the server log."""
+
+    def __init__(self, message: str, detail: str | None = None):
+        super().__init__(message)
+        self.detail = detail or message
 
 
 def reason(e: BaseException) -> str:

@@ -282,7 +282,7 @@ async def test_feedback_quotas_per_key(api_checkpoint, tmp_path, ids):
         r = await client.post("/feedback", json=events(3, unknown=3, tag="c"), headers=o)
         assert r.status_code == 413 and "send fewer per request" in r.json()["detail"]
         r = await client.post("/feedback", json=events(2, unknown=2, tag="d"), headers=o)
-        assert r.status_code == 202 and r.json()["deferred"] == 2
+        assert r.status_code == 200 and r.json()["applied"] == 2  # the two new users were created live
         r = await client.post("/feedback", json=events(1, unknown=1, tag="e"), headers=o)
         assert r.status_code == 429
         # a request that stored nothing (a conflict) costs nothing: 3 known events are still within o's quota
@@ -344,22 +344,23 @@ async def test_events_without_id_are_deduplicated_by_content(authed, ids):
     assert (r.json()["stored"], r.json()["duplicates"]) == (1, 1)
 
 
-async def test_events_naming_unknown_ids_are_stored_unverified(authed, ids):
+async def test_events_naming_unknown_ids_create_them_live_and_are_stored_verified(authed, ids):
+    """Within CMN_MAX_LIVE_USERS / _ITEMS the server accepts new users and items (it creates them live), so their
+    events are verified: the training run folds them in. Past the bounds: tests/test_foldin_api.py."""
     client, keys, tmp = authed
     users, items, _ = ids
     body = {"events": [{"user_id": users[30], "item_id": items[30], "event_id": "known"},
                        {"user_id": "invented-user", "item_id": items[30], "event_id": "invented-u"},
                        {"user_id": users[30], "item_id": "invented-item", "event_id": "invented-i"}]}
     r = await client.post("/feedback", json=body, headers=bearer(keys["writer"]))
-    assert r.status_code == 202 and (r.json()["applied"], r.json()["deferred"]) == (1, 2)
-    assert "--feedback-unverified" in r.json()["note"]
+    assert r.status_code == 200 and (r.json()["applied"], r.json()["deferred"]) == (3, 0), r.text
     store = FeedbackLog(str(tmp / "feedback.sqlite3"), readonly=True)
     try:
         verified = {e.event_id: e.verified for _, e in store.events() if e.event_id in ("known", "invented-u",
                                                                                        "invented-i")}
     finally:
         store.close()
-    assert verified == {"known": True, "invented-u": False, "invented-i": False}
+    assert verified == {"known": True, "invented-u": True, "invented-i": True}
 
 
 # --------------------------------------------------------------------------- what the server says about itself

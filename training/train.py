@@ -263,7 +263,7 @@ def prepare_data(cfg: TrainConfig) -> data_mod.Dataset:
     data = data_mod.load(cfg.data, seed=cfg.seed, min_rating=cfg.min_rating, trust_pickle=cfg.trust_pickle)
     if cfg.feedback:
         from training.feedback import fold_feedback
-        data = fold_feedback(data, cfg.feedback, unverified=cfg.feedback_unverified)
+        data = fold_feedback(data, cfg.feedback, unverified=cfg.feedback_unverified, progress=cfg.progress)
     if cfg.holdout == "none":
         data = data_mod.Dataset(data.n_users, data.n_items, data.all_pairs(), None, data.user_ids, data.item_ids,
                                 name=data.name, timeline=data.timeline)
