@@ -201,24 +201,14 @@ class Engine:
         past those bounds, or whose user and item are both new and linked to nothing known; the next training run
         (`--feedback`) folds them in."""
         rec = self.recommender
-        created_users, created_items = set(), set()
-        created = True
-        while created:  # a new item may make a new user's history known, and the other way round
-            created = False
-            for item_id, users in self._unknown(events, "item_id", "user_id", self.item_index,
-                                                self.user_index).items():
-                if rec.live_items >= self.max_live_items:
-                    break
-                created_items.add(self._register(item_id, rec.add_item(users, seed=stable_seed(item_id)),
-                                                 self.item_ids, self.item_index))
-                created = True
-            for user_id, history in self._unknown(events, "user_id", "item_id", self.user_index,
-                                                  self.item_index).items():
-                if rec.live_users >= self.max_live_users:
-                    break
-                created_users.add(self._register(user_id, rec.add_user(history, seed=stable_seed(user_id)),
-                                                 self.user_ids, self.user_index))
-                created = True
+        created: dict[str, set[int]] = {"item_id": set(), "user_id": set()}
+        while True:  # a new item may make a new user's history known, and the other way round
+            grew = {new: self._create_live(events, new) for new in created}
+            for new, ids in grew.items():
+                created[new] |= ids
+            if not any(grew.values()):
+                break
+        created_users, created_items = created["user_id"], created["item_id"]
         known = [(self.user_index[e.user_id], self.item_index[e.item_id]) for e in events
                  if self.knows(e.user_id, e.item_id)]
         if known:
@@ -232,15 +222,26 @@ class Engine:
         metrics.LIVE_ITEMS.set(rec.live_items)
         return len(known), len(events) - len(known)
 
-    @staticmethod
-    def _unknown(events: list[Event], new: str, other: str, new_index: dict, other_index: dict) -> dict[str, list]:
-        """Unknown users (or items) of `events` with the known items (users) each interacted with, in order."""
+    def _create_live(self, events: list[Event], new: str) -> set[int]:
+        """Create live the unknown users (`new` = "user_id") or items ("item_id") of `events` that interacted with
+        known items (users), in order, while the bound allows; returns their internal ids."""
+        rec = self.recommender
+        other, ids, index, partners, add, bound, count = (
+            ("item_id", self.user_ids, self.user_index, self.item_index, rec.add_user, self.max_live_users,
+             lambda: rec.live_users) if new == "user_id" else
+            ("user_id", self.item_ids, self.item_index, self.user_index, rec.add_item, self.max_live_items,
+             lambda: rec.live_items))
         found: dict[str, list[int]] = {}
         for e in events:
             key, partner = getattr(e, new), getattr(e, other)
-            if key not in new_index and partner in other_index:
-                found.setdefault(key, []).append(other_index[partner])
-        return found
+            if key not in index and partner in partners:
+                found.setdefault(key, []).append(partners[partner])
+        created = set()
+        for key, linked in found.items():
+            if count() >= bound:
+                break
+            created.add(self._register(key, add(linked, seed=stable_seed(key)), ids, index))
+        return created
 
     @staticmethod
     def _register(external_id: str, internal: int, ids: list[str], index: dict[str, int]) -> int:

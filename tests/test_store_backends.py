@@ -334,6 +334,18 @@ def test_postgres_notifies_followers_of_the_highest_new_seq(postgres_url):
         store.close()
 
 
+def appended_within(seconds: float, store, event: Event) -> int:
+    """Retry one append until it goes through (its seq) or `seconds` have passed (the last error is raised)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            return store.append([event])[0]
+        except StoreUnavailable:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
 def test_a_writer_stalled_in_its_transaction_holds_the_others_up_only_briefly(postgres_url, monkeypatch):
     """A writer that stops between its statements (a frozen or cut-off process) holds the write lock: the others
     give up waiting for it (a 503 to their clients, not a hang) and the server ends the stalled session."""
@@ -353,15 +365,8 @@ def test_a_writer_stalled_in_its_transaction_holds_the_others_up_only_briefly(po
         assert inside.wait(10)
         with pytest.raises(StoreUnavailable, match="LockNotAvailable"):
             other.append([Event("u", "i", None, "held-up")])
-        deadline = time.monotonic() + 10
-        while True:      # once the server has ended the stalled session
-            try:
-                assert other.append([Event("u", "i", None, "through")])[0]
-                break
-            except StoreUnavailable:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.2)
+        # once the server has ended the stalled session
+        assert appended_within(10, other, Event("u", "i", None, "through"))
         thread.join()
         assert len(outcome) == 1 and ids(other) == ["through"]
     finally:
@@ -403,15 +408,8 @@ def test_a_server_stopped_mid_way_fails_writes_and_the_store_recovers_by_itself(
             with pytest.raises(StoreUnavailable):
                 read()
         stoppable_postgres.start()
-        deadline = time.monotonic() + 30          # the pool reconnects on its own; no reopen, no restart
-        while True:
-            try:
-                assert store.append([Event("u", "k", None, "after")])[0]
-                break
-            except StoreUnavailable:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.2)
+        # the pool reconnects on its own; no reopen, no restart
+        assert appended_within(30, store, Event("u", "k", None, "after"))
         assert store.fault is None and ids(store) == ["before", "after"]
     finally:
         store.close()
