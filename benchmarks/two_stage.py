@@ -2,7 +2,7 @@
 `Recommender.recommend` for 1 user and for 64 users, k 10, seen items excluded, strategies interleaved round by
 round and the best round of each kept (the machine is shared and noisy; the ratio is the figure).
 
-    python benchmarks/two_stage.py --checkpoint /tmp/cite/val.ckpt     # a checkpoint with a retrieval stage
+    python benchmarks/two_stage.py --checkpoint /tmp/cmn_reproduce/two_stage.ckpt   # one with a retrieval stage
     python benchmarks/two_stage.py --scale 10                           # + a synthetic catalogue 10x citeulike-a
 
 Without a retrieval stage in the checkpoint, RP3beta is fitted here (the method validation chose on citeulike-a).

@@ -409,7 +409,7 @@ def summary(cfg: TrainConfig, metrics: dict) -> str:
     if "two_stage" in metrics:
         chosen = metrics["two_stage"]["chosen"]
         lines.append(f"two-stage (chosen on validation): {chosen['method']}, R {chosen['candidates']}, "
-                     f"CMN weight {chosen['weight']}")
+                     f"{chosen['blend']} blend, CMN weight {chosen['weight']}")
     if "final" in metrics:
         rows = [("CMN", metrics["final"])] + [(name, m) for name, m in metrics.get("strategies", {}).items()
                                               if name != "full"] + [("TopPop", metrics["toppop"])]
