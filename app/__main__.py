@@ -24,7 +24,7 @@ import uvicorn
 from app.main import create_app
 from app.protocol import server_options
 from app.settings import Settings
-from model.checkpoint import CheckpointError, load_checkpoint
+from model.store.checkpoint import CheckpointError, load_checkpoint
 
 
 def main() -> int:

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 from app import metrics
 from app.schemas import RecommendRequest
-from model.checkpoint import MAX_BYTES, load_checkpoint, model_version
-from model.feedback import Event, FeedbackStore
+from model.store.checkpoint import MAX_BYTES, load_checkpoint, model_version
+from model.store.events import Event, FeedbackStore
 from model.quality import checkpoint_warnings
 from model.recommender import Recommender
 

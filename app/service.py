@@ -24,7 +24,7 @@ from app.engine import Engine
 from app.engine import CATCH_UP_PAGE
 from app.schemas import FeedbackEvent, FeedbackResponse, Health, ReloadResponse, Rollout, as_str
 from app.settings import Settings
-from model.feedback import Event, EventIdConflict, FeedbackStore, StoreUnavailable, open_store
+from model.store.events import Event, EventIdConflict, FeedbackStore, StoreUnavailable, open_store
 
 log = logging.getLogger("cmn.service")
 

@@ -30,7 +30,7 @@ configure()   # before torch loads: the server's setting (every available CPU, p
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from model.checkpoint import load_checkpoint  # noqa: E402
+from model.store.checkpoint import load_checkpoint  # noqa: E402
 from model.foldin import FoldedUser, FoldInConfig, fold_in_user  # noqa: E402
 from model.recommender import Recommender  # noqa: E402
 from training.data import Split, load, pair_keys, sample_test_negatives  # noqa: E402

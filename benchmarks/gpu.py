@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.http_load import make_checkpoint, run_wrk, write_bodies
-from benchmarks.servers import free_port, stop, wait_healthy
+from tests.harness.servers import free_port, stop, wait_healthy
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -65,7 +65,7 @@ def training_rows(args, device) -> list[dict]:
     import torch
 
     from benchmarks.train_speed import FirstBatches
-    from model.checkpoint import csr
+    from model.store.checkpoint import csr
     from model.cmn import CMN, CMNConfig
     from training import data as data_mod
     from training.graph_step import WARMUP_STEPS, GraphStep
@@ -310,7 +310,7 @@ def main(argv=None) -> int:
     configure()   # before torch loads, as python -m app and python -m training do
     import torch
 
-    from model.checkpoint import load_checkpoint
+    from model.store.checkpoint import load_checkpoint
     from model.scorer import resolve_device
     device = resolve_device(args.device)
     if args.quick:

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.servers import free_port, stop, wait_healthy
+from tests.harness.servers import free_port, stop, wait_healthy
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -50,7 +50,7 @@ def make_checkpoint(path: Path, data: str = str(DEFAULT_DATA), hops: int = 3, se
         return path
     import torch
 
-    from model.checkpoint import Checkpoint, save_checkpoint
+    from model.store.checkpoint import Checkpoint, save_checkpoint
     from model.cmn import CMN, CMNConfig
     from training import data as data_mod
     ds = data_mod.load(data)
@@ -204,7 +204,7 @@ def main(argv=None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     checkpoint = Path(args.checkpoint) if args.checkpoint else make_checkpoint(workdir / "citeulike-random.ckpt",
                                                                                 args.data)
-    from model.checkpoint import load_checkpoint
+    from model.store.checkpoint import load_checkpoint
     ckpt = load_checkpoint(str(checkpoint))
     extra_env = dict(kv.split("=", 1) for kv in args.env)
     bodies = {}

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.http_load import DEFAULT_DATA, make_checkpoint, run_wrk, start_server, write_bodies
-from benchmarks.servers import stop
+from tests.harness.servers import stop
 
 
 def status_mb(pid: int) -> dict:
@@ -62,7 +62,7 @@ def tensor_mb(obj, exclude: torch.nn.Module | None = None) -> float:
 
 def scorer_cache_mb(checkpoint: Path) -> tuple[float, float]:
     """(model parameters, scorer cache beyond them, every route's cache built) in MiB."""
-    from model.checkpoint import load_checkpoint
+    from model.store.checkpoint import load_checkpoint
     from model.scorer import Scorer
     ckpt = load_checkpoint(str(checkpoint))
     scorer = Scorer.from_checkpoint(ckpt)
@@ -87,7 +87,7 @@ def main(argv=None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     checkpoint = Path(args.checkpoint) if args.checkpoint else make_checkpoint(workdir / "citeulike-random.ckpt",
                                                                                 args.data)
-    from model.checkpoint import load_checkpoint
+    from model.store.checkpoint import load_checkpoint
     ckpt = load_checkpoint(str(checkpoint))
     full = write_bodies(workdir / "bodies-full.jsonl", ckpt.user_ids, ckpt.item_ids, None,
                         min(512, len(ckpt.user_ids)), 2)

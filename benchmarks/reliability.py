@@ -3,7 +3,7 @@
     python benchmarks/reliability.py                       # two small checkpoints trained here, default sizes
     python benchmarks/reliability.py --checkpoint artifacts/model.ckpt --second other.ckpt --requests 20000
 
-The drivers are the test suite's own (benchmarks/scenarios.py), at larger sizes.
+The drivers are the test suite's own (tests/harness/scenarios.py), at larger sizes.
 
 Every server is `python -m app` on a free 127.0.0.1 port; all traffic stays on the loopback interface and is
 bounded by the sizes below. Prints one JSON object (also written to --out) and exits 1 when any scenario saw
@@ -31,9 +31,9 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from benchmarks.servers import running_server
-from model.checkpoint import load_checkpoint
-from benchmarks import scenarios as rel  # the drivers the test suite uses, at larger sizes here
+from tests.harness.servers import running_server
+from model.store.checkpoint import load_checkpoint
+from tests.harness import scenarios as rel  # the drivers the test suite uses, at larger sizes here
 
 
 def fuzz(checkpoint: Path, work: Path, examples: int) -> dict:

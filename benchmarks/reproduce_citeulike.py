@@ -282,7 +282,7 @@ class PartError(Exception):
 def run_two_stage(args, data_path: str, command: str) -> dict:
     """Choose the two-stage settings on the CMN checkpoint's validation split, write the served checkpoint and
     evaluate every strategy on test: `two_stage.json`."""
-    from model.checkpoint import load_checkpoint, save_checkpoint
+    from model.store.checkpoint import load_checkpoint, save_checkpoint
     from model.recommender import Recommender
     from training.data import Split, load
     from training.evaluate import evaluate_strategies

@@ -36,9 +36,9 @@ import httpx
 import numpy as np
 
 from benchmarks.http_load import DEFAULT_DATA, make_checkpoint, run_wrk, write_bodies
-from benchmarks.servers import running_server
-from model.checkpoint import load_checkpoint
-from model.feedback import Event, open_store
+from tests.harness.servers import running_server
+from model.store.checkpoint import load_checkpoint
+from model.store.events import Event, open_store
 
 
 def percentile(values: list[float], q: float) -> float:

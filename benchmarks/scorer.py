@@ -44,7 +44,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from model.checkpoint import csr, load_checkpoint  # noqa: E402
+from model.store.checkpoint import csr, load_checkpoint  # noqa: E402
 from model.cmn import CMN, CMNConfig  # noqa: E402
 from model.scorer import Scorer, top_k  # noqa: E402
 from training import data as data_mod  # noqa: E402

@@ -30,7 +30,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from tqdm import tqdm
 
-from model.feedback import Event, masked, open_store
+from model.store.events import Event, masked, open_store
 
 FILL_CHUNK = 100_000   # events per bulk transaction: bounded memory on both sides, any N
 

@@ -38,7 +38,7 @@ def child(args) -> None:
         configure(threads=TRAINING_THREADS)
     import torch
 
-    from model.checkpoint import csr
+    from model.store.checkpoint import csr
     from model.cmn import CMN, CMNConfig
     from model.gmf import GMF
     from training import data as data_mod

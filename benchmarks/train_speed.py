@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model.checkpoint import csr
+from model.store.checkpoint import csr
 from model.cmn import CMN, CMNConfig
 from training import data as data_mod
 from training.optim import make_optimizer

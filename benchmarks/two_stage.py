@@ -23,7 +23,7 @@ configure()   # before torch loads: a passive OpenMP wait policy and threads siz
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from model.checkpoint import csr, load_checkpoint  # noqa: E402
+from model.store.checkpoint import csr, load_checkpoint  # noqa: E402
 from model.cmn import CMN, CMNConfig  # noqa: E402
 from model.recommender import Recommender  # noqa: E402
 from model.retrieval import ItemRetrieval, TwoStage  # noqa: E402

@@ -22,7 +22,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-from model.checkpoint import Checkpoint, load_checkpoint
+from model.store.checkpoint import Checkpoint, load_checkpoint
 from model.cmn import CMN
 from model.foldin import FoldedUser, FoldInConfig, fold_in_item, fold_in_user
 from model.neighbours import neighbour_csr

@@ -47,7 +47,7 @@ from model.cmn import CMN, gather_neighbourhoods
 from model.neighbours import keep_newest, neighbour_csr
 
 if TYPE_CHECKING:
-    from model.checkpoint import Checkpoint
+    from model.store.checkpoint import Checkpoint
 
 BUCKET_CAPS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
 BLOCK_PAIRS = 16384  # (user, item) pairs per block of the bucketed route: (pairs × d) floats per activation, L2-sized

@@ -54,7 +54,7 @@ def random_train(rng: np.random.Generator, n_users: int, lengths: list[int]) -> 
 
 
 def item_user_csr(train: np.ndarray, n_items: int, rng: np.random.Generator | None = None):
-    """Item → users CSR built by hand (not with model.checkpoint.csr). With `rng`, users are shuffled within
+    """Item → users CSR built by hand (not with model.store.checkpoint.csr). With `rng`, users are shuffled within
     each item: attention is order-free, so the model must not depend on the order."""
     by_item = [sorted(set(train[train[:, 1] == j, 0].tolist())) for j in range(n_items)]
     if rng is not None:
@@ -139,7 +139,7 @@ def reference_forward(P: dict, users, items, nbrs: list[list[int]]):
 def small_checkpoint(path, n_users: int = 7, n_items: int = 6, seed: int = 0) -> str:
     """Writes a small but complete checkpoint (random CMN, id maps, CSR pairs, test split) with the real
     `save_checkpoint`; returns its path."""
-    from model.checkpoint import Checkpoint, save_checkpoint
+    from model.store.checkpoint import Checkpoint, save_checkpoint
     rng = np.random.default_rng(seed)
     model = make_cmn(n_users, n_items, d=4, hops=2, seed=seed)
     train = random_train(rng, n_users, [3, 1, 0, 2, 4, 2])
@@ -164,7 +164,7 @@ def synthetic_checkpoint(path, n_users: int = API_USERS, n_items: int = API_ITEM
     Only items someone interacted with are kept; at the defaults the catalogue (1,178) is larger than the
     largest `k` (1000) plus any user's seen items, so "k is honoured" and "k larger than what remains" are
     different cases."""
-    from model.checkpoint import Checkpoint, save_checkpoint
+    from model.store.checkpoint import Checkpoint, save_checkpoint
     from training.data import synthetic
     data = synthetic(seed=seed, n_users=n_users, n_items=n_items)
     model = make_cmn(data.n_users, data.n_items, d=d, hops=hops, seed=seed)

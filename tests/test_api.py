@@ -19,7 +19,7 @@ import app.service as service_module
 from app.engine import Engine
 from app.main import create_app
 from app.settings import Settings
-from model.checkpoint import load_checkpoint
+from model.store.checkpoint import load_checkpoint
 from model.scorer import Scorer
 from bad_inputs import BAD_INPUTS, assert_rejected, request_for
 from bad_inputs import IDS as BAD_INPUT_IDS

@@ -18,8 +18,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from app.auth import KeyFileError, parse_keys, read_key_file
 from app.engine import VERSION, Engine
 from app.main import create_app
-from model.checkpoint import load_checkpoint, save_checkpoint
-from model.feedback import FeedbackLog
+from model.store.checkpoint import load_checkpoint, save_checkpoint
+from model.store.events import FeedbackLog
 from test_api import serving, settings_for, wait_ready
 
 pytestmark = pytest.mark.anyio

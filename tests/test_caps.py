@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import make_cmn
-from model.checkpoint import load_checkpoint
+from model.store.checkpoint import load_checkpoint
 from model.cmn import CMNConfig, gather_neighbourhoods
 from model.neighbours import keep_newest, neighbour_csr
 from model.scorer import Scorer

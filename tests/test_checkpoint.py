@@ -3,7 +3,7 @@ from pathlib import Path
 
 import torch
 
-from model.checkpoint import load_checkpoint
+from model.store.checkpoint import load_checkpoint
 from model.cmn import gather_neighbourhoods
 from model.scorer import Scorer
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import run_cli, small_checkpoint
-from model.checkpoint import load_checkpoint
+from model.store.checkpoint import load_checkpoint
 from training.cli import main
 
 

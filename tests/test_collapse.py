@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import make_cmn, synthetic_checkpoint
-from model.checkpoint import load_checkpoint, save_checkpoint
+from model.store.checkpoint import load_checkpoint, save_checkpoint
 from model.quality import below_toppop, checkpoint_warnings
 from training import train as train_mod
 from training.cli import main

@@ -214,7 +214,7 @@ def check_store(url: str) -> subprocess.CompletedProcess:
 def test_the_trainers_store_check_tells_a_store_not_created_yet_from_one_it_cannot_read(tmp_path):
     """The trainer folds the store in when it exists, trains without it before any api created it (exit 3), and
     stops on a store it cannot read rather than silently training without its feedback."""
-    from model.feedback import open_store
+    from model.store.events import open_store
 
     url = f"sqlite:///{tmp_path / 'feedback.sqlite3'}"
     assert check_store(url).returncode == 3
@@ -226,7 +226,7 @@ def test_the_trainers_store_check_tells_a_store_not_created_yet_from_one_it_cann
 
 
 def test_the_first_training_on_a_fresh_database_goes_ahead_without_feedback(fresh_postgres_url):
-    from model.feedback import open_store
+    from model.store.events import open_store
 
     url = fresh_postgres_url()      # what compose's postgres holds before the first api started
     assert check_store(url).returncode == 3

@@ -12,10 +12,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from benchmarks.scenarios import known_ids, tiny_train_args, write_tiny_csv
-from benchmarks.servers import ROOT, running_server
-from model.checkpoint import load_checkpoint
-from model.feedback import open_store
+from tests.harness.scenarios import known_ids, tiny_train_args, write_tiny_csv
+from tests.harness.servers import ROOT, running_server
+from model.store.checkpoint import load_checkpoint
+from model.store.events import open_store
 from training.train import TrainConfig, train
 
 pytestmark = pytest.mark.slow

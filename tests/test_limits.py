@@ -27,7 +27,7 @@ from app.engine import Engine
 from app.middleware import RequestContext
 from app.protocol import server_options
 from app.settings import Settings
-from model.checkpoint import load_checkpoint
+from model.store.checkpoint import load_checkpoint
 from test_api import serving, settings_for, wait_ready
 
 anyio = pytest.mark.anyio

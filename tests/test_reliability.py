@@ -1,7 +1,7 @@
 """The online service under fuzzing, load, faults and bad input, always against a real `python -m app`.
 
-Every server here is a uvicorn subprocess on a free 127.0.0.1 port (benchmarks/servers.py); traffic is bounded
-in count and time. The scenario drivers live in benchmarks/scenarios.py; benchmarks/reliability.py runs the same
+Every server here is a uvicorn subprocess on a free 127.0.0.1 port (tests/harness/servers.py); traffic is bounded
+in count and time. The scenario drivers live in tests/harness/scenarios.py; benchmarks/reliability.py runs the same
 ones at larger sizes, and docs/reliability.md has the figures.
 
   1. schemathesis over /openapi.json: no 5xx, every response conforms to the schema (admin route excluded)
@@ -35,13 +35,13 @@ import httpx
 import pytest
 import schemathesis
 
-from benchmarks.servers import ROOT, running_server
-from benchmarks.scenarios import (CONCURRENCY, FUZZED, Result, acknowledged_ids, crash_cycle, drive, fed_back_pairs,
+from tests.harness.servers import ROOT, running_server
+from tests.harness.scenarios import (CONCURRENCY, FUZZED, Result, acknowledged_ids, crash_cycle, drive, fed_back_pairs,
                                   feedback_stream, fuzz_operation, known_ids, mixed_requests, perturbed_copy,
                                   reload_under_load, seen_violations, sent_ids, sigterm_burst, status_counts,
                                   stored_ids, tiny_train_args, truncated_copy, wait_for_version, write_tiny_csv)
-from model.checkpoint import CheckpointError, load_checkpoint
-from model.feedback import Event, FeedbackLog
+from model.store.checkpoint import CheckpointError, load_checkpoint
+from model.store.events import Event, FeedbackLog
 from bad_inputs import BAD_INPUTS, assert_rejected, request_for
 from bad_inputs import IDS as BAD_INPUT_IDS
 

@@ -15,9 +15,9 @@ import threading
 import numpy as np
 import pytest
 
-import model.checkpoint as checkpoint_module
+import model.store.checkpoint as checkpoint_module
 from conftest import small_checkpoint
-from model.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
+from model.store.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from model.cmn import CMN
 from test_api import serving, settings_for, wait_ready
 from test_cli_errors import rewrite_metadata

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from conftest import CITEULIKE, REPO, run_cli
-from model.checkpoint import csr, load_checkpoint
+from model.store.checkpoint import csr, load_checkpoint
 from model.scorer import Scorer
 from training.data import holdout_validation, load
 from training.evaluate import evaluate

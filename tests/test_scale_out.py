@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 
 from app.engine import CATCH_UP_PAGE, Engine
-from benchmarks.scenarios import acknowledged_ids, feedback_stream, kill_mid_stream, known_ids, perturbed_copy
-from benchmarks.servers import running_server
-from model.checkpoint import load_checkpoint
-from model.feedback import Event, open_store
+from tests.harness.scenarios import acknowledged_ids, feedback_stream, kill_mid_stream, known_ids, perturbed_copy
+from tests.harness.servers import running_server
+from model.store.checkpoint import load_checkpoint
+from model.store.events import Event, open_store
 
 pytestmark = pytest.mark.slow
 

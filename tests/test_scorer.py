@@ -8,7 +8,7 @@ import torch
 from conftest import (item_user_csr, make_cmn, neighbourhood, numpy_params, random_train, reference_forward,
                       small_checkpoint)
 from model import kernels
-from model.checkpoint import load_checkpoint
+from model.store.checkpoint import load_checkpoint
 from model.cmn import gather_neighbourhoods
 from model.scorer import Scorer, bucket_cap, top_k
 

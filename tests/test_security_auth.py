@@ -1,5 +1,5 @@
 """Issue 15's findings on auth, quotas, event ids and storage faults, replayed over real HTTP against
-`python -m app` subprocesses (benchmarks/servers.py): each now gets the safe answer, and no answer is a 500.
+`python -m app` subprocesses (tests/harness/servers.py): each now gets the safe answer, and no answer is a 500.
 
   1. 401 without a key, 403 without the route's scope, the history leak (exclude_seen true vs false) refused to
      a key without `history`; /health and /livez open
@@ -26,10 +26,10 @@ import httpx
 import pytest
 import schemathesis
 
-from benchmarks.scenarios import fuzz_operation
-from benchmarks.servers import running_server
-from model.checkpoint import load_checkpoint
-from model.feedback import Event, FeedbackLog
+from tests.harness.scenarios import fuzz_operation
+from tests.harness.servers import running_server
+from model.store.checkpoint import load_checkpoint
+from model.store.events import Event, FeedbackLog
 from test_auth import SCOPES, bearer, key_line, write_keys
 from test_reliability import FUZZ_CASES, SCHEMATHESIS_EXAMPLES, server_log
 from test_store_faults import read_only

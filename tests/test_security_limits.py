@@ -26,7 +26,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from benchmarks.servers import running_server
+from tests.harness.servers import running_server
 from test_cli_errors import rewrite_metadata
 
 pytestmark = pytest.mark.slow

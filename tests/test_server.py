@@ -22,8 +22,8 @@ import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
-from benchmarks.servers import ROOT, running_server
-from model.checkpoint import load_checkpoint
+from tests.harness.servers import ROOT, running_server
+from model.store.checkpoint import load_checkpoint
 from model.scorer import Scorer
 
 pytestmark = pytest.mark.slow

@@ -28,8 +28,8 @@ import app.service as service_module
 from app.engine import Engine
 from app.main import create_app
 from app.settings import Settings
-from model.checkpoint import load_checkpoint
-from model.feedback import FeedbackLog
+from model.store.checkpoint import load_checkpoint
+from model.store.events import FeedbackLog
 
 WAIT = 60       # upper bound for things that must happen; never an expectation of speed
 

@@ -18,10 +18,10 @@ import numpy as np
 import psycopg
 import pytest
 
-from model.feedback import (Event, EventIdConflict, FeedbackLog, FeedbackStore, Rollout, StoreUnavailable, masked,
+from model.store.events import (Event, EventIdConflict, FeedbackLog, FeedbackStore, Rollout, StoreUnavailable, masked,
                             open_store)
-from model import feedback_pg
-from model.feedback_pg import NOTIFY_CHANNEL, PostgresFeedbackStore
+from model.store import events_pg
+from model.store.events_pg import NOTIFY_CHANNEL, PostgresFeedbackStore
 from training.data import DataError, Dataset
 from training.feedback import fold_feedback
 
@@ -349,8 +349,8 @@ def appended_within(seconds: float, store, event: Event) -> int:
 def test_a_writer_stalled_in_its_transaction_holds_the_others_up_only_briefly(postgres_url, monkeypatch):
     """A writer that stops between its statements (a frozen or cut-off process) holds the write lock: the others
     give up waiting for it (a 503 to their clients, not a hang) and the server ends the stalled session."""
-    monkeypatch.setattr(feedback_pg, "LOCK_WAIT_S", 1)
-    monkeypatch.setattr(feedback_pg, "STALLED_WRITER_S", 2)
+    monkeypatch.setattr(events_pg, "LOCK_WAIT_S", 1)
+    monkeypatch.setattr(events_pg, "STALLED_WRITER_S", 2)
     stalled, other = open_store(postgres_url), open_store(postgres_url)
     inside, outcome = threading.Event(), []
 

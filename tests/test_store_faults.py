@@ -1,4 +1,4 @@
-"""The feedback store (model/feedback.py) under faults and across schema versions, and what the server and
+"""The feedback store (model/store/events.py) under faults and across schema versions, and what the server and
 training make of it: a failed write is a 503 + Retry-After with nothing stored, /health says the store is not
 writable, the server recovers when the store does; stores written by the old code keep working.
 
@@ -22,8 +22,8 @@ import pytest
 import app.engine as engine_module
 from app.engine import Engine
 from app.main import create_app
-from model.checkpoint import load_checkpoint
-from model.feedback import SCHEMA_VERSION, Event, EventIdConflict, FeedbackLog, StoreUnavailable
+from model.store.checkpoint import load_checkpoint
+from model.store.events import SCHEMA_VERSION, Event, EventIdConflict, FeedbackLog, StoreUnavailable
 import training.train
 from training import cli
 from training.data import Dataset

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import ACCEPTANCE_EPOCHS, item_user_csr, make_cmn, random_train, run_cli
-from model.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from model.store.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from model.cmn import CMN, CMNConfig, gather_neighbourhoods
 from training import train as train_mod
 from training.optim import make_optimizer

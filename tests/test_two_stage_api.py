@@ -10,9 +10,9 @@ import httpx
 import numpy as np
 import pytest
 
-from benchmarks.servers import ROOT, running_server
+from tests.harness.servers import ROOT, running_server
 from conftest import make_cmn, neighbourhood, numpy_params, reference_forward
-from model.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
+from model.store.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from model.recommender import Recommender
 from model.retrieval import TwoStage
 from test_api import samples, serving, settings_for, value, wait_ready

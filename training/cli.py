@@ -128,7 +128,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from model.checkpoint import load_checkpoint
+    from model.store.checkpoint import load_checkpoint
     from model.quality import below_toppop
     from model.recommender import Recommender
     from training.data import Split, load
@@ -187,7 +187,7 @@ def remap(data, ckpt):
 def cmd_coldstart(args) -> int:
     """Cold users: the data less a fraction of its users is written next to --out in the .npz format and trained on
     as `train` would (unless --checkpoint), then each cold user's held-out item is ranked from its other items."""
-    from model.checkpoint import load_checkpoint
+    from model.store.checkpoint import load_checkpoint
     from model.recommender import Recommender
     from training.data import load, pair_keys
     from training.evaluate import cold_users_in, evaluate_cold_start, hold_out_users, write_npz
@@ -257,7 +257,7 @@ def cmd_baselines(args) -> int:
 
 
 def main(argv=None) -> int:
-    from model.checkpoint import CheckpointError
+    from model.store.checkpoint import CheckpointError
     from training.data import DataError
     from training.train import TrainingCollapsed
     args = build_parser().parse_args(argv)

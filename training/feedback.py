@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 from tqdm import tqdm
 
-from model.feedback import StoreUnavailable, masked, open_store
+from model.store.events import StoreUnavailable, masked, open_store
 from training.data import DataError, Dataset, pair_keys
 
 PAGE = 50_000   # events read at a time: a store of any size is folded in bounded memory (besides the pairs)

@@ -14,7 +14,7 @@ import torch
 from tqdm import tqdm
 
 from model import threads
-from model.checkpoint import Checkpoint, save_checkpoint
+from model.store.checkpoint import Checkpoint, save_checkpoint
 from model.cmn import CMN, CMNConfig, gather_neighbourhoods
 from model.gmf import GMF
 from model.neighbours import neighbour_csr

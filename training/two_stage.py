@@ -15,7 +15,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from model.checkpoint import Checkpoint
+from model.store.checkpoint import Checkpoint
 from model.cmn import CMN
 from model.recommender import Recommender
 from model.retrieval import BLENDS, ItemRetrieval, TwoStage, blend

@@ -9,7 +9,7 @@ from starlette.exceptions import HTTPException
 from app.auth import AUTH_RESPONSES
 from app.deps import FeedbackCaller, ServiceDep
 from app.schemas import FeedbackConflict, FeedbackRequest, FeedbackResponse
-from model.feedback import CONFLICTS_LISTED, EventIdConflict, StoreUnavailable
+from model.store.events import CONFLICTS_LISTED, EventIdConflict, StoreUnavailable
 
 router = APIRouter(tags=["feedback"], responses=AUTH_RESPONSES)
 

@@ -1,6 +1,6 @@
 """The feedback store on PostgreSQL (psycopg 3 with a connection pool), for many serving processes and replicas.
 
-Same promises as the SQLite store (model/feedback.py). What PostgreSQL needs on top:
+Same promises as the SQLite store (model/store/events.py). What PostgreSQL needs on top:
 - Total order. An identity column hands out seq at insert time, but transactions commit in any order: a reader
   that has seen seq 11 commit could miss seq 10 committing later. Every write transaction therefore takes one
   advisory lock first (held to its commit), so writes commit one after another, in seq order.
@@ -20,7 +20,7 @@ from typing import Iterable, Iterator
 import psycopg
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from model.feedback import INSERT_ROLLOUT, SCHEMA_VERSION, Event, FeedbackStore, StoreUnavailable, masked, reason
+from model.store.events import INSERT_ROLLOUT, SCHEMA_VERSION, Event, FeedbackStore, StoreUnavailable, masked, reason
 
 CONNECT_TIMEOUT_S = 2            # libpq's connect_timeout is whole seconds (and at least 2)
 # how long a request waits for a connection while the last attempt to connect failed: an outage answers fast, and

@@ -2,7 +2,7 @@
 
 Two backends behind one interface (`FeedbackStore`), chosen by URL with `open_store`:
 - SQLite (`FeedbackLog`, the embedded default: one file) in WAL mode with synchronous=FULL;
-- PostgreSQL (`model.feedback_pg.PostgresFeedbackStore`), shared by many processes and replicas.
+- PostgreSQL (`model.store.events_pg.PostgresFeedbackStore`), shared by many processes and replicas.
 
 Both make the same promises. An event is durable before `append` returns (a process killed with SIGKILL loses
 nothing it acknowledged). An `append` is one transaction: all of its events are stored, or none (a reused event id
@@ -405,7 +405,7 @@ def open_store(url: str, readonly: bool = False) -> FeedbackStore:
             raise ValueError(f"feedback store URL {url!r}: use sqlite:///relative/path or sqlite:////absolute/path")
         return FeedbackLog(rest[1:], readonly)
     if scheme in ("postgresql", "postgres"):
-        from model.feedback_pg import PostgresFeedbackStore
+        from model.store.events_pg import PostgresFeedbackStore
         return PostgresFeedbackStore(url, readonly)
     raise ValueError(f"feedback store URL {masked(url)!r}: unknown scheme {scheme!r} (use sqlite:///PATH, "
                      "postgresql://... or a file path)")

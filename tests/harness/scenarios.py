@@ -19,9 +19,9 @@ from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (content_type_conformance, response_schema_conformance,
                                                status_code_conformance)
 
-from benchmarks.servers import running_server
-from model.checkpoint import load_checkpoint, save_checkpoint
-from model.feedback import FeedbackLog
+from tests.harness.servers import running_server
+from model.store.checkpoint import load_checkpoint, save_checkpoint
+from model.store.events import FeedbackLog
 
 CONCURRENCY = 64
 
