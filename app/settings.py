@@ -16,7 +16,7 @@ class Settings(BaseSettings):
     max_checkpoint_bytes: int = Field(2 * 1024 ** 3, ge=1024, description="largest checkpoint file loaded")
     device: str = Field("auto", description="auto (cuda if available), cpu or cuda[:N]")
     graph_catalogue: bool = Field(False, description="score whole-catalogue requests on CUDA through the "
-                                  "graph-captured route (model/gpu_scorer.py); off until measured on a GPU")
+                                  "graph-captured route (model/scoring/graphed.py); off until measured on a GPU")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     threads: int = Field(0, ge=0, description="torch intra-op threads; 0 = torch's default")

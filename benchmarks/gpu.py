@@ -9,7 +9,7 @@ citeulike-a, CMN d 50, hops 3 (the paper's settings). Rows, each eager against t
   start from the same weights and run the same batches (a few warm-up batches, then the timed ones,
   --rounds times alternately, best round of each), so their weights and optimiser state are compared at the end.
 - scorer: users/s over the whole catalogue at 1, 64 and 1,024 users per call. `eager` = Scorer with the CPU-tuned
-  routes (packed up to 8 users, bucketed beyond); `graph` = model/gpu_scorer.GraphedCatalogue. Each call is timed
+  routes (packed up to 8 users, bucketed beyond); `graph` = model/scoring/graphed.GraphedCatalogue. Each call is timed
   to the end of its GPU work; best of each. Counted GFLOP/s as benchmarks/scorer.py counts them. Scores of both
   are compared with the CPU scorer's (tolerance 1e-4, tests/test_scorer_routes.py's).
 - served: in process, the top-10 lists of 200 users from a Recommender on the CPU against one on the device; then
@@ -135,7 +135,7 @@ def scorer_rows(args, ckpt, device) -> list[dict]:
     import torch
 
     from benchmarks.scorer import counted_flops
-    from model.scorer import Scorer
+    from model.scoring import Scorer
 
     routes = {"eager": Scorer.from_checkpoint(ckpt, device, graph_catalogue=False),
               "graph": Scorer.from_checkpoint(ckpt, device, graph_catalogue=True)}
@@ -311,7 +311,7 @@ def main(argv=None) -> int:
     import torch
 
     from model.store.checkpoint import load_checkpoint
-    from model.scorer import resolve_device
+    from model.device import resolve_device
     device = resolve_device(args.device)
     if args.quick:
         args.train_steps, args.rounds, args.time_per_point, args.min_calls = "4,2,1", 1, 0.0, 1

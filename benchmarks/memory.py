@@ -63,7 +63,7 @@ def tensor_mb(obj, exclude: torch.nn.Module | None = None) -> float:
 def scorer_cache_mb(checkpoint: Path) -> tuple[float, float]:
     """(model parameters, scorer cache beyond them, every route's cache built) in MiB."""
     from model.store.checkpoint import load_checkpoint
-    from model.scorer import Scorer
+    from model.scoring import Scorer
     ckpt = load_checkpoint(str(checkpoint))
     scorer = Scorer.from_checkpoint(ckpt)
     scorer.bucketed_catalogue()

@@ -46,7 +46,8 @@ import torch.nn.functional as F  # noqa: E402
 
 from model.store.checkpoint import csr, load_checkpoint  # noqa: E402
 from model.cmn import CMN, CMNConfig  # noqa: E402
-from model.scorer import Scorer, top_k  # noqa: E402
+from model.ranking import top_k  # noqa: E402
+from model.scoring import Scorer  # noqa: E402
 from training import data as data_mod  # noqa: E402
 
 DEFAULT_DATA = (ROOT / ".." / "shared" / "data" / "citeulike-a.npz").resolve()

@@ -42,7 +42,8 @@ def child(args) -> None:
     from model.cmn import CMN, CMNConfig
     from model.gmf import GMF
     from training import data as data_mod
-    from training.optim import DenseAdam, make_optimizer
+    from model.optim import Adam
+    from training.optim import make_optimizer
     from training.sampler import TripleSampler
     from training.train import TrainConfig, cmn_pair_scores, fit_epoch, gmf_pair_scores
 
@@ -56,7 +57,7 @@ def child(args) -> None:
     indptr, indices = (torch.from_numpy(a) for a in csr(data.train[:, 1], data.train[:, 0], data.n_items))
     out = {"threads": torch.get_num_threads(), "wait_policy": os.environ.get("OMP_WAIT_POLICY", "(unset)")}
     for name, model, scores, optimizer in (
-            ("gmf", gmf, gmf_pair_scores(gmf), DenseAdam(gmf.parameters(), lr=1e-3)),
+            ("gmf", gmf, gmf_pair_scores(gmf), Adam(gmf.parameters(), lr=1e-3)),
             ("cmn", cmn, cmn_pair_scores(cmn, indptr, indices, False), make_optimizer("rmsprop", cmn.parameters(), 1e-3))):
         # fit_epoch on 8-batch slices until the time is up: the training loop itself, not a copy of it
         done, start, s, size = 0, time.perf_counter(), 0, 8 * cfg.batch_size

@@ -27,7 +27,7 @@ from model.store.checkpoint import csr, load_checkpoint  # noqa: E402
 from model.cmn import CMN, CMNConfig  # noqa: E402
 from model.recommender import Recommender  # noqa: E402
 from model.retrieval import ItemRetrieval, TwoStage  # noqa: E402
-from model.scorer import Scorer  # noqa: E402
+from model.scoring import Scorer  # noqa: E402
 
 
 def compare(name: str, rec: Recommender, rounds: int) -> list[dict]:

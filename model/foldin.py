@@ -24,18 +24,13 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from model.scorer import pack
+from model.cmn import EXP_FLOOR, bpr_loss, expand_slots, pack, slot_rows
+from model.optim import Adam
 
 if TYPE_CHECKING:
-    from model.scorer import Scorer
+    from model.scoring import Scorer
 
 INITS = ("neighbours", "zero")
-# A trained CMN's attention is so peaked that most slots' softmax weights underflow float32 into denormals, which
-# x86 CPUs compute ~30x slower than normal numbers (model/scorer.py EXP_FLOOR). Weights are floored at e^-30 of their
-# pair's largest (9e-14, below float32's resolution of a sum that holds a 1): the scores do not change, the floored
-# slots' logits get no gradient (their true share of it is below that resolution too), and a step on citeulike-a's
-# model takes 3.1 ms instead of 5.0 (50-item histories, median over 20).
-LOGIT_FLOOR = -30.0
 
 
 @dataclass(frozen=True)
@@ -85,11 +80,6 @@ def one_thread():
         torch.set_num_threads(threads)
 
 
-def bpr(pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
-    """Training's BPR loss (training/train.py `bpr_loss`), one positive score per `neg.shape[1]` negatives."""
-    return -torch.log(torch.sigmoid(pos[:, None] - neg) + 1e-12).mean()
-
-
 class Frozen:
     """What fold-in reads of a scorer's model and neighbourhoods, detached."""
 
@@ -124,7 +114,7 @@ class Frozen:
 class Attend(torch.autograd.Function):
     """One hop's memory read for the pairs of a user being fitted: logits `z[row]·K[v]` over each pair's packed
     neighbours (the pair route's `sampled_addmm`) and `z·m` for u's own slots, a softmax by pair (floored at
-    LOGIT_FLOOR), and the weighted sum of the neighbours' rows of `values` (`embedding_bag`) and of `own` for u's
+    `cmn.EXP_FLOOR`: floored slots get no gradient), and the weighted sum of the neighbours' rows of `values` (`embedding_bag`) and of `own` for u's
     slots. One autograd node with its backward written out, where the same ops recorded one by one make ~17 (a step,
     forward and backward, then took 2.5 ms instead of 2.0 on a 50-item history of citeulike-a's model). Forward and
     backward read the tables where they are rather than (slots × d) copies of their rows."""
@@ -137,8 +127,8 @@ class Attend(torch.autograd.Function):
                             z.index_select(0, mine) @ m])
         peak = torch.full((n,), -torch.inf, device=z.device).scatter_reduce(0, segments, logits, "amax")
         shifted = logits - peak.index_select(0, segments)
-        floored = shifted < LOGIT_FLOOR
-        w = shifted.clamp_(min=LOGIT_FLOOR).exp_()
+        floored = shifted < EXP_FLOOR
+        w = shifted.clamp_(min=EXP_FLOOR).exp_()
         p = w.div_(torch.zeros(n, device=z.device).index_add_(0, segments, w).index_select(0, segments))
         slots = len(packed.users)
         o = F.embedding_bag(packed.users, values, packed.offsets, mode="sum", per_sample_weights=p[:slots])
@@ -161,25 +151,6 @@ class Attend(torch.autograd.Function):
         grad_z = F.embedding_bag(packed.users, ctx.keys, packed.offsets, mode="sum", per_sample_weights=g[:slots])
         grad_z.index_add_(0, mine, g[slots:, None] * m)
         return grad_z, g[slots:] @ z.index_select(0, mine), p[slots:] @ mine_grad, None, None, None
-
-
-class Adam:
-    """Adam (Kingma & Ba) on one tensor, in place: torch.optim's bookkeeping costs more than a step this small."""
-
-    def __init__(self, param: torch.Tensor, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
-        self.param, self.lr, self.betas, self.eps, self.t = param, lr, betas, eps, 0
-        self.mean, self.var = torch.zeros_like(param), torch.zeros_like(param)
-
-    @torch.no_grad()
-    def step(self) -> None:
-        b1, b2 = self.betas
-        self.t += 1
-        g = self.param.grad
-        self.mean.mul_(b1).add_(g, alpha=1 - b1)
-        self.var.mul_(b2).addcmul_(g, g, value=1 - b2)
-        denom = (self.var / (1 - b2 ** self.t)).sqrt_().add_(self.eps)
-        self.param.addcdiv_(self.mean, denom, value=-self.lr / (1 - b1 ** self.t))
-        self.param.grad = None
 
 
 class UserPairs:
@@ -215,11 +186,9 @@ class UserPairs:
 
 def neighbours(fz: Frozen, items: torch.Tensor, user: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(users, pair) of every slot of N(items[b]), pair after pair, `user`'s own slots left out."""
-    starts, lengths = fz.indptr[items], fz.indptr[items + 1] - fz.indptr[items]
-    seg = torch.repeat_interleave(torch.arange(len(items), device=items.device), lengths)
-    offsets = torch.arange(len(seg), device=items.device) - torch.repeat_interleave(
-        torch.cumsum(lengths, 0) - lengths, lengths)
-    nbr = fz.indices[starts[seg] + offsets]
+    start = fz.indptr[items]
+    seg, at, _ = expand_slots(start, fz.indptr[items + 1] - start)
+    nbr = fz.indices[at]
     if user is None:
         return nbr, seg
     keep = nbr != user
@@ -262,7 +231,7 @@ def fold_in_user(scorer: Scorer, items, cfg: FoldInConfig, seed: int | None = No
     pool = pool[~torch.isin(pool, history)]                      # ... that the user has not interacted with
     g = fz.generator(seed)
     rows = torch.stack(start_user(fz, history, cfg.init, user)).requires_grad_(True)     # m, c
-    optimizer = Adam(rows, cfg.lr)
+    optimizer = Adam([rows], cfg.lr)
     # the triples are drawn once and every step takes all of them (the fit is a few full-batch steps; packing a
     # fresh batch per step would cost a third of a step each time)
     positives = history[torch.randperm(len(history), generator=g, device=fz.device)[:cfg.max_positives]]
@@ -275,9 +244,10 @@ def fold_in_user(scorer: Scorer, items, cfg: FoldInConfig, seed: int | None = No
     with torch.enable_grad():
         for step in range(1, cfg.steps + 1):
             scores = pairs.scores(fz, rows[0], rows[1])
-            loss = bpr(scores[:n_pos], scores[n_pos:].view(n_pos, cfg.neg))
+            loss = bpr_loss(scores[:n_pos], scores[n_pos:].view(n_pos, cfg.neg))
             loss.backward()
             optimizer.step()
+            optimizer.zero_grad()
             if on_step is not None:
                 elapsed = time.perf_counter() - clock
                 on_step(step, rows.detach(), elapsed)
@@ -312,7 +282,7 @@ class ItemNeighbours:
             if own is not None:
                 logits = logits.masked_fill(own, -torch.inf).masked_fill(alone[:, None], 0.0)
             peak = logits.detach().max(1, keepdim=True).values
-            w = (logits - peak).clamp(min=LOGIT_FLOOR).exp()
+            w = (logits - peak).clamp(min=EXP_FLOOR).exp()
             if own is not None:
                 w = w.masked_fill(own, 0.0)
             o = (w / w.sum(1, keepdim=True).clamp(min=1e-30)) @ (self.out_values if last else self.values)
@@ -343,9 +313,9 @@ def fold_in_item(scorer: Scorer, users, cfg: FoldInConfig, seed: int | None = No
     pool = torch.nonzero(lengths > 0).squeeze(1)
     if item is not None:
         pool = pool[pool != item]
-    slot_item = torch.repeat_interleave(torch.arange(fz.n_items, device=fz.device), lengths)
+    slot_item = slot_rows(lengths, len(fz.indices))
     e = start_item(fz, members, cfg.init, slot_item).clone().requires_grad_(True)
-    optimizer = Adam(e, cfg.lr)
+    optimizer = Adam([e], cfg.lr)
     everyone = torch.tensor(listed, dtype=torch.long, device=fz.device)
     # drawn once, as for a user: its users (at most max_positives) against `neg` items each, and as many training
     # pairs of other users against it; the other side of each triple does not depend on e (the scorer's pair route)
@@ -358,9 +328,10 @@ def fold_in_item(scorer: Scorer, users, cfg: FoldInConfig, seed: int | None = No
     beaten = scorer.score_pairs(others, slot_item[slots])
     with torch.enable_grad():
         for _ in range(cfg.steps):
-            loss = (bpr(nbrs.scores(fz, e, positives), rival) + bpr(beaten, nbrs.scores(fz, e, others)[:, None])) / 2
+            loss = (bpr_loss(nbrs.scores(fz, e, positives), rival) + bpr_loss(beaten, nbrs.scores(fz, e, others))) / 2
             loss.backward()
             optimizer.step()
+            optimizer.zero_grad()
     return e.detach()
 
 

@@ -6,10 +6,15 @@ makes training and full-catalogue scoring unaffordable. "Newest" is the order th
 first: training orders them by timestamp (a fixed seeded order where the data has none, training/data.py
 `by_recency`), a checkpoint stores its training pairs in that order, and online feedback is newer than all of them.
 One rule, `keep_newest`, serves training, evaluation, serving and feedback alike.
+
+`NeighbourIndex` is the serving side's N(i): the CSR with its slots' recency, grown by online feedback under the cap.
 """
 from __future__ import annotations
 
 import numpy as np
+import torch
+
+from model.cmn import slot_rows
 
 
 def keep_newest(items: np.ndarray, recency: np.ndarray, max_neighbours: int | None) -> np.ndarray:
@@ -36,3 +41,69 @@ def neighbour_csr(pairs: np.ndarray, n_items: int,
     indptr = np.zeros(n_items + 1, dtype=np.int64)
     np.cumsum(np.bincount(pairs[rows, 1], minlength=n_items), out=indptr[1:])
     return indptr, pairs[rows, 0].copy(), rows
+
+
+class NeighbourIndex:
+    """The item → users CSR (`indptr`, `indices`: users sorted within an item) that defines N(i), on `device`;
+    `recency` ranks its slots (larger: newer; None: all older than any feedback) so that an item over
+    `max_neighbours` drops its oldest."""
+
+    def __init__(self, indptr, indices, recency, max_neighbours: int | None, device: torch.device):
+        self.device, self.max_neighbours = device, max_neighbours
+        self.indptr = torch.as_tensor(indptr, dtype=torch.long, device=device)
+        self.indices = torch.as_tensor(indices, dtype=torch.long, device=device)
+        self.recency = torch.zeros(len(self.indices), dtype=torch.long) if recency is None else \
+            torch.as_tensor(recency, dtype=torch.long).cpu()
+
+    @property
+    def n_items(self) -> int:
+        return len(self.indptr) - 1
+
+    def lengths(self) -> torch.Tensor:
+        return self.indptr[1:] - self.indptr[:-1]
+
+    def slot_items(self) -> torch.Tensor:
+        """The item of every slot."""
+        return slot_rows(self.lengths(), len(self.indices))
+
+    def add_items(self, n: int) -> None:
+        """`n` new items with empty neighbourhoods."""
+        self.indptr = torch.cat([self.indptr, self.indptr[-1:].expand(n)])
+
+    def items_of(self, users: torch.Tensor) -> torch.Tensor:
+        """The items in whose N(i) any of `users` sits (on the CPU)."""
+        slots = torch.isin(self.indices, users)
+        return torch.unique(self.slot_items()[slots]).cpu() if bool(slots.any()) else \
+            torch.empty(0, dtype=torch.long)
+
+    def insert(self, users, items, n_users: int) -> tuple[int, torch.Tensor]:
+        """Put `users[k]` into N(items[k]), the newest member (users < `n_users`); an item that outgrows
+        `max_neighbours` drops its oldest. Returns the number of new pairs and the items whose N(i) changed."""
+        users = torch.as_tensor(users, dtype=torch.long).cpu()
+        items = torch.as_tensor(items, dtype=torch.long).cpu()
+        # the slots' keys item·n + user are sorted (items in order, users sorted within one): new pairs are found
+        # and inserted by binary search, not by sorting every slot again
+        old = (self.slot_items().cpu() * n_users + self.indices.cpu()).numpy()
+        new = (items * n_users + users).numpy()
+        at = np.searchsorted(old, new)
+        fresh = (at == len(old)) | (old[np.minimum(at, len(old) - 1)] != new) if len(old) else np.ones(len(new), bool)
+        if not fresh.any():
+            return 0, torch.empty(0, dtype=torch.long)
+        # a pair fed back twice in one call keeps its first place in line
+        added, first = np.unique(new[fresh], return_index=True)
+        touched = torch.unique(items[torch.from_numpy(fresh)])
+        clock = int(self.recency.max()) + 1 if len(self.recency) else 0
+        where = np.searchsorted(old, added)
+        keys = np.insert(old, where, added)
+        recency = np.insert(self.recency.numpy(), where, clock + first)
+        if self.max_neighbours is not None:     # only the touched items can have outgrown the cap
+            slot_items = keys // n_users
+            near = np.isin(slot_items, touched.numpy())
+            kept = np.ones(len(keys), dtype=bool)
+            kept[near] = keep_newest(slot_items[near], recency[near], self.max_neighbours)
+            keys, recency = keys[kept], recency[kept]
+        keys, self.recency = torch.from_numpy(keys), torch.from_numpy(recency)
+        counts = torch.bincount(keys // n_users, minlength=self.n_items)
+        self.indptr = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(counts, 0)]).to(self.device)
+        self.indices = (keys % n_users).to(self.device)
+        return len(added), touched

@@ -24,10 +24,11 @@ import torch
 
 from model.store.checkpoint import Checkpoint, load_checkpoint
 from model.cmn import CMN
+from model.device import resolve_device
 from model.foldin import FoldedUser, FoldInConfig, fold_in_item, fold_in_user
 from model.neighbours import neighbour_csr
 from model.retrieval import STRATEGIES, ItemRetrieval, TwoStage, blend
-from model.scorer import Scorer, resolve_device
+from model.scoring import Scorer
 
 Lists = Sequence[Sequence[int]]
 

@@ -18,6 +18,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from model.cmn import expand_slots, slot_rows
+
 STRATEGIES = ("full", "two_stage", "retrieval")
 BLENDS = ("zscore", "rrf")
 RRF_K = 60   # Cormack, Clarke & Büttcher (SIGIR 2009): a rank r counts 1 / (60 + r), r from 1
@@ -95,20 +97,18 @@ class ItemRetrieval:
         item's row: its mix of rows), then live items' columns as their mixes of columns."""
         counts = torch.tensor([len(h) for h in histories], dtype=torch.long)
         items = torch.tensor([i for h in histories for i in h], dtype=torch.long, device=self.device)
-        rows = torch.repeat_interleave(torch.arange(len(histories)), counts).to(self.device)
+        rows = slot_rows(counts).to(self.device)
         weight = torch.ones(len(items), device=self.device)
         live = torch.nonzero(items >= self.n_trained).squeeze(1).tolist() if self.live else []
         if live:
             mixes = [self.live[int(items[j]) - self.n_trained] for j in live]
             sizes = torch.tensor([len(m[0]) for m in mixes], device=self.device)
             keep = items < self.n_trained
-            rows = torch.cat([rows[keep], torch.repeat_interleave(rows[live], sizes)])
+            rows = torch.cat([rows[keep], rows[live][slot_rows(sizes)]])
             weight = torch.cat([weight[keep]] + [m[1] for m in mixes])
             items = torch.cat([items[keep]] + [m[0] for m in mixes])
-        start, length = self.indptr[items], self.indptr[items + 1] - self.indptr[items]
-        n_slots = int(length.sum())
-        owner = torch.repeat_interleave(torch.arange(len(items), device=self.device), length, output_size=n_slots)
-        slot = torch.arange(n_slots, device=self.device) - (torch.cumsum(length, 0) - length)[owner] + start[owner]
+        start = self.indptr[items]
+        owner, slot, _ = expand_slots(start, self.indptr[items + 1] - start)
         out = torch.zeros(len(histories) * self.n_trained, device=self.device)
         out.index_add_(0, rows[owner] * self.n_trained + self.indices[slot], self.values[slot] * weight[owner])
         out = out.view(len(histories), self.n_trained)

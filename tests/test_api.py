@@ -20,7 +20,7 @@ from app.engine import Engine
 from app.main import create_app
 from app.settings import Settings
 from model.store.checkpoint import load_checkpoint
-from model.scorer import Scorer
+from model.scoring import Scorer
 from bad_inputs import BAD_INPUTS, assert_rejected, request_for
 from bad_inputs import IDS as BAD_INPUT_IDS
 

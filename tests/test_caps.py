@@ -9,7 +9,7 @@ from conftest import make_cmn
 from model.store.checkpoint import load_checkpoint
 from model.cmn import CMNConfig, gather_neighbourhoods
 from model.neighbours import keep_newest, neighbour_csr
-from model.scorer import Scorer
+from model.scoring import Scorer
 from training import data as data_mod
 from training import train as train_mod
 from training.cli import main

@@ -5,7 +5,7 @@ import torch
 
 from model.store.checkpoint import load_checkpoint
 from model.cmn import gather_neighbourhoods
-from model.scorer import Scorer
+from model.scoring import Scorer
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from conftest import make_cmn, random_train, run_cli
-from model.cmn import CMN, CMNConfig, gather_neighbourhoods
-from model.foldin import FoldInConfig, Frozen, ItemNeighbours, UserPairs, bpr
+from model.cmn import CMN, CMNConfig, bpr_loss, gather_neighbourhoods
+from model.foldin import FoldInConfig, Frozen, ItemNeighbours, UserPairs
 from model.recommender import Recommender
 from model.retrieval import ItemRetrieval, TwoStage
 
@@ -68,14 +68,14 @@ def test_user_scores_and_gradient_are_the_whole_models(exclude_self):
     items = torch.tensor(history + negatives)
     pairs = UserPairs(fz, items, torch.arange(len(items)) < len(history))
     scores = pairs.scores(fz, rows[0], rows[1])
-    bpr(scores[:4], scores[4:].view(4, 2)).backward()
+    bpr_loss(scores[:4], scores[4:].view(4, 2)).backward()
 
     big = grown(model, users=rows.detach())
     u = N_USERS
     joined = np.concatenate([train, [[u, i] for i in history]])
     expected = forward(big, joined, [u] * len(items), items)
     assert torch.allclose(scores.detach(), expected.detach(), atol=1e-5)
-    bpr(expected[:4], expected[4:].view(4, 2)).backward()
+    bpr_loss(expected[:4], expected[4:].view(4, 2)).backward()
     assert torch.allclose(rows.grad[0], big.user_memory.grad[u], atol=1e-5)
     assert torch.allclose(rows.grad[1], big.user_output.grad[u], atol=1e-5)
     assert rows.grad[1].abs().max() > 0        # C[u] is reached: u's own slots (or N = [u])

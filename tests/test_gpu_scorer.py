@@ -1,4 +1,4 @@
-"""The graph-captured full-catalogue route (model/gpu_scorer.py) must equal CMN.forward whatever the call size: a
+"""The graph-captured full-catalogue route (model/scoring/graphed.py) must equal CMN.forward whatever the call size: a
 call padded up to a captured batch size, one split over several, and after online feedback (which rebuilds its
 buckets and drops its captures). On a CPU nothing is captured; the padding, chunking and rebuilding are the
 same code as on a GPU."""
@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from conftest import item_user_csr, make_cmn, random_train
-from model.gpu_scorer import GraphedCatalogue
-from model.scorer import Scorer, Tables
+from model.scoring import Scorer
+from model.scoring.graphed import GraphedCatalogue
+from model.tables import Tables
 from test_scorer_routes import D, LENGTHS, N_ITEMS, N_USERS, forward_all
 
 

@@ -17,7 +17,7 @@ import torch
 
 from conftest import CITEULIKE, REPO, run_cli
 from model.store.checkpoint import csr, load_checkpoint
-from model.scorer import Scorer
+from model.scoring import Scorer
 from training.data import holdout_validation, load
 from training.evaluate import evaluate
 

@@ -10,7 +10,9 @@ from conftest import (item_user_csr, make_cmn, neighbourhood, numpy_params, rand
 from model import kernels
 from model.store.checkpoint import load_checkpoint
 from model.cmn import gather_neighbourhoods
-from model.scorer import Scorer, bucket_cap, top_k
+from model.ranking import top_k
+from model.scoring import Scorer
+from model.scoring.bucketed import bucket_cap
 
 N_USERS, D = 40, 6
 # lengths spread over many bucket caps (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48) with several empty items

@@ -7,7 +7,7 @@ import torch
 
 from conftest import item_user_csr, make_cmn, random_train
 from model.cmn import gather_neighbourhoods
-from model.scorer import Scorer
+from model.scoring import Scorer
 
 N_USERS, D = 40, 6
 LENGTHS = [0, 1, 2, 3, 4, 5, 7, 9, 13, 17, 25, 33, 40, 0, 1, 1, 2, 6, 11, 0, 3, 8, 15, 21, 2, 1]

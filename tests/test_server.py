@@ -24,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.harness.servers import ROOT, running_server
 from model.store.checkpoint import load_checkpoint
-from model.scorer import Scorer
+from model.scoring import Scorer
 
 pytestmark = pytest.mark.slow
 

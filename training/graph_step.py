@@ -15,7 +15,7 @@ the whole step is captured once and replayed per batch:
   accumulator and momentum are multiplied by 1 plus a zero gradient term and its weights lose 0·momentum, so all
   three stay bit for bit as the sparse update leaves them.
 - `clip_by_norm`'s branch is a `torch.where` on the device; clipping and the update run as multi-tensor
-  `torch._foreach_*` kernels.
+  `torch._foreach_*` kernels (training/optim.py `clip_norms_` and `rmsprop_dense_`, which the eager step runs too).
 
 On a CPU the same step runs without capture (tests/test_graph_step.py holds it to the eager step there). On CUDA
 the first `WARMUP_STEPS` full batches run uncaptured on a side stream (they are real steps: capture needs the
@@ -33,9 +33,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from model.cmn import CMN
-from training.optim import TFRMSProp
-from training.train import bpr_loss
+from model.cmn import CMN, bpr_loss
+from training.optim import TFRMSProp, clip_norms_, rmsprop_dense_
 
 WARMUP_STEPS = 3
 BUDGET_MARGIN = 1.05   # citeulike-a: the largest batch of epochs 1-3 stays within epoch 0's largest (batch 128..8192)
@@ -165,7 +164,7 @@ class GraphStep:
             loss = bpr_loss(scores[:n], scores[n:2 * n])
             grads = list(torch.autograd.grad(loss + m.l2_penalty(), self.params))
         with torch.no_grad():
-            self._clip(grads)
+            clip_norms_(grads, self.clip)
             self._rmsprop(grads, self._touched(pair_users, items, nbr, real))
             self.total.add_(loss)
 
@@ -201,27 +200,12 @@ class GraphStep:
         return [torch.zeros(len(t), dtype=dtype, device=t.device).index_add_(0, ids, w).clamp_(max=1).unsqueeze(1)
                 for t, (ids, w) in zip(tables, looked_up)]
 
-    def _clip(self, grads: list[torch.Tensor]) -> None:
-        """clip_by_norm per tensor, the scale computed as clip_per_tensor_ does (max_norm / norm = norm⁻¹·max_norm)
-        and chosen by `where`: no host sync."""
-        norms = torch.stack(torch._foreach_norm(grads))
-        scales = torch.where(norms > self.clip, norms.reciprocal() * self.clip, 1.0)
-        torch._foreach_mul_(grads, list(scales.unbind()))
-
     def _rmsprop(self, grads: list[torch.Tensor], touched: list[torch.Tensor]) -> None:
-        """TFRMSProp.step's arithmetic, op for op; on the tables, rows outside `touched` keep every value."""
+        """TFRMSProp's update; on the tables, rows outside `touched` keep every value."""
         lr, rho, mu, eps = (self.group[k] for k in ("lr", "decay", "momentum", "eps"))
         for table in (False, True):
             k = [i for i, t in enumerate(self.table_at) if (t is not None) == table]
-            if not k:
-                continue
-            params, g = [self.params[i] for i in k], [grads[i] for i in k]
-            ms, mom = [self.state[i]["ms"] for i in k], [self.state[i]["mom"] for i in k]
-            rows = [touched[self.table_at[i]] for i in k] if table else None
-            torch._foreach_mul_(ms, [torch.where(r > 0, rho, 1.0) for r in rows] if table else rho)
-            torch._foreach_addcmul_(ms, g, g, value=1 - rho)
-            denom = torch._foreach_add(ms, eps)
-            torch._foreach_sqrt_(denom)
-            torch._foreach_mul_(mom, [torch.where(r > 0, mu, 1.0) for r in rows] if table else mu)
-            torch._foreach_addcdiv_(mom, g, denom, value=lr)
-            torch._foreach_sub_(params, torch._foreach_mul(mom, rows) if table else mom)
+            if k:
+                rmsprop_dense_([self.params[i] for i in k], [grads[i] for i in k],
+                               [self.state[i]["ms"] for i in k], [self.state[i]["mom"] for i in k], lr, rho, mu, eps,
+                               [touched[self.table_at[i]] for i in k] if table else None)

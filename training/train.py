@@ -15,14 +15,16 @@ from tqdm import tqdm
 
 from model import threads
 from model.store.checkpoint import Checkpoint, save_checkpoint
-from model.cmn import CMN, CMNConfig, gather_neighbourhoods
+from model.cmn import CMN, CMNConfig, bpr_loss, gather_neighbourhoods
+from model.device import resolve_device
 from model.gmf import GMF
 from model.neighbours import neighbour_csr
+from model.optim import Adam
 from model.recommender import Recommender
-from model.scorer import Scorer, resolve_device
+from model.scoring import Scorer
 from training import data as data_mod
 from training.evaluate import TopPop, evaluate, evaluate_strategies
-from training.optim import DenseAdam, clip_per_tensor_, make_optimizer
+from training.optim import clip_per_tensor_, make_optimizer
 from training.sampler import TripleSampler
 from training.two_stage import fit_two_stage
 
@@ -107,10 +109,6 @@ class TrainState:
         if self.best is None or row["validation"]["ndcg@10"] > self.history[self.best - 1]["validation"]["ndcg@10"]:
             self.best = self.epoch
             self.best_model = {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def bpr_loss(pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
-    return -torch.log(torch.sigmoid(pos - neg) + 1e-12).mean()
 
 
 def fit_epoch(model, pair_scores, optimizer, sampler: TripleSampler, epoch: int, cfg: TrainConfig,
@@ -237,7 +235,7 @@ def pretrain_gmf(cfg: TrainConfig, fit: data_mod.Dataset, sampler: TripleSampler
     """The reference's GMF pretraining (BPR, Adam, L2 on v only); returns P, Q and the per-epoch log."""
     gmf = GMF(fit.n_users, fit.n_items, cfg.embed_size, cfg.gmf_l2).to(device)
     gmf_cfg = replace(cfg, batch_size=cfg.gmf_batch_size or cfg.batch_size)
-    optimizer = DenseAdam(gmf.parameters(), lr=scaled_lr(cfg.gmf_lr, gmf_cfg.batch_size))
+    optimizer = Adam(gmf.parameters(), lr=scaled_lr(cfg.gmf_lr, gmf_cfg.batch_size))
     history = []
     epochs = pretrain_epochs_for(cfg)
     for epoch in range(epochs):

@@ -18,7 +18,8 @@ from __future__ import annotations
 import torch
 
 from model.cmn import CMN
-from model.scorer import BucketedCatalogue, Tables
+from model.scoring.bucketed import BucketedCatalogue
+from model.tables import Tables
 
 BATCH_SIZES = (1, 8, 64, 256, 1024)
 BLOCK_PAIRS = 1 << 22   # (user, item) pairs per block: 1,024 users take 4,096 items at a time, ~0.8 GiB per activation
