@@ -18,12 +18,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from model.cmn import CMN, CMNConfig, gather_neighbourhoods, segment_softmax
+from model.cmn import CMN, CMNConfig, bpr_loss, gather_neighbourhoods, segment_softmax
 from model.neighbours import neighbour_csr
 from training import data as data_mod
 from training.optim import clip_per_tensor_, make_optimizer
 from training.sampler import TripleSampler
-from training.train import (PROBE_EPOCH, PROBE_TRIPLES, TrainConfig, bpr_loss, cmn_pair_scores, init_memories,
+from training.train import (PROBE_EPOCH, PROBE_TRIPLES, TrainConfig, cmn_pair_scores, init_memories,
                             output_signal, pretrain_gmf, scaled_lr)
 
 

@@ -18,7 +18,7 @@ FLOPs are counted analytically from the model's equations (multiply-add = 2), pe
     hop 1          logits z·M[v] 2dL + weighted sum of C[v] 2dL
     hops 2..H      hop map W_h z 2d² + logits 2dL + weighted sum 2dL
     output         U [m_u ⊙ e_i ; o] 2·(2d)·d + v 2d
-The scorer does less than that (cached user-independent terms, see model/scorer.py); its executed count
+The scorer does less than that (cached user-independent terms, see model/scoring/__init__.py); its executed count
 (padding included, per route) is printed next to it. Targets (docs/performance.md):
     1 user  latency <= 3 x (counted FLOPs / GEMM rate)
     1 user  >= 1000x faster than the padded reference
@@ -172,7 +172,8 @@ class NotebookReference:
 # --------------------------------------------------------------------------- timings
 
 def load_baseline(rev: str):
-    """model/scorer.py as of a git revision, imported as its own module."""
+    """model/scorer.py as of a git revision before issue 20 split it into model/scoring/ (e.g. dd30a7c), imported as
+    its own module."""
     import subprocess
     import types
     source = subprocess.run(["git", "show", f"{rev}:model/scorer.py"], cwd=ROOT, capture_output=True, text=True,
@@ -213,7 +214,8 @@ def main(argv=None) -> int:
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--quick", action="store_true", help="2 rounds, no padded reference")
     ap.add_argument("--baseline-rev", metavar="GIT_REV",
-                    help="also time model/scorer.py as of this git revision (e.g. HEAD), side by side")
+                    help="also time model/scorer.py as of this git revision (one before model/scoring/, e.g. dd30a7c), "
+                         "side by side")
     ap.add_argument("--json", help="also write the figures here")
     args = ap.parse_args(argv)
     if args.threads:

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from model.cmn import EXP_FLOOR, bpr_loss, expand_slots, pack, slot_rows
-from model.optim import Adam
+from model.optim import adam_
 
 if TYPE_CHECKING:
     from model.scoring import Scorer
@@ -231,7 +231,7 @@ def fold_in_user(scorer: Scorer, items, cfg: FoldInConfig, seed: int | None = No
     pool = pool[~torch.isin(pool, history)]                      # ... that the user has not interacted with
     g = fz.generator(seed)
     rows = torch.stack(start_user(fz, history, cfg.init, user)).requires_grad_(True)     # m, c
-    optimizer = Adam([rows], cfg.lr)
+    mean, var = torch.zeros_like(rows), torch.zeros_like(rows)     # Adam's moments
     # the triples are drawn once and every step takes all of them (the fit is a few full-batch steps; packing a
     # fresh batch per step would cost a third of a step each time)
     positives = history[torch.randperm(len(history), generator=g, device=fz.device)[:cfg.max_positives]]
@@ -246,8 +246,8 @@ def fold_in_user(scorer: Scorer, items, cfg: FoldInConfig, seed: int | None = No
             scores = pairs.scores(fz, rows[0], rows[1])
             loss = bpr_loss(scores[:n_pos], scores[n_pos:].view(n_pos, cfg.neg))
             loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
+            adam_(rows, rows.grad, mean, var, step, cfg.lr)
+            rows.grad = None
             if on_step is not None:
                 elapsed = time.perf_counter() - clock
                 on_step(step, rows.detach(), elapsed)
@@ -315,7 +315,7 @@ def fold_in_item(scorer: Scorer, users, cfg: FoldInConfig, seed: int | None = No
         pool = pool[pool != item]
     slot_item = slot_rows(lengths, len(fz.indices))
     e = start_item(fz, members, cfg.init, slot_item).clone().requires_grad_(True)
-    optimizer = Adam([e], cfg.lr)
+    mean, var = torch.zeros_like(e), torch.zeros_like(e)           # Adam's moments
     everyone = torch.tensor(listed, dtype=torch.long, device=fz.device)
     # drawn once, as for a user: its users (at most max_positives) against `neg` items each, and as many training
     # pairs of other users against it; the other side of each triple does not depend on e (the scorer's pair route)
@@ -327,11 +327,11 @@ def fold_in_item(scorer: Scorer, users, cfg: FoldInConfig, seed: int | None = No
     others = fz.indices[slots]
     beaten = scorer.score_pairs(others, slot_item[slots])
     with torch.enable_grad():
-        for _ in range(cfg.steps):
+        for step in range(1, cfg.steps + 1):
             loss = (bpr_loss(nbrs.scores(fz, e, positives), rival) + bpr_loss(beaten, nbrs.scores(fz, e, others))) / 2
             loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
+            adam_(e, e.grad, mean, var, step, cfg.lr)
+            e.grad = None
     return e.detach()
 
 
