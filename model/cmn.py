@@ -3,6 +3,11 @@
 Neighbourhoods travel packed, never padded: `nbr_users[t]` is a user in the neighbourhood of pair
 `nbr_segment[t]` of the batch, so an item with 300 users and one with 3 cost what they hold.
 See docs/model.md and ../shared/docs/cmn-reference.md for the equations.
+
+Besides the module, this file owns the pieces every other computation of the equations shares: the
+neighbourhood-to-slot expansion (`slot_rows`, `expand_slots`), packed neighbourhoods (`Packed`, `pack`), the
+memory read outside autograd (`attend`) with the one exp floor (`EXP_FLOOR`), and the loss (`bpr_loss`) that
+training, the graph step and fold-in minimise.
 """
 from __future__ import annotations
 

@@ -85,9 +85,11 @@ class LiveModel:
         self.refresh()
         return True
 
-    def reserve_users(self, rows: int) -> None:
-        """User tables of `rows` rows, the new ones zero."""
+    def reserve_users(self, needed: int) -> None:
+        """User tables of at least `needed` rows, the new ones zero. They grow by half their size at a time, so users
+        added one by one cost amortised O(d) each, not a rebuild of every user-sized cache per user."""
         old_rows = self.capacity
+        rows = max(needed, old_rows + old_rows // 2, old_rows + 64)
         for name in ("user_memory", "user_output"):
             old = getattr(self.model, name)
             table = torch.cat([old.detach(), old.new_zeros(rows - old_rows, old.shape[1])])

@@ -151,13 +151,11 @@ class Scorer:
 
     @torch.no_grad()
     def reserve_users(self, n: int) -> None:
-        """Room for `n` rows past the current users. The user tables grow by half their size at a time, so users
-        added one by one cost amortised O(d) each, not a rebuild of every user-sized cache per user."""
-        rows = self.capacity
-        if self.n_users + n <= rows:
+        """Room for `n` rows past the current users (see `LiveModel.reserve_users`)."""
+        if self.n_users + n <= self.capacity:
             return
         self._own_model()
-        self.live.reserve_users(max(self.n_users + n, rows + rows // 2, rows + 64))
+        self.live.reserve_users(self.n_users + n)
         self.pairs = PairRoute(self.model, self.tables, self.exclude_self)
         self.packed = PackedCatalogue(self.model, self.tables, self.indptr, self.indices)  # its pattern is user-wide
         if self.bucketed is not None:   # its buckets hold copies of rows that did not change
