@@ -405,7 +405,11 @@ def open_store(url: str, readonly: bool = False) -> FeedbackStore:
             raise ValueError(f"feedback store URL {url!r}: use sqlite:///relative/path or sqlite:////absolute/path")
         return FeedbackLog(rest[1:], readonly)
     if scheme in ("postgresql", "postgres"):
-        from model.store.events_pg import PostgresFeedbackStore
+        try:
+            from model.store.events_pg import PostgresFeedbackStore
+        except ImportError as e:  # the driver is the `pg` extra: a training-only install need not have it
+            raise ImportError(f"feedback store URL {masked(url)!r} needs psycopg, which is not installed ({e}): "
+                              "pip install 'cmn-service[pg]' (the serve and dev extras include it)") from None
         return PostgresFeedbackStore(url, readonly)
     raise ValueError(f"feedback store URL {masked(url)!r}: unknown scheme {scheme!r} (use sqlite:///PATH, "
                      "postgresql://... or a file path)")
