@@ -368,7 +368,7 @@ class Service:
                             f"(CMN_MAX_LAG_S={self.settings.max_lag_s:g})")
         return Health(status="degraded" if problems else "ok", detail="; ".join(problems) or None, store=store,
                       model_version=e.version, device=str(e.device), users=e.n_users, items=e.n_items,
-                      interactions=e.recommender.interactions, live_users=e.recommender.live_users,
-                      live_items=e.recommender.live_items, feedback_events=self.feedback_events,
+                      interactions=e.recommender.interactions, live_users=e.online.live_users,
+                      live_items=e.online.live_items, feedback_events=self.feedback_events,
                       applied_seq=e.feedback_seq, lag_s=lag, rollout=self.rollout, worker=WORKER,
                       uptime_s=uptime, warnings=e.warnings)
