@@ -1,9 +1,11 @@
-"""The serving side of one loaded model: external ↔ internal ids, batches of requests, metrics.
+"""One loaded model as the service sees it: external ↔ internal ids, requests mapped to jobs and batches of jobs
+to answers, the store's events applied to it, metrics.
 
-What a recommendation is (seen-sets, exclusions, top-k, the popularity fallback, online feedback) lives in
-`model.recommender.Recommender`, the object the evaluator also ranks through. Requests are `prepare`d on the
-event loop (ids resolved, errors raised before anything is queued), then `recommend`ed in batches on the single
-model thread, which is also the only thread that applies feedback, so scoring never sees a half-applied update.
+What a recommendation is (seen-sets, exclusions, top-k, the popularity fallback) lives in
+`model.recommender.Recommender`, the object the evaluator also ranks through; live users and items in
+`model.online.Online`. Requests are `prepare`d on the event loop (ids resolved, errors raised before anything is
+queued; app/jobs.py), then `recommend`ed in batches on the single model thread, which is also the only thread that
+applies feedback, so scoring never sees a half-applied update.
 """
 from __future__ import annotations
 
@@ -11,9 +13,9 @@ import os
 import re
 import time
 import zlib
-from dataclasses import dataclass
 
 from app import metrics
+from app.jobs import Answer, Job, UnknownIds, UnsupportedStrategy
 from app.schemas import RecommendRequest
 from model.store.checkpoint import MAX_BYTES, load_checkpoint, model_version
 from model.store.events import Event, FeedbackStore
@@ -31,46 +33,6 @@ def served_version(stored: str, state: dict, path: str) -> str:
     """The checkpoint's model_version when it is a short printable token, else the weights' content hash (stamped
     with the file's modification time, in the format training writes)."""
     return stored if VERSION.fullmatch(stored) else model_version(state, os.path.getmtime(path))
-
-
-class UnsupportedStrategy(ValueError):
-    """A strategy the loaded model does not offer (→ 422)."""
-
-
-class UnknownIds(ValueError):
-    """Candidate or exclude ids the model does not know. The 422 lists only the first ECHOED of them (each id is
-    up to 256 characters) and counts the rest: a request naming 10,000 unknown ids gets a short answer."""
-    ECHOED = 20
-
-    def __init__(self, field: str, ids: list[str]):
-        more = f" (the first {self.ECHOED} are listed)" if len(ids) > self.ECHOED else ""
-        super().__init__(f"{len(ids)} {field} ids are unknown to the model{more}")
-        self.field, self.ids = field, ids[:self.ECHOED]
-        self.count = len(ids)
-
-
-@dataclass
-class Job:
-    """One request with ids resolved against one engine."""
-    user_id: str | None
-    user: int | None                  # None: unknown or anonymous user: fold-in of `history`, else popularity
-    k: int
-    candidates: list[int] | None      # item ids, or None for the whole catalogue
-    exclude: list[int]                # item ids removed besides the seen-set
-    exclude_seen: bool
-    explain: bool
-    strategy: str
-    pairs: int                        # what it costs the model thread: the queue limit counts these
-    history: list[int] | None = None  # an unknown user's items, folded in for this request
-
-
-@dataclass
-class Answer:
-    # (item id, score, live item, explanation: [(user id, attention weight, live user)] or None)
-    items: list[tuple[str, float, bool, list[tuple[str, float, bool]] | None]]
-    fallback: str | None
-    strategy: str | None = None
-    cold_start: str | None = None
 
 
 def stable_seed(external_id: str) -> int:
@@ -279,6 +241,3 @@ class Engine:
             self.apply_rows(rows)
             replayed += len(rows)
         return replayed
-
-    def warmup(self, calls: int) -> None:
-        self.recommender.warmup(calls)

@@ -19,10 +19,11 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from app.batcher import QueueFull
-from app.engine import UnknownIds, UnsupportedStrategy
+from app.jobs import UnknownIds, UnsupportedStrategy
 from app.middleware import RequestContext, configure_logging
 from app.routes import ROUTERS
-from app.service import NotReady, ReloadFailed, Service
+from app.models import NotReady, ReloadFailed
+from app.service import Service
 from app.settings import Settings, from_environment
 
 log = logging.getLogger("cmn.app")
