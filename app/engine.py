@@ -117,7 +117,8 @@ class Engine:
             candidates = None if whole else [j.candidates for j in listed]
             metrics.SCORED_ITEMS.labels(strategy).inc(
                 sum(map(len, candidates)) if candidates else len(listed) * self.scored_per_user(strategy))
-            who = {"histories": [j.history for j in listed], "seed": 0} if folded else {"users": [j.user for j in listed]}
+            who = ({"histories": [j.history for j in listed], "seed": 0} if folded else
+                   {"users": [j.user for j in listed]})
             items, scores = rec.recommend(k=[j.k for j in listed], exclude_seen=[j.exclude_seen for j in listed],
                                           exclude=[j.exclude for j in listed], candidates=candidates,
                                           strategy=strategy, **who)

@@ -199,12 +199,12 @@ class Recommender:
 
     @contextmanager
     def _folded(self, histories: Histories, seed: int | None, users):
-        """Anonymous users (`histories`; `users` must be None) for the duration of the block, as scratch user ids: each history is folded in (with
-        `seed`: a history's rows do not depend on the others; a `FoldedUser` is used as fitted), its rows sit past
-        the users, in no N(i), and its history is its seen-set (and what retrieval reads). Afterwards the users,
-        the neighbourhoods and every trained or live user's scores are as before. The folded user is in no N(i), so
-        with `exclude_seen=False` its history items score as if it had not joined their neighbourhoods (a live
-        user would have)."""
+        """Anonymous users (`histories`; `users` must be None) for the duration of the block, as scratch user ids:
+        each history is folded in (with `seed`: a history's rows do not depend on the others; a `FoldedUser` is
+        used as fitted), its rows sit past the users, in no N(i), and its history is its seen-set (and what
+        retrieval reads). Afterwards the users, the neighbourhoods and every trained or live user's scores are as
+        before. The folded user is in no N(i), so with `exclude_seen=False` its history items score as if it had
+        not joined their neighbourhoods (a live user would have)."""
         if users is not None:
             raise ValueError("give users or histories, not both")
         fitted = [h if isinstance(h, FoldedUser) else self.fold_in(h, seed) for h in histories]
