@@ -154,7 +154,7 @@ def markdown() -> str:
            "Generated from [app/settings.py](../app/settings.py) by `python -m app.settings --markdown > "
            "docs/settings.md`;", "tests/test_settings.py fails when this file and the code disagree.",
            "Every setting is an environment variable (or a line of `.env`). The names docker-compose.yml reads "
-           "itself", "(`CMN_API_REPLICAS`, `CMN_DATA`, ...) are in [deploy.md](deploy.md#configuration).", ""]
+           "itself", "(`CMN_API_REPLICAS`, `CMN_DATA`, ...) are in [deploy.md](deploy.md#settings).", ""]
     for group, cls in GROUPS.items():
         out += [f"## {group}", "", cls.__doc__.strip(), "", "| variable | type | default | description |",
                 "|---|---|---|---|"]
