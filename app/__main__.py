@@ -1,4 +1,6 @@
-"""`python -m app`: serve the configured checkpoint with uvicorn (settings from CMN_* environment variables)."""
+"""`python -m app`: serve app.main's `app` with uvicorn, with this server's options (app/protocol.py: its host,
+port, workers, head timeouts and connection limits from CMN_* variables), after checking that the checkpoint loads
+and sharing the CPUs out between workers. `uvicorn app.main:app` serves the same app with uvicorn's defaults."""
 # threads first: libgomp reads its environment once, when torch loads it (model/threads.py); worker processes
 # inherit the environment, so each gets its share of the CPUs
 import os
@@ -21,14 +23,13 @@ import tempfile
 
 import uvicorn
 
-from app.main import create_app
+from app.main import app
 from app.protocol import server_options
-from app.settings import Settings
 from model.store.checkpoint import CheckpointError, load_checkpoint
 
 
 def main() -> int:
-    settings = Settings()
+    settings = app.state.settings
     try:  # fail fast, in one line, on a checkpoint that can never load
         load_checkpoint(settings.checkpoint, settings.max_checkpoint_bytes)
     except CheckpointError as e:
@@ -42,11 +43,11 @@ def main() -> int:
     # (default handler) would end a cleanly stopped server with status 143; exit 0 instead.
     signal.signal(signal.SIGTERM, _stopped)
     if settings.workers == 1:
-        uvicorn.run(create_app(settings), **server_options(settings))
+        uvicorn.run(app, **server_options(settings))
     else:  # uvicorn's supervisor: it restarts a worker that dies, and SIGHUP restarts them all, one at a time
         # one metrics directory for all workers (app/metrics.py), made before they start and import the client
         os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="cmn-metrics-"))
-        uvicorn.run("app.main:create_app", factory=True, workers=settings.workers, **server_options(settings))
+        uvicorn.run("app.main:app", workers=settings.workers, **server_options(settings))
     return 0
 
 

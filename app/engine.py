@@ -1,9 +1,11 @@
-"""The serving side of one loaded model: external ↔ internal ids, batches of requests, metrics.
+"""One loaded model as the service sees it: external ↔ internal ids, requests mapped to jobs and batches of jobs
+to answers, the store's events applied to it, metrics.
 
-What a recommendation is (seen-sets, exclusions, top-k, the popularity fallback, online feedback) lives in
-`model.recommender.Recommender`, the object the evaluator also ranks through. Requests are `prepare`d on the
-event loop (ids resolved, errors raised before anything is queued), then `recommend`ed in batches on the single
-model thread, which is also the only thread that applies feedback, so scoring never sees a half-applied update.
+What a recommendation is (seen-sets, exclusions, top-k, the popularity fallback) lives in
+`model.recommender.Recommender`, the object the evaluator also ranks through; live users and items in
+`model.online.Online`. Requests are `prepare`d on the event loop (ids resolved, errors raised before anything is
+queued; app/jobs.py), then `recommend`ed in batches on the single model thread, which is also the only thread that
+applies feedback, so scoring never sees a half-applied update.
 """
 from __future__ import annotations
 
@@ -11,13 +13,14 @@ import os
 import re
 import time
 import zlib
-from dataclasses import dataclass
 
 from app import metrics
+from app.jobs import Answer, Job, UnknownIds, UnsupportedStrategy
 from app.schemas import RecommendRequest
 from model.store.checkpoint import MAX_BYTES, load_checkpoint, model_version
 from model.store.events import Event, FeedbackStore
 from model.quality import checkpoint_warnings
+from model.online import Online
 from model.recommender import Recommender
 
 
@@ -30,46 +33,6 @@ def served_version(stored: str, state: dict, path: str) -> str:
     """The checkpoint's model_version when it is a short printable token, else the weights' content hash (stamped
     with the file's modification time, in the format training writes)."""
     return stored if VERSION.fullmatch(stored) else model_version(state, os.path.getmtime(path))
-
-
-class UnsupportedStrategy(ValueError):
-    """A strategy the loaded model does not offer (→ 422)."""
-
-
-class UnknownIds(ValueError):
-    """Candidate or exclude ids the model does not know. The 422 lists only the first ECHOED of them (each id is
-    up to 256 characters) and counts the rest: a request naming 10,000 unknown ids gets a short answer."""
-    ECHOED = 20
-
-    def __init__(self, field: str, ids: list[str]):
-        more = f" (the first {self.ECHOED} are listed)" if len(ids) > self.ECHOED else ""
-        super().__init__(f"{len(ids)} {field} ids are unknown to the model{more}")
-        self.field, self.ids = field, ids[:self.ECHOED]
-        self.count = len(ids)
-
-
-@dataclass
-class Job:
-    """One request with ids resolved against one engine."""
-    user_id: str | None
-    user: int | None                  # None: unknown or anonymous user: fold-in of `history`, else popularity
-    k: int
-    candidates: list[int] | None      # item ids, or None for the whole catalogue
-    exclude: list[int]                # item ids removed besides the seen-set
-    exclude_seen: bool
-    explain: bool
-    strategy: str
-    pairs: int                        # what it costs the model thread: the queue limit counts these
-    history: list[int] | None = None  # an unknown user's items, folded in for this request
-
-
-@dataclass
-class Answer:
-    # (item id, score, live item, explanation: [(user id, attention weight, live user)] or None)
-    items: list[tuple[str, float, bool, list[tuple[str, float, bool]] | None]]
-    fallback: str | None
-    strategy: str | None = None
-    cold_start: str | None = None
 
 
 def stable_seed(external_id: str) -> int:
@@ -87,6 +50,7 @@ class Engine:
         start = time.perf_counter()
         ckpt = load_checkpoint(checkpoint, max_bytes, within)
         self.recommender = Recommender.from_checkpoint(ckpt, device, graph_catalogue=graph_catalogue)
+        self.online = Online(self.recommender)   # live users and items: what feedback creates
         self.device = self.recommender.device
         self.path, self.version = checkpoint, served_version(ckpt.model_version, ckpt.state, checkpoint)
         self.user_ids, self.item_ids = list(ckpt.user_ids), list(ckpt.item_ids)  # live ones are appended
@@ -153,11 +117,13 @@ class Engine:
             candidates = None if whole else [j.candidates for j in listed]
             metrics.SCORED_ITEMS.labels(strategy).inc(
                 sum(map(len, candidates)) if candidates else len(listed) * self.scored_per_user(strategy))
-            rows = ([j.history for j in listed] if folded else [j.user for j in listed], [j.k for j in listed],
-                    [j.exclude_seen for j in listed], [j.exclude for j in listed], candidates, strategy)
-            items, scores = rec.recommend_history(*rows, seed=0) if folded else rec.recommend(*rows)
+            who = ({"histories": [j.history for j in listed], "seed": 0} if folded else
+                   {"users": [j.user for j in listed]})
+            items, scores = rec.recommend(k=[j.k for j in listed], exclude_seen=[j.exclude_seen for j in listed],
+                                          exclude=[j.exclude for j in listed], candidates=candidates,
+                                          strategy=strategy, **who)
             for n, job, row_items, row_scores in zip(group, listed, items.tolist(), scores.tolist()):
-                cold = "fold_in" if folded else "live_user" if rec.is_live_user(job.user) else None
+                cold = "fold_in" if folded else "live_user" if self.online.is_live_user(job.user) else None
                 answers[n] = self._answer(job, row_items, row_scores, None, cold)
         for n, job in enumerate(jobs):
             if answers[n] is None:
@@ -167,13 +133,13 @@ class Engine:
 
     def _answer(self, job: Job, items: list[int], scores: list[float], fallback: str | None,
                 cold_start: str | None = None) -> Answer:
-        rec = self.recommender
+        online = self.online
         kept = [(i, s) for i, s in zip(items, scores) if i >= 0]
         explanations = [None] * len(kept)
         if job.explain and job.user is not None:
-            explanations = [[(self.user_ids[v], w, rec.is_live_user(v)) for v, w in row]
-                            for row in rec.explain(job.user, [i for i, _ in kept], self.explain_top)]
-        return Answer([(self.item_ids[i], s, rec.is_live_item(i), e) for (i, s), e in zip(kept, explanations)],
+            explanations = [[(self.user_ids[v], w, online.is_live_user(v)) for v, w in row]
+                            for row in self.recommender.explain(job.user, [i for i, _ in kept], self.explain_top)]
+        return Answer([(self.item_ids[i], s, online.is_live_item(i), e) for (i, s), e in zip(kept, explanations)],
                       fallback, None if fallback else job.strategy, cold_start)
 
     def scored_per_user(self, strategy: str) -> int:
@@ -188,19 +154,19 @@ class Engine:
 
     def accepts(self, user_id: str, item_id: str) -> bool:
         """Whether an event can take effect now: its user and item are known, or may still be created live."""
-        rec = self.recommender
-        return ((user_id in self.user_index or rec.live_users < self.max_live_users) and
-                (item_id in self.item_index or rec.live_items < self.max_live_items))
+        online = self.online
+        return ((user_id in self.user_index or online.live_users < self.max_live_users) and
+                (item_id in self.item_index or online.live_items < self.max_live_items))
 
     def apply_feedback(self, events: list[Event]) -> tuple[int, int]:
         """Make events visible at once; returns (applied, deferred).
 
-        An event naming a user or an item the model does not know creates it live (`Recommender.add_user` /
+        An event naming a user or an item the model does not know creates it live (`Online.add_user` /
         `add_item`: rows fitted by fold-in to what it interacted with) while fewer than `max_live_users` /
         `max_live_items` exist; a live user or item given more interactions is fitted again. Deferred: events
         past those bounds, or whose user and item are both new and linked to nothing known; the next training run
         (`--feedback`) folds them in."""
-        rec = self.recommender
+        online = self.online
         created: dict[str, set[int]] = {"item_id": set(), "user_id": set()}
         while True:  # a new item may make a new user's history known, and the other way round
             grew = {new: self._create_live(events, new) for new in created}
@@ -213,24 +179,24 @@ class Engine:
                  if self.knows(e.user_id, e.item_id)]
         if known:
             users, items = zip(*known)
-            rec.add_interactions(users, items)
-            for u in sorted({u for u in users if rec.is_live_user(u)} - created_users):
-                rec.refit_user(u, seed=stable_seed(self.user_ids[u]))
-            for i in sorted({i for i in items if rec.is_live_item(i)} - created_items):
-                rec.refit_item(i, seed=stable_seed(self.item_ids[i]))
-        metrics.LIVE_USERS.set(rec.live_users)
-        metrics.LIVE_ITEMS.set(rec.live_items)
+            online.add_interactions(users, items)
+            for u in sorted({u for u in users if online.is_live_user(u)} - created_users):
+                online.refit_user(u, seed=stable_seed(self.user_ids[u]))
+            for i in sorted({i for i in items if online.is_live_item(i)} - created_items):
+                online.refit_item(i, seed=stable_seed(self.item_ids[i]))
+        metrics.LIVE_USERS.set(online.live_users)
+        metrics.LIVE_ITEMS.set(online.live_items)
         return len(known), len(events) - len(known)
 
     def _create_live(self, events: list[Event], new: str) -> set[int]:
         """Create live the unknown users (`new` = "user_id") or items ("item_id") of `events` that interacted with
         known items (users), in order, while the bound allows; returns their internal ids."""
-        rec = self.recommender
+        online = self.online
         other, ids, index, partners, add, bound, count = (
-            ("item_id", self.user_ids, self.user_index, self.item_index, rec.add_user, self.max_live_users,
-             lambda: rec.live_users) if new == "user_id" else
-            ("user_id", self.item_ids, self.item_index, self.user_index, rec.add_item, self.max_live_items,
-             lambda: rec.live_items))
+            ("item_id", self.user_ids, self.user_index, self.item_index, online.add_user, self.max_live_users,
+             lambda: online.live_users) if new == "user_id" else
+            ("user_id", self.item_ids, self.item_index, self.user_index, online.add_item, self.max_live_items,
+             lambda: online.live_items))
         found: dict[str, list[int]] = {}
         for e in events:
             key, partner = getattr(e, new), getattr(e, other)
@@ -276,6 +242,3 @@ class Engine:
             self.apply_rows(rows)
             replayed += len(rows)
         return replayed
-
-    def warmup(self, calls: int) -> None:
-        self.recommender.warmup(calls)

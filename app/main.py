@@ -1,4 +1,10 @@
-"""The FastAPI application: settings, the Service opened in the lifespan, the routers, and the error contract."""
+"""The FastAPI application: settings, the Service opened in the lifespan, the routers, and the error contract.
+
+`app` is built from the environment at import, as FastAPI's templates do, so `uvicorn app.main:app` and
+`fastapi run app/main.py` serve it; nothing is loaded or opened before the lifespan starts (the checkpoint, the
+feedback store and the model thread belong to the Service it starts). `python -m app` runs the same `app` with
+the server options of app/protocol.py.
+"""
 from __future__ import annotations
 
 import asyncio
@@ -13,11 +19,12 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from app.batcher import QueueFull
-from app.engine import UnknownIds, UnsupportedStrategy
+from app.jobs import UnknownIds, UnsupportedStrategy
 from app.middleware import RequestContext, configure_logging
 from app.routes import ROUTERS
-from app.service import NotReady, ReloadFailed, Service
-from app.settings import Settings
+from app.models import NotReady, ReloadFailed
+from app.service import Service
+from app.settings import Settings, from_environment
 
 log = logging.getLogger("cmn.app")
 
@@ -40,7 +47,7 @@ async def lifespan(app: FastAPI):
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
-    settings = settings or Settings()
+    settings = settings or from_environment()
     app = FastAPI(title="CMN recommendation service", version="1.0",
                   description="Collaborative Memory Network (SIGIR 2018) recommendations, online feedback and "
                               "hot reload. See docs/api.md.", lifespan=lifespan)
@@ -95,3 +102,5 @@ def register_errors(app: FastAPI) -> None:
         return JSONResponse({"detail": "internal error", "request_id": request.scope.get("request_id")},
                             status_code=500)
 
+
+app = create_app()

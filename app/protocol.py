@@ -15,7 +15,7 @@ import asyncio
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from app.settings import Settings
+from app.settings import Settings, from_environment
 
 
 class HeadTimeoutProtocol(H11Protocol):
@@ -53,7 +53,7 @@ class HeadTimeoutProtocol(H11Protocol):
     def _arm_head_timer(self) -> None:
         self._cancel_head_timer()
         if self.head_timeout is None:
-            type(self).head_timeout = Settings().header_timeout_s
+            type(self).head_timeout = from_environment().header_timeout_s
         self._head_timer = self.loop.call_later(self.head_timeout, self._head_timed_out)
 
     def _cancel_head_timer(self) -> None:

@@ -13,7 +13,7 @@ The checkpoint is a `python -m training coldstart` model (trained without the co
    step count (`fold_in_user`'s `on_step`), with the milliseconds the fit took to get there.
 2. **Latency** of `Recommender.fold_in` with the default `FoldInConfig` for histories of 10, 50 and 500 items
    (drawn by popularity, as users' items are), p50 and p99.
-3. **add_user**: a live user (fold-in, the user tables' amortised growth, joining N(i) of its items), one after
+3. **add_user** (model/online.py): a live user (fold-in, the user tables' amortised growth, joining N(i) of its items), one after
    another on one Recommender, p50 and p99, and the part that is not the fold-in.
 """
 from __future__ import annotations
@@ -32,6 +32,7 @@ import torch  # noqa: E402
 
 from model.store.checkpoint import load_checkpoint  # noqa: E402
 from model.foldin import FoldedUser, FoldInConfig, fold_in_user  # noqa: E402
+from model.online import Online  # noqa: E402
 from model.recommender import Recommender  # noqa: E402
 from training.data import Split, load, pair_keys, sample_test_negatives  # noqa: E402
 from training.evaluate import ColdUsers, cold_users_in, hold_out_users, rank_metrics  # noqa: E402
@@ -74,7 +75,7 @@ def curve(rec: Recommender, val: ColdUsers, configs: list[FoldInConfig], seed: i
             fold_in_user(rec.scorer, history, cfg, seed, on_step=record)
         for step, fits in sorted(at.items()):
             folded = [FoldedUser(f[0], f[1], h, float("nan")) for (f, _), h in zip(fits, val.histories)]
-            scores = rec.score_folded(folded, candidates, "full").double()   # CMN's own ranking, not a blend
+            scores = rec.score(items=candidates, strategy="full", histories=folded).double()   # CMN's own ranking, not a blend
             ranks = (scores[:, 1:] >= scores[:, :1]).sum(1)
             m = rank_metrics(ranks, ks=(10,))
             ms = np.array([t for _, t in fits])
@@ -87,7 +88,7 @@ def curve(rec: Recommender, val: ColdUsers, configs: list[FoldInConfig], seed: i
 
 def popular_histories(rec: Recommender, length: int, n: int, seed: int) -> list[list[int]]:
     """`n` histories of `length` distinct items drawn by popularity (as users' items are)."""
-    weight = rec.scorer.indptr[1:rec.trained_items + 1] - rec.scorer.indptr[:rec.trained_items]
+    weight = rec.scorer.indptr[1:rec.n_items + 1] - rec.scorer.indptr[:rec.n_items]
     g = torch.Generator().manual_seed(seed)
     return [torch.multinomial(weight.double(), length, generator=g).tolist() for _ in range(n)]
 
@@ -116,13 +117,14 @@ def latency(rec: Recommender, lengths: list[int], n: int, seed: int) -> list[dic
 def add_users(checkpoint: str, length: int, n: int, seed: int) -> dict:
     rec = Recommender.from_checkpoint(checkpoint)
     rec.warmup()
+    online = Online(rec)
     total, fold = [], []
     for h in popular_histories(rec, length, n, seed + 1):
         start = time.perf_counter()
         rec.fold_in(h, seed)
         fold.append((time.perf_counter() - start) * 1e3)
         start = time.perf_counter()
-        rec.add_user(h, seed)
+        online.add_user(h, seed)
         total.append((time.perf_counter() - start) * 1e3)
     rest = [t - f for t, f in zip(total, fold)]
     row = {"history": length, "add_user": percentiles(total), "besides_fold_in": percentiles(rest),

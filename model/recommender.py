@@ -1,18 +1,21 @@
 """What a recommendation is: one trained CMN, the neighbourhoods it reads, each user's seen-set and the
 popularity fallback, in internal ids. The evaluator, every serving process and online feedback go through this
-one object, so a served list is, by construction, the list the evaluator ranked.
+one object, so a served list is, by construction, the list the evaluator ranked. One entry ranks (`recommend`,
+as implicit's), one scores (`score`); both take known users or anonymous histories, which are folded in
+(model/foldin.py) for the call and stored nowhere:
 
     rec = Recommender.from_checkpoint("artifacts/model.ckpt", device="cpu")
     items, scores = rec.recommend([3, 17], k=10)                # whole catalogue, seen items removed
     items, scores = rec.recommend([3], k=5, candidates=[[4, 8, 15, 16, 23, 42]], exclude=[[8]])
-    rec.add_interactions([3], [42])                             # feedback: seen at once, and 3 joins N(42)
-    items, scores = rec.recommend_history([[4, 8, 15]], k=10)   # an anonymous history, folded in (model/foldin.py)
-    u = rec.add_user([4, 8, 15])                                # a live user: folded in, stored, joins N(4), N(8)…
-    i = rec.add_item([3, u])                                    # a live item: E row fitted from its users
+    items, scores = rec.recommend(histories=[[4, 8, 15]], k=10) # an anonymous history, folded in
+    items, scores = rec.popular(k=10)                           # the fallback for a user nobody knows
+    rec.explain(3, [42])                                        # the neighbours the last hop attends to
+
+Live users and items and feedback (what changes the model's state online) are model/online.py's.
 
 Top-k, seen-filtering and exclusions run once per batch on the scoring device. Rows are padded to the batch's
 largest k: item -1 and score -inf mark the end of a row that had fewer items left (or a smaller k).
-The HTTP service maps external ids around it (app/engine.py); nothing here knows about requests.
+The HTTP service maps external ids around it (app/jobs.py); nothing here knows about requests.
 """
 from __future__ import annotations
 
@@ -25,12 +28,19 @@ import torch
 from model.store.checkpoint import Checkpoint, load_checkpoint
 from model.cmn import CMN
 from model.device import resolve_device
-from model.foldin import FoldedUser, FoldInConfig, fold_in_item, fold_in_user
+from model.foldin import FoldedUser, FoldInConfig, fold_in_user
 from model.neighbours import neighbour_csr
 from model.retrieval import STRATEGIES, ItemRetrieval, TwoStage, blend
 from model.scoring import Scorer
 
 Lists = Sequence[Sequence[int]]
+Histories = Sequence[Sequence[int] | FoldedUser]   # anonymous users: their items, or their rows already fitted
+
+
+def known(users) -> list[int]:
+    if users is None:
+        raise ValueError("give users or histories")
+    return [int(u) for u in users]
 
 
 def item_popularity(train: np.ndarray, n_items: int) -> torch.Tensor:
@@ -51,10 +61,9 @@ class Recommender:
     """Recommendations from one trained CMN in internal ids (0..n_users-1, 0..n_items-1).
 
     `train` pairs define the neighbourhoods N(i) (inside `scorer`) and the popularity order; `seen` pairs
-    (default: `train`) are what `exclude_seen` removes. Methods that change state (`add_interactions`, `add_user`,
-    `add_item`, `refit_user`, `refit_item`) and the fold-in of anonymous histories must not run concurrently with
-    scoring: the server calls them all from one model thread. Users and items past the trained ones are live
-    (`is_live_user`, `is_live_item`): folded in on this process (`foldin` sets how) and gone at the next load.
+    (default: `train`) are what `exclude_seen` removes. `seen_sets` and `popularity` are the state online feedback
+    grows (model/online.py). Changing it and the fold-in of anonymous histories must not run concurrently with
+    scoring: the server calls them all from one model thread.
     """
 
     def __init__(self, scorer: Scorer, train: np.ndarray, seen: np.ndarray | None = None,
@@ -69,12 +78,10 @@ class Recommender:
         by_user = [[] for _ in range(self.n_users)]
         for u, i in np.asarray(seen, dtype=np.int64).reshape(-1, 2).tolist():
             by_user[u].append(i)
-        self._seen = [set(items) for items in by_user]
-        self.interactions = sum(len(s) for s in self._seen)
-        self._popularity = item_popularity(train, self.n_items).to(self.device)
+        self.seen_sets = [set(items) for items in by_user]
+        self.interactions = sum(len(s) for s in self.seen_sets)
+        self.popularity = item_popularity(train, self.n_items).to(self.device)
         self.foldin = foldin or FoldInConfig()
-        self.trained_users, self.trained_items = self.n_users, self.n_items
-        self._item_users: dict[int, list[int]] = {}     # each live item's users, in order: what it is fitted from
 
     @classmethod
     def from_checkpoint(cls, checkpoint: Checkpoint | str, device: str | torch.device = "cpu",
@@ -105,21 +112,7 @@ class Recommender:
         return self.scorer.n_items
 
     def seen(self, user: int) -> frozenset[int]:
-        return frozenset(self._seen[user])
-
-    @property
-    def live_users(self) -> int:
-        return self.n_users - self.trained_users
-
-    @property
-    def live_items(self) -> int:
-        return self.n_items - self.trained_items
-
-    def is_live_user(self, user: int) -> bool:
-        return self.trained_users <= user < self.n_users
-
-    def is_live_item(self, item: int) -> bool:
-        return self.trained_items <= item < self.n_items
+        return frozenset(self.seen_sets[user])
 
     # ------------------------------------------------------------------ scoring and ranking
 
@@ -139,11 +132,37 @@ class Recommender:
         return strategy
 
     @torch.no_grad()
-    def score(self, users, items=None, strategy: str | None = None) -> torch.Tensor:
-        """(U, C) scores of users × candidate items, or (U, n_items): the evaluator's protocol. Over the whole
-        catalogue, `two_stage` scores the R retrieved items (seen items are never retrieved) and -inf elsewhere."""
+    def recommend(self, users: Sequence[int] | torch.Tensor | None = None, k: int | Sequence[int] = 10,
+                  exclude_seen: bool | Sequence[bool] = True, exclude: Lists | None = None,
+                  candidates: Lists | None = None, strategy: str | None = None, *,
+                  histories: Histories | None = None, seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The top-k items per user, best first, and their scores, as (U, max k) cpu tensors.
+
+        The users are known ones (`users`) or anonymous ones given by their `histories` (see `_folded`). `k` and
+        `exclude_seen` are given once or per user; `exclude` and `candidates` per user. Without `candidates` the
+        whole catalogue is ranked: by CMN over every item (`full`), by CMN over the R items the retrieval stage
+        proposes (`two_stage`, the default when the model has a retrieval stage), or by the retrieval stage alone
+        (`retrieval`). Given `candidates`, those are ranked (two_stage: by the blend).
+        """
         strategy = self._strategy(strategy)
-        users = [int(u) for u in users]
+        if histories is None:
+            return self._recommend(known(users), k, exclude_seen, exclude, candidates, strategy)
+        with self._folded(histories, seed, users) as scratch:
+            return self._recommend(scratch, k, exclude_seen, exclude, candidates, strategy)
+
+    @torch.no_grad()
+    def score(self, users: Sequence[int] | torch.Tensor | None = None, items=None, strategy: str | None = None, *,
+              histories: Histories | None = None, seed: int | None = None) -> torch.Tensor:
+        """(U, C) scores of users (or `histories`, as in `recommend`) × candidate items, or (U, n_items): the
+        evaluator's protocol. Over the whole catalogue, `two_stage` scores the R retrieved items (seen items are
+        never retrieved) and -inf elsewhere."""
+        strategy = self._strategy(strategy)
+        if histories is None:
+            return self._score(known(users), items, strategy)
+        with self._folded(histories, seed, users) as scratch:
+            return self._score(scratch, items, strategy)
+
+    def _score(self, users: list[int], items, strategy: str) -> torch.Tensor:
         if strategy == "full":
             return self.scorer.score(torch.tensor(users, device=self.device), items)
         if items is not None:
@@ -152,39 +171,54 @@ class Recommender:
         dense = self._retrieval_scores(users)
         if strategy == "retrieval":
             return dense
-        items, valid = self.retrieve(users, [list(self._seen[u]) for u in users], dense)
+        items, valid = self.retrieve(users, [list(self.seen_sets[u]) for u in users], dense)
         out = torch.full((len(users), self.n_items), -torch.inf, device=self.device)
         rows = torch.arange(len(users), device=self.device)[:, None].expand_as(items)
         out[rows[valid], items[valid]] = self.score_lists(users, items, valid, strategy, dense)[valid]
         return out
 
-    @torch.no_grad()
-    def recommend(self, users: Sequence[int] | torch.Tensor, k: int | Sequence[int] = 10,
-                  exclude_seen: bool | Sequence[bool] = True, exclude: Lists | None = None,
-                  candidates: Lists | None = None, strategy: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The top-k items per user, best first, and their scores, as (U, max k) cpu tensors.
-
-        `k` and `exclude_seen` are given once or per user; `exclude` and `candidates` per user. Without
-        `candidates` the whole catalogue is ranked: by CMN over every item (`full`), by CMN over the R items the
-        retrieval stage proposes (`two_stage`, the default when the model has a retrieval stage), or by the
-        retrieval stage alone (`retrieval`). Given `candidates`, those are ranked (two_stage: by the blend).
-        """
-        strategy = self._strategy(strategy)
-        users = [int(u) for u in users]
+    def _recommend(self, users: list[int], k, exclude_seen, exclude, candidates,
+                   strategy: str) -> tuple[torch.Tensor, torch.Tensor]:
         n = len(users)
         ks, drop_seen = per_row(k, n), per_row(exclude_seen, n)
         exclude = per_row(exclude, n) if exclude is not None else [()] * n
-        banned = [list(x) + list(self._seen[u]) if s else list(x) for u, s, x in zip(users, drop_seen, exclude)]
+        banned = [list(x) + list(self.seen_sets[u]) if s else list(x) for u, s, x in zip(users, drop_seen, exclude)]
         dense = None
         if candidates is None and strategy == "two_stage":
             dense = self._retrieval_scores(users)
             items, valid = self.retrieve(users, banned, dense)
         elif candidates is None:
-            scores = self.score(users, strategy=strategy)
-            return self._top(scores, None, banned, ks)
+            return self._top(self._score(users, None, strategy), None, banned, ks)
         else:
             items, valid = self._pad(per_row(candidates, n))
         return self._top(self.score_lists(users, items, valid, strategy, dense), items, banned, ks)
+
+    def fold_in(self, items: Sequence[int], seed: int | None = None) -> FoldedUser:
+        """A user's rows of M and C fitted to `items` (model/foldin.py), stored nowhere. Deterministic for a seed
+        (None: 0)."""
+        return fold_in_user(self.scorer, items, self.foldin, seed)
+
+    @contextmanager
+    def _folded(self, histories: Histories, seed: int | None, users):
+        """Anonymous users (`histories`; `users` must be None) for the duration of the block, as scratch user ids:
+        each history is folded in (with `seed`: a history's rows do not depend on the others; a `FoldedUser` is
+        used as fitted), its rows sit past the users, in no N(i), and its history is its seen-set (and what
+        retrieval reads). Afterwards the users, the neighbourhoods and every trained or live user's scores are as
+        before. The folded user is in no N(i), so with `exclude_seen=False` its history items score as if it had
+        not joined their neighbourhoods (a live user would have)."""
+        if users is not None:
+            raise ValueError("give users or histories, not both")
+        fitted = [h if isinstance(h, FoldedUser) else self.fold_in(h, seed) for h in histories]
+        self.scorer.reserve_users(len(fitted))
+        scratch = list(range(self.n_users, self.n_users + len(fitted)))
+        if fitted:
+            self.scorer.set_users(scratch, torch.stack([f.memory for f in fitted]),
+                                  torch.stack([f.output for f in fitted]))
+        self.seen_sets.extend(set(f.items) for f in fitted)
+        try:
+            yield scratch
+        finally:
+            del self.seen_sets[self.n_users:]
 
     def retrieve(self, users: list[int], banned: list[list[int]],
                  dense: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -197,7 +231,7 @@ class Recommender:
         return found, found >= 0
 
     def _retrieval_scores(self, users: list[int]) -> torch.Tensor:
-        return self.retrieval.scores([list(self._seen[u]) for u in users])
+        return self.retrieval.scores([list(self.seen_sets[u]) for u in users])
 
     def score_lists(self, users: list[int], items: torch.Tensor, valid: torch.Tensor, strategy: str,
                     dense: torch.Tensor | None = None) -> torch.Tensor:
@@ -231,10 +265,10 @@ class Recommender:
         """The fallback for users the model does not know: the k most popular items (of `candidates`), as
         (k,) tensors padded like `recommend`'s rows."""
         if candidates is None:
-            items, scores = self._top(self._popularity[None].clone(), None, [list(exclude)], [k])
+            items, scores = self._top(self.popularity[None].clone(), None, [list(exclude)], [k])
         else:
             listed, valid = self._pad([candidates])
-            items, scores = self._top(self._popularity[listed.clamp(min=0)].masked_fill(~valid, -torch.inf), listed,
+            items, scores = self._top(self.popularity[listed.clamp(min=0)].masked_fill(~valid, -torch.inf), listed,
                                       [list(exclude)], [k])
         return items[0], scores[0]
 
@@ -263,141 +297,6 @@ class Recommender:
         if not len(items):
             return []
         return self.scorer.attention(user, torch.tensor(list(items), dtype=torch.long, device=self.device), top)
-
-    # ------------------------------------------------------------------ fold-in: anonymous histories
-
-    def fold_in(self, items: Sequence[int], seed: int | None = None) -> FoldedUser:
-        """A user's rows of M and C fitted to `items` (model/foldin.py), stored nowhere. Deterministic for a seed
-        (None: 0)."""
-        return fold_in_user(self.scorer, items, self.foldin, seed)
-
-    @contextmanager
-    def _scoring_folded(self, folded: Sequence[FoldedUser]):
-        """Folded users as scratch rows past the users (in no neighbourhood), their histories as their seen-sets,
-        for the duration of the block: inside it they are users like any other."""
-        self.scorer.reserve_users(len(folded))
-        users = list(range(self.n_users, self.n_users + len(folded)))
-        if folded:
-            self.scorer.set_users(users, torch.stack([f.memory for f in folded]),
-                                  torch.stack([f.output for f in folded]))
-        self._seen.extend(set(f.items) for f in folded)
-        try:
-            yield users
-        finally:
-            del self._seen[self.n_users:]
-
-    @torch.no_grad()
-    def recommend_history(self, histories: Sequence[Sequence[int]], k: int | Sequence[int] = 10,
-                          exclude_seen: bool | Sequence[bool] = True, exclude: Lists | None = None,
-                          candidates: Lists | None = None, strategy: str | None = None,
-                          seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """`recommend` for anonymous users given by their histories: each is folded in (with `seed`: a history's
-        list does not depend on the others in the batch), its history is its seen-set (and retrieval's), and the
-        rows are `recommend`'s. Nothing is stored: afterwards the users, the neighbourhoods and every trained or
-        live user's scores are as before. The folded user is in no N(i), so with `exclude_seen=False` its history
-        items score as if it had not joined their neighbourhoods (a live user would have)."""
-        return self.recommend_folded([self.fold_in(h, seed) for h in histories], k, exclude_seen, exclude,
-                                     candidates, strategy)
-
-    @torch.no_grad()
-    def recommend_folded(self, folded: Sequence[FoldedUser], k: int | Sequence[int] = 10,
-                         exclude_seen: bool | Sequence[bool] = True, exclude: Lists | None = None,
-                         candidates: Lists | None = None,
-                         strategy: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """`recommend_history` for users already folded in."""
-        with self._scoring_folded(folded) as users:
-            return self.recommend(users, k, exclude_seen, exclude, candidates, strategy)
-
-    @torch.no_grad()
-    def score_folded(self, folded: Sequence[FoldedUser], items=None, strategy: str | None = None) -> torch.Tensor:
-        """`score` for users already folded in (the evaluator's protocol for cold users)."""
-        with self._scoring_folded(folded) as users:
-            return self.score(users, items, strategy)
-
-    # ------------------------------------------------------------------ live users and items
-
-    @torch.no_grad()
-    def add_user(self, items: Sequence[int], seed: int | None = None) -> int:
-        """A live user: folded in from `items`, stored (its rows grow the user tables, amortised), its items its
-        seen-set and counted in popularity, and it joins N(i) of each; returns its id (`n_users` grows by one)."""
-        folded = self.fold_in(items, seed)
-        user = int(self.scorer.add_users(folded.memory[None], folded.output[None])[0])
-        self._seen.append(set())
-        self.add_interactions([user] * len(folded.items), folded.items)
-        return user
-
-    @torch.no_grad()
-    def refit_user(self, user: int, seed: int | None = None) -> None:
-        """Fit a live user's rows again to its seen-set (after `add_interactions` grew it); its slots in N(i) are
-        the rows being fitted, and the neighbour caches that hold them are rebuilt."""
-        if not self.is_live_user(user):
-            raise ValueError(f"user {user} is not a live user (trained users are refitted by a training run)")
-        folded = fold_in_user(self.scorer, sorted(self._seen[user]), self.foldin, seed, user=user)
-        self.scorer.set_users([user], folded.memory[None], folded.output[None])
-
-    @torch.no_grad()
-    def add_item(self, users: Sequence[int], seed: int | None = None) -> int:
-        """A live item: its row of E fitted from `users` (model/foldin.py), a candidate from now on, in their
-        seen-sets and counted in popularity, its users its N(i); the retrieval stage proposes it as the mix of the
-        items its users interacted with (model/retrieval.py). Returns its id (`n_items` grows by one)."""
-        memory = fold_in_item(self.scorer, users, self.foldin, seed)
-        item = int(self.scorer.add_items(memory[None])[0])
-        self._popularity = torch.cat([self._popularity, self._popularity.new_zeros(1)])
-        self._item_users[item] = []
-        if self.retrieval is not None:
-            self.retrieval.add_item([], [])
-        listed = list(dict.fromkeys(int(u) for u in users))
-        self.add_interactions(listed, [item] * len(listed))
-        return item
-
-    @torch.no_grad()
-    def refit_item(self, item: int, seed: int | None = None) -> None:
-        """Fit a live item's row of E again to its users (after `add_interactions` added some)."""
-        if not self.is_live_item(item):
-            raise ValueError(f"item {item} is not a live item (trained items are refitted by a training run)")
-        self.scorer.set_items([item], fold_in_item(self.scorer, self._item_users[item], self.foldin, seed,
-                                                   item=item)[None])
-
-    def _retrieval_mix(self, item: int) -> None:
-        """A live item's retrieval mix: the trained items its users interacted with, each by how many of them."""
-        counts: dict[int, int] = {}
-        for u in self._item_users[item]:
-            for i in self._seen[u]:
-                if i < self.trained_items:
-                    counts[i] = counts.get(i, 0) + 1
-        self.retrieval.set_item(item, list(counts), list(counts.values()))
-
-    # ------------------------------------------------------------------ online feedback
-
-    @torch.no_grad()
-    def add_interactions(self, users: Sequence[int], items: Sequence[int]) -> int:
-        """Known (trained or live) users interacted with known items: never re-recommended from now on, counted in
-        popularity, and each user joins its item's neighbourhood. Returns how many pairs were new to the seen-sets.
-        A live user's or item's rows stay as fitted until `refit_user` / `refit_item`; a live item's retrieval mix
-        follows at once."""
-        users, items = [int(u) for u in users], [int(i) for i in items]
-        bad = [(u, i) for u, i in zip(users, items) if not (0 <= u < self.n_users and 0 <= i < self.n_items)]
-        if bad:
-            raise ValueError(f"interactions {bad[:3]} name users or items the model does not hold "
-                             f"({self.n_users} users, {self.n_items} items)")
-        new, mixes = [], set()
-        for u, i in zip(users, items):
-            if i not in self._seen[u]:
-                self._seen[u].add(i)
-                new.append(i)
-                if i >= self.trained_items:
-                    self._item_users[i].append(u)
-                if self.retrieval is not None and self.live_items:  # a live item's mix reads its users' seen-sets
-                    mixes.update(j for j in self._seen[u] if j >= self.trained_items)
-        for i in mixes:
-            self._retrieval_mix(i)
-        self.interactions += len(new)
-        if new:
-            self._popularity.index_add_(0, torch.tensor(new, device=self.device),
-                                        torch.ones(len(new), device=self.device))
-        if users:
-            self.scorer.add_interactions(torch.tensor(users), torch.tensor(items))
-        return len(new)
 
     def warmup(self, calls: int = 1) -> None:
         """Real calls on every route (packed and bucketed catalogue, candidate lists) so that the first request

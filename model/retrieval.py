@@ -48,8 +48,8 @@ class TwoStage:
 class ItemRetrieval:
     """`W` as CSR tensors on the scoring device: row i holds the items retrieved by an interaction with i.
 
-    An item added after training (a live item, `add_item`) has no row or column of W. It stands for a mix of trained
-    items, those its users interacted with (weights summing to 1): its column is that mix of their columns (a
+    An item added after training (a live item, model/online.py) has no row or column of W. It stands for a mix of
+    trained items, those its users interacted with (weights summing to 1): its column is that mix of their columns (a
     user's retrieval score for it is the mix of its scores for them), and in a history it retrieves that mix of their
     rows. Live items are not saved with the stage (`tensors`, `to`): a retrained model has them as trained items.
     """

@@ -218,7 +218,7 @@ def trained_checkpoint(tmp_path_factory) -> TrainedCheckpoint:
 def held_loading(monkeypatch):
     """The service's model load waits on the returned gate until the test sets it (so "before the model is
     loaded" is a state a test can hold, not a race)."""
-    import app.service as service_module
+    import app.models as models_module
     from app.engine import Engine
 
     gate = threading.Event()
@@ -228,7 +228,7 @@ def held_loading(monkeypatch):
             gate.wait(60)
             super().__init__(*args, **kwargs)
 
-    monkeypatch.setattr(service_module, "Engine", GatedEngine)
+    monkeypatch.setattr(models_module, "Engine", GatedEngine)
     yield gate
     gate.set()
 

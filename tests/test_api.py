@@ -15,7 +15,7 @@ import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
-import app.service as service_module
+import app.models as models_module
 from app.engine import Engine
 from app.main import create_app
 from app.settings import Settings
@@ -184,7 +184,7 @@ async def test_a_full_queue_sheds_load_with_503_and_loses_nothing_queued(ckpt_pa
                 gate.wait(60)
             return super().recommend(jobs)
 
-    monkeypatch.setattr(service_module, "Engine", GatedEngine)
+    monkeypatch.setattr(models_module, "Engine", GatedEngine)
     users = truth.sample_users(8, seed=5)
     batch = [{"requests": [{"user_id": u, "k": 3} for u in users[n:n + 4]]} for n in (0, 4)]
     async with serving(settings_for(ckpt_path, tmp_path, max_queue_pairs=4 * len(truth.item_ids))) as c:
@@ -229,7 +229,7 @@ async def test_concurrent_requests_are_scored_together(ckpt_path, truth, tmp_pat
                 gate.wait(60)
             return super().recommend(jobs)
 
-    monkeypatch.setattr(service_module, "Engine", GatedEngine)
+    monkeypatch.setattr(models_module, "Engine", GatedEngine)
     users = truth.sample_users(7, seed=9)
     async with serving(settings_for(ckpt_path, tmp_path)) as c:
         await wait_ready(c)

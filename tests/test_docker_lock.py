@@ -29,8 +29,18 @@ def pins(name: str) -> dict[str, tuple[Version, int]]:
 
 
 PROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-IMAGES = {"api": PROJECT["dependencies"] + PROJECT["optional-dependencies"]["serve"],
-          "trainer": PROJECT["optional-dependencies"]["train"]}
+
+
+def extra(name: str) -> list[str]:
+    """An extra's requirements, those of the project's own extras it names (`cmn-service[pg]`) included."""
+    out = []
+    for text in PROJECT["optional-dependencies"][name]:
+        req = Requirement(text)
+        out += [r for e in sorted(req.extras) for r in extra(e)] if req.name == PROJECT["name"] else [text]
+    return out
+
+
+IMAGES = {"api": PROJECT["dependencies"] + extra("serve"), "trainer": extra("train")}
 LOCKS = {"api": ("torch-cpu.lock", "requirements-api.lock"),
          "trainer": ("torch-cpu.lock", "requirements-api.lock", "requirements-train.lock")}
 

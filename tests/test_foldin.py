@@ -10,6 +10,7 @@ import torch
 from conftest import make_cmn, random_train, run_cli
 from model.cmn import CMN, CMNConfig, bpr_loss, gather_neighbourhoods
 from model.foldin import FoldInConfig, Frozen, ItemNeighbours, UserPairs
+from model.online import Online
 from model.recommender import Recommender
 from model.retrieval import ItemRetrieval, TwoStage
 
@@ -122,7 +123,7 @@ def test_bad_histories_are_refused(bad, message):
     with pytest.raises(ValueError, match=message):
         rec.fold_in(bad)
     with pytest.raises(ValueError, match=message):
-        rec.recommend_history([[1, 2], bad])
+        rec.recommend(histories=[[1, 2], bad])
 
 
 # --------------------------------------------------------------------------- anonymous histories
@@ -138,14 +139,14 @@ def test_anonymous_histories_leave_no_trace_and_rank_as_a_live_user_would():
     model, train, rec = setup()
     before = state_of(rec)
     histories = [[1, 3, 7], [9, 10, 15, 2], [0, 11]]
-    items, scores = rec.recommend_history(histories, k=5, seed=3)
+    items, scores = rec.recommend(histories=histories, k=5, seed=3)
     after = state_of(rec)
     for key, value in before.items():
         assert (torch.equal(value, after[key]) if isinstance(value, torch.Tensor) else value == after[key]), key
     assert all(not set(row) & set(h) for row, h in zip(items.tolist(), histories))
     # a history's list does not depend on its batch, and is the list of a live user folded from it
-    assert torch.equal(rec.recommend_history([histories[1]], k=5, seed=3)[0][0], items[1])
-    live = rec.add_user(histories[1], seed=3)
+    assert torch.equal(rec.recommend(histories=[histories[1]], k=5, seed=3)[0][0], items[1])
+    live = Online(rec).add_user(histories[1], seed=3)
     assert torch.equal(rec.recommend([live], k=5)[0][0], items[1])
 
 
@@ -153,7 +154,7 @@ def test_anonymous_scores_are_the_folded_rows_scores():
     """Whole-catalogue scores of a folded history equal CMN.forward for a user with those rows, in no N(i)."""
     model, train, rec = setup()
     folded = rec.fold_in([2, 5, 8, 13], seed=1)
-    scores = rec.score_folded([folded], None)[0]
+    scores = rec.score(histories=[folded])[0]
     big = grown(model, users=torch.stack([folded.memory, folded.output]))
     expected = forward(big, train, [N_USERS] * N_ITEMS, torch.arange(N_ITEMS))
     assert torch.allclose(scores, expected.detach(), atol=1e-5)
@@ -166,12 +167,13 @@ def test_a_live_user_changes_scores_only_through_its_neighbourhoods():
     route; the whole-catalogue routes' GEMMs change shape with the tables, which may move a score by an ulp); those
     of its items now read it in N(i), as CMN.forward on the grown model does."""
     model, train, rec = setup()
+    online = Online(rec)
     users = list(range(N_USERS))
     catalogue = torch.arange(N_ITEMS).expand(N_USERS, -1)
     before, pairs_before = rec.score(users), rec.score(users, catalogue)
     history = [3, 8, 10, 14]
-    u = rec.add_user(history, seed=0)
-    assert (u, rec.n_users, rec.live_users, rec.is_live_user(u), rec.is_live_user(0)) == (N_USERS, N_USERS + 1, 1,
+    u = online.add_user(history, seed=0)
+    assert (u, rec.n_users, online.live_users, online.is_live_user(u), online.is_live_user(0)) == (N_USERS, N_USERS + 1, 1,
                                                                                          True, False)
     assert rec.seen(u) == frozenset(history)
     after = rec.score(users)
@@ -187,11 +189,12 @@ def test_a_live_user_changes_scores_only_through_its_neighbourhoods():
 
 def test_many_live_users_grow_the_tables_in_chunks_and_every_route_agrees():
     model, train, rec = setup()
+    online = Online(rec)
     rec.foldin = FoldInConfig(steps=1)              # the fit is not what this is about
     before = rec.score([0, 5])
     capacities = set()
     for n in range(70):
-        rec.add_user([(n * 7) % 10, 10 + n % 3], seed=n)
+        online.add_user([(n * 7) % 10, 10 + n % 3], seed=n)
         capacities.add(rec.scorer.capacity)
     assert rec.n_users == N_USERS + 70 and rec.scorer.capacity >= rec.n_users
     assert len(capacities) == 2                     # two reallocations for 70 users, not one per user
@@ -206,28 +209,30 @@ def test_many_live_users_grow_the_tables_in_chunks_and_every_route_agrees():
 
 def test_a_refit_live_user_is_scored_from_its_new_rows_everywhere():
     model, train, rec = setup()
+    online = Online(rec)
     rec.score(list(range(12)))                       # build the bucketed route's caches first
-    u = rec.add_user([1, 2], seed=0)
-    rec.add_interactions([u, u, u], [5, 9, 13])
+    u = online.add_user([1, 2], seed=0)
+    online.add_interactions([u, u, u], [5, 9, 13])
     old = rec.scorer.model.user_memory[u].clone()
-    rec.refit_user(u, seed=1)
+    online.refit_user(u, seed=1)
     assert not torch.equal(old, rec.scorer.model.user_memory[u])
     users = [u, 0, 3]                                 # 0 and 3 read u in N(5), N(9)...
     pairs = rec.score(users, torch.arange(N_ITEMS).expand(3, -1))
     assert torch.allclose(rec.score(users), pairs, atol=1e-5)
     assert torch.allclose(rec.score(users + list(range(10, 20)))[:3], pairs, atol=1e-5)
     with pytest.raises(ValueError, match="not a live user"):
-        rec.refit_user(0)
+        online.refit_user(0)
 
 
 def test_a_live_item_is_a_candidate_with_its_users_as_neighbourhood():
     model, train, rec = setup()
+    online = Online(rec)
     users = list(range(N_USERS))
     catalogue = torch.arange(N_ITEMS).expand(N_USERS, -1)
     before, pairs_before = rec.score(users), rec.score(users, catalogue)
     fans = [2, 6, 11]
-    x = rec.add_item(fans, seed=0)
-    assert (x, rec.n_items, rec.live_items, rec.is_live_item(x)) == (N_ITEMS, N_ITEMS + 1, 1, True)
+    x = online.add_item(fans, seed=0)
+    assert (x, rec.n_items, online.live_items, online.is_live_item(x)) == (N_ITEMS, N_ITEMS + 1, 1, True)
     s = rec.scorer
     assert s.indices[s.indptr[x]:s.indptr[x + 1]].tolist() == fans          # N(x): its users
     assert all(x in rec.seen(u) for u in fans)
@@ -244,8 +249,8 @@ def test_a_live_item_is_a_candidate_with_its_users_as_neighbourhood():
     assert all(x in row for row in items.tolist())                          # everyone else may get it
     assert all(x not in row for row in rec.recommend(fans, k=N_ITEMS + 1)[0].tolist())
     assert {v for v, _ in rec.explain(0, [x], top=5)[0]} <= set(fans)
-    rec.add_interactions([7], [x])
-    rec.refit_item(x, seed=1)
+    online.add_interactions([7], [x])
+    online.refit_item(x, seed=1)
     pairs = rec.score([0, 7], torch.arange(N_ITEMS + 1).expand(2, -1))
     assert torch.allclose(rec.score([0, 7]), pairs, atol=1e-5)
 
@@ -260,7 +265,7 @@ def test_retrieval_proposes_a_live_item_as_the_mix_of_its_users_items():
     retrieval = ItemRetrieval(w.crow_indices(), w.col_indices(), w.values(), N_ITEMS)
     rec = Recommender.from_model(model, train, retrieval=retrieval, two_stage=TwoStage("rp3beta", 8, 0.5, {}))
     fans = [2, 6]
-    x = rec.add_item(fans, seed=0)
+    x = Online(rec).add_item(fans, seed=0)
     mix = np.zeros(N_ITEMS)
     for u in fans:
         for i in rec.seen(u) - {x}:
@@ -336,7 +341,7 @@ def test_fold_in_of_a_trained_users_history_ranks_like_the_trained_user(coldstar
     for u in range(0, 200, 10):
         history = sorted(rec.seen(u))
         trained = set(rec.recommend([u], k=20, strategy="full")[0][0].tolist())
-        folded = set(rec.recommend_history([history], k=20, strategy="full")[0][0].tolist())
+        folded = set(rec.recommend(histories=[history], k=20, strategy="full")[0][0].tolist())
         other = set(rec.recommend([u + 1], k=20, exclude=[history], strategy="full")[0][0].tolist())
         overlaps.append(len(trained & folded) / 20)
         strangers.append(len(trained & other) / 20)

@@ -22,7 +22,7 @@ import pytest
 import uvicorn
 
 import app.routes.recommend as recommend_module
-import app.service as service_module
+import app.models as models_module
 from app.engine import Engine
 from app.middleware import RequestContext
 from app.protocol import server_options
@@ -166,7 +166,7 @@ async def test_the_queue_limit_counts_scored_pairs(api_checkpoint, tmp_path, mon
                 entered.set()
                 gate.wait(BOUND)
             return super().recommend(jobs)
-    monkeypatch.setattr(service_module, "Engine", GatedEngine)
+    monkeypatch.setattr(models_module, "Engine", GatedEngine)
     items = load_checkpoint(api_checkpoint).item_ids
     async with serving(settings_for(api_checkpoint, tmp_path, max_queue_pairs=100)) as c:
         await wait_ready(c)

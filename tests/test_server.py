@@ -1,4 +1,4 @@
-"""End to end over real HTTP: `python -m app` (uvicorn) subprocesses, started by tests/servers.py.
+"""End to end over real HTTP: `python -m app` (uvicorn) subprocesses, started by tests/harness/servers.py; and `uvicorn app.main:app` / `fastapi run`.
 
 - the served scores are the offline evaluator's scores for the same checkpoint;
 - HR@10 computed from /recommend answers over the checkpoint's stored test split equals what
@@ -218,3 +218,19 @@ def test_sigterm_answers_every_request_it_received_and_exits_0(ckpt, ckpt_path, 
     assert '"event": "shutdown"' in log, "the lifespan shutdown did not run"
     with pytest.raises(httpx.TransportError):
         httpx.get(f"{url}/health", timeout=2)
+
+
+# --------------------------------------------------------------------------- the commands that serve app.main
+
+@pytest.mark.parametrize("args", [("-m", "uvicorn", "app.main:app", "--port", "{port}"),
+                                  ("-m", "fastapi", "run", "app/main.py", "--port", "{port}", "--host", "127.0.0.1")],
+                         ids=["uvicorn", "fastapi-run"])
+def test_uvicorn_and_fastapi_run_serve_app_main(args, api_checkpoint, tmp_path):
+    """`uvicorn app.main:app` (FastAPI's documented command) and `fastapi run` serve the module-level app, settings
+    from the environment, next to `python -m app`."""
+    if args[1] == "fastapi":
+        pytest.importorskip("fastapi_cli", reason="the fastapi CLI (fastapi[standard]) is not installed")
+    with running_server(api_checkpoint, tmp_path, args=args, device="cpu", warmup_calls=0) as (url, proc):
+        health = httpx.get(f"{url}/health", timeout=5)
+        assert health.status_code == 200 and health.json()["status"] == "ok"
+        assert httpx.post(f"{url}/recommend", json={"user_id": "1", "k": 3}, timeout=10).status_code == 200

@@ -24,6 +24,7 @@ import httpx
 import pytest
 import uvicorn
 
+import app.models as models_module
 import app.service as service_module
 from app.engine import Engine
 from app.main import create_app
@@ -100,7 +101,7 @@ def test_graceful_shutdown_answers_every_in_flight_request_and_closes_the_store(
             super().close()
             closed.append(self.path)
 
-    monkeypatch.setattr(service_module, "Engine", GatedEngine)
+    monkeypatch.setattr(models_module, "Engine", GatedEngine)
     monkeypatch.setattr(service_module, "open_store", ObservedLog)
 
     ckpt = load_checkpoint(api_checkpoint)
@@ -140,7 +141,7 @@ def test_graceful_shutdown_answers_every_in_flight_request_and_closes_the_store(
                 # every request has reached the server: the recommendations are in the batcher's queue, the
                 # feedback is in the store (the count is kept before the apply step that waits for the gate)
                 await asyncio.to_thread(wait_until, lambda: service.batcher.depth == queued_jobs and
-                                        service.feedback_events == n_events, "all requests in flight")
+                                        service.feedback.events == n_events, "all requests in flight")
                 tasks = [scoring, *queued, *stored]
                 assert not any(t.done() for t in tasks), "a request was answered past the gate"
 

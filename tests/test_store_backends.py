@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 import socket
+import sys
 import sqlite3
 import threading
 import time
@@ -89,7 +90,7 @@ def test_a_reused_id_is_a_duplicate_or_a_conflict_and_a_conflict_stores_nothing(
     assert e.value.ids == ["a", "a"]
     assert ids(store) == ["a"] and store.last_seq() == seq                  # all or none
     # another key has ids of its own; within one append, a repeated id is a duplicate of the first, or a conflict
-    out = store.append([Event("u9", "i1", None, "a"), Event("u9", "i1", None, "a")], key="writer")
+    out = store.append([Event("u9", "i1", None, "a"), Event("u9", "i1", None, "a")], writer="writer")
     assert out[0] and out[1] is None
     with pytest.raises(EventIdConflict):
         store.append([Event("u7", "i7", None, "c"), Event("u8", "i7", None, "c")])
@@ -102,7 +103,7 @@ def test_events_without_id_are_duplicates_within_the_window_only(store, url):
     first, new, again = store.append([Event("u", "i", None), Event("u", "j", None), Event("u", "j", None)],
                                      dedup_window_s=3600)
     assert first is None and new and again is None
-    assert store.append([Event("u", "i", None)], key="k", dedup_window_s=3600)[0]    # another key
+    assert store.append([Event("u", "i", None)], writer="k", dedup_window_s=3600)[0]    # another writer
     execute(url, "UPDATE events SET received = received - 7200")                 # all two hours old now
     assert store.append([Event("u", "i", None)], dedup_window_s=3600)[0]
     assert store.append([Event("u", "i", None)], dedup_window_s=0)[0]          # 0: no content dedup
@@ -413,3 +414,13 @@ def test_a_server_stopped_mid_way_fails_writes_and_the_store_recovers_by_itself(
         assert store.fault is None and ids(store) == ["before", "after"]
     finally:
         store.close()
+
+
+def test_postgresql_without_psycopg_names_the_extra_to_install(monkeypatch):
+    """psycopg is the `pg` extra, not a dependency of the model package: a PostgreSQL URL without it says what
+    to install (and keeps the password out of the message)."""
+    monkeypatch.setitem(sys.modules, "psycopg", None)
+    monkeypatch.delitem(sys.modules, "model.store.events_pg")
+    with pytest.raises(ImportError, match=r"cmn-service\[pg\]") as e:
+        open_store("postgresql://cmn:secret@127.0.0.1:1/cmn")
+    assert "secret" not in str(e.value)

@@ -105,7 +105,7 @@ def test_a_store_written_by_the_old_code_is_migrated(tmp_path):
         with pytest.raises(EventIdConflict):
             store.append([Event("u9", "i1", None, "a")])
         # seq numbers are never reused, not even the deleted one's
-        assert store.append([Event("u9", "i1", None, "a")], key="writer") == [5]
+        assert store.append([Event("u9", "i1", None, "a")], writer="writer") == [5]
         assert store.publish_checkpoint("m.ckpt", "v1") == store.active_checkpoint().id  # schema 3: rollouts
     finally:
         store.close()

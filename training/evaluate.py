@@ -240,7 +240,7 @@ def evaluate_cold_start(rec, cold: ColdUsers, train: np.ndarray, seed: int = 0, 
         return dense if items is None else dense.gather(1, items.long())
 
     def folded_in(strategy):
-        return lambda users, items: rec.score_folded([folded[u] for u in users], items, strategy)
+        return lambda users, items: rec.score(items=items, strategy=strategy, histories=[folded[u] for u in users])
 
     methods = {f"fold_in:{s}": HistoryScores(n_items, folded_in(s)) for s in rec.strategies}
     methods.update(toppop=TopPop(train, n_items), itemknn=HistoryScores(n_items, knn))

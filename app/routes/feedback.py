@@ -27,7 +27,7 @@ STORE_RETRY_S = 5
                                              "full, read-only); nothing stored: retry after Retry-After"}})
 async def feedback(body: FeedbackRequest, service: ServiceDep, caller: FeedbackCaller):
     try:
-        result = await service.feedback(body.events, caller)
+        result = await service.write_feedback(body.events, caller)
     except EventIdConflict as e:
         raise HTTPException(409, {"message": f"{e}; nothing of this request was stored",
                                   "event_ids": e.ids[:CONFLICTS_LISTED], "count": len(e.ids)}) from None

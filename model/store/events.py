@@ -10,9 +10,11 @@ with another payload, a full disk, a read-only file, an unreachable server). Eve
 number (`seq`) and commits in seq order, so a reader that has seen seq N and asks for `events(after=N)` never
 misses one that commits later.
 
-Event ids are unique per writer (`key`: the API key's name, "" when the server runs without auth): a retry with
-the same id and payload is a duplicate, another payload under a used id is an `EventIdConflict`. Events without
-an id are duplicates of an event with the same key, user and item received within the dedup window.
+Event ids are unique per writer (a name the caller chooses; "" by default): a retry with the same id and payload
+is a duplicate, another payload under a used id is an `EventIdConflict`. Events without an id are duplicates of an
+event with the same writer, user and item received within the dedup window. Who the writers are is the caller's
+business (the server names each API key, app/feedback.py); the column that holds the writer is `key_name`, the name
+it had when only the server wrote.
 
 `verified` records whether the serving model knew the event's user and item when it was written; training folds
 unverified events into new embedding rows only when asked to (`--feedback-unverified`).
@@ -49,7 +51,7 @@ SCHEMA = (
 )
 # Schema 1 (event_id unique across all writers, no key_name and no verified flag) is rebuilt into schema 2 on the
 # first open for writing: SQLite cannot change a UNIQUE constraint in place. Its rows keep their seq, belong to the
-# "" key, and are unverified: nobody checked them.
+# "" writer, and are unverified: nobody checked them.
 MIGRATE_FROM_1 = ("ALTER TABLE events RENAME TO events_v1",) + SCHEMA + (
     "INSERT INTO events (seq, key_name, event_id, user_id, item_id, timestamp, received, verified) "
     "SELECT seq, '', event_id, user_id, item_id, timestamp, received, 0 FROM events_v1",
@@ -99,7 +101,7 @@ class Rollout:
 
 
 class EventIdConflict(ValueError):
-    """Event ids already used by the same key for another payload; nothing of the append was stored."""
+    """Event ids already used by the same writer for another payload; nothing of the append was stored."""
 
     def __init__(self, ids: list[str]):
         listed = ", ".join(ids[:CONFLICTS_LISTED]) + (f" and {len(ids) - CONFLICTS_LISTED} more"
@@ -138,10 +140,10 @@ def masked(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
-def plan_append(events: list[Event], key: str, now: float, dedup_window_s: float,
+def plan_append(events: list[Event], writer: str, now: float, dedup_window_s: float,
                 stored: dict[str, tuple], recent: set[tuple[str, str]]) -> tuple[list[Row], list[int], list[str]]:
-    """What an append stores, given what the store holds: `stored` maps the key's used event ids (among the
-    events') to their (user_id, item_id, timestamp), `recent` holds the (user_id, item_id) pairs of the key received
+    """What an append stores, given what the store holds: `stored` maps the writer's used event ids (among the
+    events') to their (user_id, item_id, timestamp), `recent` holds the (user_id, item_id) pairs the writer stored
     within the dedup window. Returns the rows to insert, for each the index of its event, and the conflicting ids.
 
     Events earlier in the same append count as stored: a repeated id is a duplicate (or a conflict), a repeated
@@ -161,7 +163,7 @@ def plan_append(events: list[Event], key: str, now: float, dedup_window_s: float
         elif dedup_window_s > 0 and (e.user_id, e.item_id) in recent:
             continue
         timestamp = now if e.timestamp is None else e.timestamp
-        rows.append((key, e.event_id, e.user_id, e.item_id, timestamp, now, bool(e.verified)))
+        rows.append((writer, e.event_id, e.user_id, e.item_id, timestamp, now, bool(e.verified)))
         slots.append(n)
         if e.event_id is not None:
             stored[e.event_id] = (e.user_id, e.item_id, timestamp)
@@ -192,19 +194,19 @@ class FeedbackStore(ABC):
         """The rows of one read (SQLite placeholders)."""
 
     @abstractmethod
-    def _stored_ids(self, conn, key: str, ids: list[str]) -> dict[str, tuple]:
-        """event id → (user_id, item_id, timestamp) of those of `ids` the key has used."""
+    def _stored_ids(self, conn, writer: str, ids: list[str]) -> dict[str, tuple]:
+        """event id → (user_id, item_id, timestamp) of those of `ids` the writer has used."""
 
     @abstractmethod
-    def _recent_pairs(self, conn, key: str, pairs: list[tuple[str, str]], since: float) -> set[tuple[str, str]]:
-        """Those of `pairs` the key stored with `received >= since`."""
+    def _recent_pairs(self, conn, writer: str, pairs: list[tuple[str, str]], since: float) -> set[tuple[str, str]]:
+        """Those of `pairs` the writer stored with `received >= since`."""
 
     @abstractmethod
     def _insert(self, conn, sql: str, rows: list[tuple]) -> list[int]:
         """Run INSERT_EVENT or INSERT_ROLLOUT for each row, in order; the new ids (seq or rollout id)."""
 
     @abstractmethod
-    def bulk_append(self, events: Iterable[Event], key: str = "") -> int:
+    def bulk_append(self, events: Iterable[Event], writer: str = "") -> int:
         """Store events in one transaction without the duplicate and conflict checks of `append` (a reused id
         fails the whole load with ValueError): for filling a store fast (benchmarks, migrations). Returns how many
         were stored."""
@@ -214,7 +216,7 @@ class FeedbackStore(ABC):
 
     # ------------------------------------------------------------------ writes
 
-    def append(self, events: list[Event], key: str = "", dedup_window_s: float = 0.0) -> list[int | None]:
+    def append(self, events: list[Event], writer: str = "", dedup_window_s: float = 0.0) -> list[int | None]:
         """Store events durably, all or none; returns, per event, its seq, or None for a duplicate.
 
         Raises EventIdConflict (a used id with another payload) or StoreUnavailable (the write failed); either
@@ -222,9 +224,9 @@ class FeedbackStore(ABC):
         def work(conn, now: float) -> list[int | None]:
             ids = list({e.event_id for e in events if e.event_id is not None})
             pairs = list({(e.user_id, e.item_id) for e in events if e.event_id is None}) if dedup_window_s > 0 else []
-            stored = self._stored_ids(conn, key, ids) if ids else {}
-            recent = self._recent_pairs(conn, key, pairs, now - dedup_window_s) if pairs else set()
-            rows, slots, conflicts = plan_append(events, key, now, dedup_window_s, stored, recent)
+            stored = self._stored_ids(conn, writer, ids) if ids else {}
+            recent = self._recent_pairs(conn, writer, pairs, now - dedup_window_s) if pairs else set()
+            rows, slots, conflicts = plan_append(events, writer, now, dedup_window_s, stored, recent)
             if conflicts:
                 raise EventIdConflict(conflicts)
             seqs: list[int | None] = [None] * len(events)
@@ -353,12 +355,12 @@ class FeedbackLog(FeedbackStore):
             except (sqlite3.Error, OSError) as e:
                 raise StoreUnavailable(reason(e)) from e
 
-    def _stored_ids(self, conn, key, ids):
-        found = {i: conn.execute(SELECT_ID, (key, i)).fetchone() for i in ids}
+    def _stored_ids(self, conn, writer, ids):
+        found = {i: conn.execute(SELECT_ID, (writer, i)).fetchone() for i in ids}
         return {i: row for i, row in found.items() if row is not None}
 
-    def _recent_pairs(self, conn, key, pairs, since):
-        return {p for p in pairs if conn.execute(SELECT_RECENT, (key, *p, since)).fetchone()}
+    def _recent_pairs(self, conn, writer, pairs, since):
+        return {p for p in pairs if conn.execute(SELECT_RECENT, (writer, *p, since)).fetchone()}
 
     def _insert(self, conn, sql, rows):
         return [conn.execute(sql, row).lastrowid for row in rows]
@@ -376,10 +378,10 @@ class FeedbackLog(FeedbackStore):
                     return None
         return super().active_checkpoint()
 
-    def bulk_append(self, events: Iterable[Event], key: str = "") -> int:
+    def bulk_append(self, events: Iterable[Event], writer: str = "") -> int:
         def work(conn, now: float) -> int:
             before = conn.total_changes
-            conn.executemany(INSERT_EVENT, ((key, e.event_id, e.user_id, e.item_id,
+            conn.executemany(INSERT_EVENT, ((writer, e.event_id, e.user_id, e.item_id,
                                              now if e.timestamp is None else e.timestamp, now, bool(e.verified))
                                             for e in events))
             return conn.total_changes - before
@@ -405,7 +407,11 @@ def open_store(url: str, readonly: bool = False) -> FeedbackStore:
             raise ValueError(f"feedback store URL {url!r}: use sqlite:///relative/path or sqlite:////absolute/path")
         return FeedbackLog(rest[1:], readonly)
     if scheme in ("postgresql", "postgres"):
-        from model.store.events_pg import PostgresFeedbackStore
+        try:
+            from model.store.events_pg import PostgresFeedbackStore
+        except ImportError as e:  # the driver is the `pg` extra: a training-only install need not have it
+            raise ImportError(f"feedback store URL {masked(url)!r} needs psycopg, which is not installed ({e}): "
+                              "pip install 'cmn-service[pg]' (the serve and dev extras include it)") from None
         return PostgresFeedbackStore(url, readonly)
     raise ValueError(f"feedback store URL {masked(url)!r}: unknown scheme {scheme!r} (use sqlite:///PATH, "
                      "postgresql://... or a file path)")

@@ -1,4 +1,4 @@
-"""Start the real server (`python -m app`) as a subprocess on a free loopback port, for the benchmarks and the
+"""Start the real server (`python -m app`, or another command serving app.main) as a subprocess on a free loopback port, for the benchmarks and the
 end-to-end tests."""
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -23,14 +24,16 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_server(checkpoint: str, tmp_path: Path, timeout: float = 60, **env):
-    """Yields (base_url, process); the server is stopped with SIGTERM (graceful) at exit."""
+def running_server(checkpoint: str, tmp_path: Path, timeout: float = 60, args: Sequence[str] = ("-m", "app"),
+                   **env):
+    """Yields (base_url, process); the server is stopped with SIGTERM (graceful) at exit. `args`: the Python
+    command line, "{port}" standing for the port (e.g. -m uvicorn app.main:app --port {port})."""
     port = free_port()
     environ = {**os.environ, "CMN_CHECKPOINT": str(checkpoint), "CMN_PORT": str(port), "CMN_HOST": "127.0.0.1",
                "CMN_FEEDBACK_PATH": str(tmp_path / "feedback.sqlite3"),
                **{f"CMN_{k.upper()}": str(v) for k, v in env.items()}}
     log = open(tmp_path / f"server-{port}.log", "ab")
-    proc = subprocess.Popen([sys.executable, "-m", "app"], cwd=ROOT, env=environ, stdout=log, stderr=subprocess.STDOUT,
+    proc = subprocess.Popen([sys.executable, *(a.format(port=port) for a in args)], cwd=ROOT, env=environ, stdout=log, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
