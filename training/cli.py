@@ -47,7 +47,7 @@ def add_train_arguments(t: argparse.ArgumentParser) -> None:
     t.add_argument("--step", choices=("eager", "graph"), default=DEFAULTS.step,
                    help="the CMN training step: eager (default), or graph: the same arithmetic with static shapes, "
                         "captured once as a CUDA graph and replayed per batch, for GPUs, where the eager step is "
-                        "launch-bound (--optimizer rmsprop only; on a CPU it runs uncaptured, no faster)")
+                        "launch-bound (--optimizer rmsprop only; on a CPU it runs uncaptured, and slower)")
     t.add_argument("--exclude-self", action="store_true",
                    help="leave the user out of its positive item's neighbourhood in training (not the paper's)")
     t.add_argument("--holdout", choices=("loo", "none"), default=DEFAULTS.holdout,

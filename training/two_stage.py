@@ -5,9 +5,10 @@
 
 The grid is every method × R × blend kind × CMN weight. CMN scores each validation user's largest candidate list
 once, so the whole grid costs one retrieval and one CMN pass per method; a configuration's validation NDCG@10 is the
-full-catalogue protocol of training/evaluate.py (ties against the positive, training items excluded): the rank of
-the held-out item among the user's re-ranked R candidates, a miss when retrieval did not propose it. Equal figures
-go to the smallest R (the cheapest), then the z-score blend (the older default), then the smallest CMN weight.
+full-catalogue protocol of training/evaluate.py (training/metrics.py's rank rule, training items excluded): the
+rank of the held-out item among the user's re-ranked R candidates, a miss when retrieval did not propose it. Equal
+figures go to the smallest R (the cheapest), then the z-score blend (the older default), then the smallest CMN
+weight.
 """
 from __future__ import annotations
 
