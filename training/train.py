@@ -349,8 +349,8 @@ def cmn_step(cfg: TrainConfig, model: CMN, optimizer, sampler: TripleSampler, pa
                                        desc=desc(epoch))
     from training.graph_step import GraphStep
     graph = GraphStep.for_sampler(model, optimizer, indptr, indices, sampler, cfg.batch_size, cfg.clip)
-    how = "a CUDA graph replayed per batch" if indptr.device.type == "cuda" else \
-        f"static shapes, not captured on {indptr.device.type} (CUDA graphs need a GPU)"
+    how = "captured as a CUDA graph, replayed per batch" if indptr.device.type == "cuda" else \
+        f"uncaptured on {indptr.device.type}: CUDA graphs need a GPU"
     log(f"CMN step: graph ({how}; {graph.slot_budget:,} neighbour slots per batch)")
     return lambda epoch: graph.fit_epoch(sampler, epoch, desc(epoch), cfg.progress)
 
