@@ -34,8 +34,9 @@ from model.store.checkpoint import load_checkpoint  # noqa: E402
 from model.foldin import FoldedUser, FoldInConfig, fold_in_user  # noqa: E402
 from model.online import Online  # noqa: E402
 from model.recommender import Recommender  # noqa: E402
+from training.coldstart import ColdUsers, cold_users_in, hold_out_users  # noqa: E402
 from training.data import Split, load, pair_keys, sample_test_negatives  # noqa: E402
-from training.evaluate import ColdUsers, cold_users_in, hold_out_users, rank_metrics  # noqa: E402
+from training.metrics import rank_metrics  # noqa: E402
 
 
 def validation_users(data, cold: ColdUsers, seed: int) -> ColdUsers:

@@ -363,6 +363,7 @@ def hms(seconds: float | None) -> str:
 
 def two_stage_section(b: dict, base: dict | None, rel_out: str) -> list[str]:
     from model.retrieval import RRF_K
+    from training.two_stage import rrf_reorder_rank
     chosen, table, test = b["chosen"], b["validation"], b["test"]
     cfg = b["cmn"]["train_config"] or {}
     # what the run changed of the paper's hyperparameters (full_eval is how it was evaluated, not trained)
@@ -448,17 +449,6 @@ def two_stage_section(b: dict, base: dict | None, rel_out: str) -> list[str]:
     L += ["", "Not tried: a learned (logistic) blend, CMN trained with the tuned Adam configuration (the tuning "
               "table's selected row), and training CMN on the retrieval stage's candidates as negatives.", ""]
     return L
-
-
-def rrf_reorder_rank(weight: float, candidates: int) -> int:
-    """The first retrieval rank r at which CMN, with this rrf weight, can swap the items at r and r + 1 when their
-    retrieval scores differ: (1 − w)·(1/(K + r) − 1/(K + 1 + r)) < w·(1/(K + 1) − 1/(K + R)), K = RRF_K."""
-    from model.retrieval import RRF_K
-    reach = weight * (1 / (RRF_K + 1) - 1 / (RRF_K + candidates))
-    r = 1
-    while r < candidates and (1 - weight) * (1 / (RRF_K + r) - 1 / (RRF_K + r + 1)) >= reach:
-        r += 1
-    return r
 
 
 def report(args, command_log: list[str]) -> Path:

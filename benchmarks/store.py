@@ -22,15 +22,14 @@ import json
 import os
 import tempfile
 import time
-import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
-from urllib.parse import urlsplit, urlunsplit
 
 from tqdm import tqdm
 
 from model.store.events import Event, masked, open_store
+from tests.harness.postgres import ScratchDatabases
 
 FILL_CHUNK = 100_000   # events per bulk transaction: bounded memory on both sides, any N
 
@@ -54,30 +53,6 @@ def fill(url: str, n: int, make: Callable[[int], Event] = synthetic_event, progr
     finally:
         store.close()
     return time.perf_counter() - start
-
-
-class ScratchDatabases:
-    """Fresh, empty PostgreSQL databases on the server of `admin_url` (whose role may create databases): each call
-    returns the URL of a new one (with the admin URL's credentials, usable by other processes); `drop()` removes
-    them all, cutting their connections."""
-
-    def __init__(self, admin_url: str):
-        self.admin_url, self.names = admin_url, []
-
-    def __call__(self) -> str:
-        import psycopg
-        name = f"cmn_scratch_{uuid.uuid4().hex[:12]}"
-        with psycopg.connect(self.admin_url, autocommit=True) as conn:
-            conn.execute(f"CREATE DATABASE {name}")
-        self.names.append(name)
-        return urlunsplit(urlsplit(self.admin_url)._replace(path="/" + name))
-
-    def drop(self) -> None:
-        import psycopg
-        with psycopg.connect(self.admin_url, autocommit=True) as conn:
-            for name in self.names:
-                conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        self.names.clear()
 
 
 @contextmanager

@@ -59,7 +59,7 @@ class FoldInConfig:
 
 @dataclass
 class FoldedUser:
-    """A user's fitted rows, stored nowhere: `Recommender.add_user` stores them, `recommend_history` uses them once."""
+    """A user's fitted rows, stored nowhere: `Online.add_user` stores them, `Recommender.recommend(histories=...)` uses them once."""
     memory: torch.Tensor    # (d,) its row of M (keys, and m_u)
     output: torch.Tensor    # (d,) its row of C (values)
     items: list[int]        # the history it was fitted on: distinct, in the order given

@@ -6,7 +6,7 @@
 - `api_checkpoint`: a random CMN over a small synthetic data set, built in-process in well under a second, for
   the in-process service tests (test_api.py, test_shutdown.py);
 - `postgres_url` / `fresh_postgres_url`: fresh PostgreSQL databases (skipped without a server, failed in CI);
-  `stoppable_postgres`: one on a private server the test may stop and start;
+  `stoppable_postgres`: one on a private server the test may stop and start (tests/harness/postgres.py);
 - `trained_checkpoint`: ONE real `python -m training train` run on the synthetic default, shared by the session
   (slow lane: every test that uses it is marked `slow`, see `pytest_collection_modifyitems`).
 """
@@ -24,6 +24,7 @@ import pytest
 import torch
 
 from model.cmn import CMN, CMNConfig
+from tests.harness.postgres import PrivatePostgres, ScratchDatabases, StoppablePostgres, local_postgres_admin_url
 
 REPO = Path(__file__).resolve().parents[1]
 CITEULIKE = Path(__file__).resolve().parents[2] / "shared" / "data" / "citeulike-a.npz"
@@ -235,53 +236,6 @@ def held_loading(monkeypatch):
 
 # --------------------------------------------------------------------------- PostgreSQL
 
-# The role the fallback creates on the local server: a throwaway login for tests (password = name), which may only
-# create databases. `.ci/run` creates the same one and exports CMN_TEST_POSTGRES_URL.
-TEST_ROLE = "cmn_test"
-LOCAL_SOCKETS = Path("/var/run/postgresql")
-
-
-def as_postgres(cmd: list[str]) -> list[str]:
-    """`cmd` run as the postgres user when we are root (PostgreSQL's tools refuse to run as root)."""
-    return ["runuser", "-u", "postgres", "--", *cmd] if os.geteuid() == 0 else cmd
-
-
-def local_postgres_admin_url() -> tuple[str | None, str]:
-    """(a postgresql:// URL of a role that may create databases, or None; why not). CMN_TEST_POSTGRES_URL when
-    set; otherwise the local server as user postgres over its unix socket, or, as root (whom peer authentication
-    refuses that user), the TEST_ROLE that `runuser -u postgres psql` creates, over TCP."""
-    import psycopg
-
-    def reachable(url: str) -> str | None:
-        try:
-            psycopg.connect(url, connect_timeout=3).close()
-            return None
-        except psycopg.Error as e:
-            return str(e).strip().splitlines()[0]
-
-    if url := os.environ.get("CMN_TEST_POSTGRES_URL"):
-        why = reachable(url)
-        return (None, f"CMN_TEST_POSTGRES_URL cannot be reached: {why}") if why else (url, "")
-    sockets = sorted(LOCAL_SOCKETS.glob(".s.PGSQL.*"))
-    if not sockets:
-        return None, f"no PostgreSQL server: set CMN_TEST_POSTGRES_URL or start one (no socket in {LOCAL_SOCKETS})"
-    port = sockets[0].name.rsplit(".", 1)[1]
-    url = f"postgresql://postgres@/postgres?host={LOCAL_SOCKETS}&port={port}"
-    if not (why := reachable(url)):
-        return url, ""
-    if os.geteuid() != 0:
-        return None, f"the local PostgreSQL server refuses user postgres ({why}); set CMN_TEST_POSTGRES_URL"
-    create = (f"DO $$ BEGIN CREATE ROLE {TEST_ROLE} LOGIN CREATEDB PASSWORD '{TEST_ROLE}'; "
-              "EXCEPTION WHEN duplicate_object THEN NULL; END $$")
-    proc = subprocess.run(as_postgres(["psql", "-p", port, "-qXc", create]), capture_output=True, text=True,
-                          stdin=subprocess.DEVNULL)
-    if proc.returncode:
-        return None, f"cannot create the test role on the local PostgreSQL server: {proc.stderr.strip()}"
-    url = f"postgresql://{TEST_ROLE}:{TEST_ROLE}@127.0.0.1:{port}/postgres"
-    why = reachable(url)
-    return (None, f"the local PostgreSQL server refuses {TEST_ROLE} over TCP: {why}") if why else (url, "")
-
-
 def no_postgres(why: str):
     """Skip, except in CI (`CI` set), which must really test PostgreSQL: there the test fails."""
     if os.environ.get("CI"):
@@ -301,7 +255,6 @@ def postgres_admin_url() -> str:
 def fresh_postgres_url(postgres_admin_url):
     """A function returning the URL of a new, empty database at each call (usable by subprocesses: it carries
     its own credentials); all are dropped after the test. Skips without a server (fails in CI)."""
-    from benchmarks.store import ScratchDatabases
     databases = ScratchDatabases(postgres_admin_url)
     yield databases
     databases.drop()
@@ -311,63 +264,6 @@ def fresh_postgres_url(postgres_admin_url):
 def postgres_url(fresh_postgres_url) -> str:
     """The URL of a fresh, empty PostgreSQL database of its own (see `fresh_postgres_url`)."""
     return fresh_postgres_url()
-
-
-class PrivatePostgres:
-    """A throwaway PostgreSQL server of the test session's own (a cluster under /tmp, TCP on 127.0.0.1, trust
-    authentication), which tests may stop and start: the machine's server is not theirs to stop."""
-
-    def __init__(self, bindir: Path):
-        import shutil
-        import socket
-        import tempfile
-        self.bindir, self.dir = bindir, Path(tempfile.mkdtemp(prefix="cmn-pg-"))
-        if os.geteuid() == 0:
-            shutil.chown(self.dir, "postgres", "postgres")
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self._pg("initdb", "-D", str(self.dir / "data"), "-A", "trust", "-U", "postgres", "--no-sync", "--no-locale",
-                 "-E", "UTF8")
-        self.admin_url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
-        self.running = False
-
-    def _pg(self, tool: str, *args: str) -> None:
-        proc = subprocess.run(as_postgres([str(self.bindir / tool), *args]), capture_output=True, text=True,
-                              stdin=subprocess.DEVNULL, timeout=120)
-        if proc.returncode:
-            raise RuntimeError(f"{tool} failed: {proc.stderr.strip() or proc.stdout.strip()}")
-
-    def start(self) -> None:
-        if not self.running:
-            self._pg("pg_ctl", "-D", str(self.dir / "data"), "-l", str(self.dir / "log"), "-w", "start", "-o",
-                     f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off")
-            self.running = True
-
-    def stop(self) -> None:
-        """Shuts the server down, cutting its connections (as an outage would)."""
-        if self.running:
-            self._pg("pg_ctl", "-D", str(self.dir / "data"), "-m", "fast", "-w", "stop")
-            self.running = False
-
-    def remove(self) -> None:
-        import shutil
-        try:
-            self.stop()
-        finally:
-            shutil.rmtree(self.dir, ignore_errors=True)
-
-
-@dataclass
-class StoppablePostgres:
-    url: str                # a fresh database of its own on the private server
-    server: PrivatePostgres
-
-    def stop(self) -> None:
-        self.server.stop()
-
-    def start(self) -> None:
-        self.server.start()
 
 
 @pytest.fixture(scope="session")
@@ -392,7 +288,6 @@ def private_postgres():
 def stoppable_postgres(private_postgres):
     """A fresh database on the session's private PostgreSQL server, which the test may `.stop()` and `.start()`
     (an outage and the recovery from it); `.url` stays valid across both. Restarted after the test if stopped."""
-    from benchmarks.store import ScratchDatabases
     private_postgres.start()
     databases = ScratchDatabases(private_postgres.admin_url)
     yield StoppablePostgres(databases(), private_postgres)

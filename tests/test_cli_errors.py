@@ -54,6 +54,7 @@ TRAIN_CASES = {
     "negative epochs": (lambda tmp: ["--epochs", "-1"], "--epochs"),
     "zero hops": (lambda tmp: ["--hops", "0"], "--hops"),
     "early stop without validation": (lambda tmp: ["--early-stop", "3"], "--validation"),
+    "graph step with adam": (lambda tmp: ["--step", "graph", "--optimizer", "adam"], "--step graph"),
 }
 
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from training.data import Split
-from training.evaluate import TopPop, evaluate, rank_metrics
+from training.evaluate import TopPop, evaluate
+from training.metrics import rank_metrics
 
 
 class FixedScores:

@@ -284,7 +284,7 @@ def test_retrieval_proposes_a_live_item_as_the_mix_of_its_users_items():
 
 def test_hold_out_users_keeps_every_interaction_of_a_cold_user_out_of_training(tmp_path):
     from training.data import load, synthetic
-    from training.evaluate import hold_out_users, write_npz
+    from training.coldstart import hold_out_users, write_npz
     data = synthetic(seed=0, n_users=120, n_items=200)
     warm, cold = hold_out_users(data, 0.1, seed=3)
     assert len(cold.ids) == 12 and warm.n_users == 108 and warm.n_items == data.n_items

@@ -308,3 +308,21 @@ def test_validation_keeps_the_best_epochs_weights_not_the_last(small_run, monkey
     for name, value in saved.items():
         assert torch.equal(value, after[1][name]), name
     assert any(not torch.equal(saved[name], after[2][name]) for name in saved)   # epoch 3 did change the weights
+
+
+# --------------------------------------------------------------------------- --step
+
+def test_graph_step_trains_as_the_eager_step(small_run):
+    """`--step graph` runs the static-shape step of training/graph_step.py (uncaptured on a CPU) in `train`: the
+    log names the step that ran, and the epochs' losses and the checkpoint's weights are the eager step's."""
+    logs = {"eager": [], "graph": []}
+    metrics = {step: train_mod.train(replace(small_run, out=small_run.out + f".{step}", step=step),
+                                     log=logs[step].append) for step in logs}
+    assert "CMN step: eager" in logs["eager"]
+    assert any(line.startswith("CMN step: graph (uncaptured on cpu: CUDA graphs need a GPU;") for line in logs["graph"])
+    assert [r["loss"] for r in metrics["graph"]["epochs"]] == \
+        pytest.approx([r["loss"] for r in metrics["eager"]["epochs"]], abs=1e-6)
+    assert all("fallback_steps" in r for r in metrics["graph"]["epochs"])
+    eager, graph = (load_checkpoint(small_run.out + f".{step}").state for step in logs)
+    for name, value in eager.items():
+        torch.testing.assert_close(graph[name], value, rtol=0, atol=1e-6, msg=name)

@@ -10,7 +10,7 @@ from model.recommender import Recommender
 from model.retrieval import RRF_K, ItemRetrieval, TwoStage, blend
 from training.data import holdout_validation, synthetic
 from training.evaluate import evaluate
-from training.two_stage import fit_retrieval, select_two_stage, validation_ndcg
+from training.two_stage import fit_retrieval, rrf_reorder_rank, select_two_stage, validation_ndcg
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +94,6 @@ def test_rrf_blend_by_rank_only():
 def test_rrf_reorder_rank_is_where_cmn_first_moves_an_item():
     """What docs/results.md says of a small rrf weight: CMN cannot move an item past any of the retrieval's top
     `reach - 1` (distinct retrieval scores), and can move the item at `reach` past the one above it."""
-    from benchmarks.reproduce_citeulike import rrf_reorder_rank
     r, weight = 50, 0.02
     reach = rrf_reorder_rank(weight, r)
     assert 1 < reach < r

@@ -155,6 +155,8 @@ def run_baselines(data: Dataset, full: bool = True, dacrema_fit: bool = False, s
 
     `dacrema_fit` fits on the training pairs less one validation item per user, as the reference table's runs
     did; the evaluation still excludes every training item."""
+    if data.test is None:
+        raise ValueError(f"{data.name}: no test split to evaluate on")
     fit = holdout_validation(data, seed).train if dacrema_fit else data.train
     builders = {
         "toppop": lambda: TopPop(fit, data.n_items),

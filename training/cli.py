@@ -1,13 +1,11 @@
-"""`python -m training {train,evaluate,baselines}`: the offline side of the service."""
+"""`python -m training {train,evaluate,coldstart,baselines}`: the offline side of the service. Arguments in, results
+printed; the work is done by training/train.py, evaluate.py, coldstart.py and baselines.py."""
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from dataclasses import fields
-
-import numpy as np
 
 from training.train import TrainConfig
 
@@ -46,6 +44,10 @@ def add_train_arguments(t: argparse.ArgumentParser) -> None:
     t.add_argument("--optimizer", choices=("rmsprop", "adam"), default=DEFAULTS.optimizer,
                    help="rmsprop = TensorFlow 1 RMSProp semantics (the paper's); adam")
     t.add_argument("--device", default=DEFAULTS.device, help="auto (cuda if available), cpu or cuda[:N]")
+    t.add_argument("--step", choices=("eager", "graph"), default=DEFAULTS.step,
+                   help="the CMN training step: eager (default), or graph: the same arithmetic with static shapes, "
+                        "captured once as a CUDA graph and replayed per batch, for GPUs, where the eager step is "
+                        "launch-bound (--optimizer rmsprop only; on a CPU it runs uncaptured, and slower)")
     t.add_argument("--exclude-self", action="store_true",
                    help="leave the user out of its positive item's neighbourhood in training (not the paper's)")
     t.add_argument("--holdout", choices=("loo", "none"), default=DEFAULTS.holdout,
@@ -119,112 +121,37 @@ def neighbour_cap(text: str | None) -> int | str | None:
         raise ValueError(f"--max-neighbours must be a number of users, none or auto, got {text!r}") from None
 
 
+def train_config(args) -> TrainConfig:
+    args.max_neighbours = neighbour_cap(args.max_neighbours)
+    return TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)})
+
+
 def cmd_train(args) -> int:
     from training.train import train
-    args.max_neighbours = neighbour_cap(args.max_neighbours)
-    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)})
-    train(cfg)
+    train(train_config(args))
     return 0
 
 
 def cmd_evaluate(args) -> int:
-    from model.store.checkpoint import load_checkpoint
-    from model.quality import below_toppop
-    from model.recommender import Recommender
-    from training.data import Split, load
-    from training.evaluate import TopPop, evaluate, evaluate_strategies
-
-    ckpt = load_checkpoint(args.checkpoint)
-    train_pairs, split = ckpt.train, None
-    if args.data:
-        train_pairs, split = remap(load(args.data, trust_pickle=args.trust_pickle), ckpt)
-    elif ckpt.test_users is not None:
-        split = Split(ckpt.test_users, ckpt.test_positives, ckpt.test_negatives)
-    if split is None or len(split) == 0:
-        raise ValueError(f"{args.checkpoint} holds no test split (trained with --holdout none); pass --data")
-    # the training pairs are the seen-sets here: the evaluator excludes them, and so must retrieval
-    rec = Recommender.from_checkpoint(ckpt, args.device, seen=train_pairs)
-    strategies = evaluate_strategies(rec, split, train_pairs)
-    result = {**strategies[rec.default_strategy], "strategy": rec.default_strategy, "strategies": strategies,
-              "toppop": evaluate(TopPop(train_pairs, ckpt.config.n_items), split, train_pairs),
-              "model_version": ckpt.model_version}
-    warning = below_toppop(result, result["toppop"])
-    result["warnings"] = [warning] if warning else []
+    from training.evaluate import evaluate_checkpoint
+    result = evaluate_checkpoint(args.checkpoint, args.data, args.device, args.trust_pickle)
     for line in result["warnings"]:
         print(f"warning: {line}", file=sys.stderr)
     if args.json:
         print(json.dumps(result))
-    else:
-        print(f"{'':22s}{'sampled HR@10':>14s}{'NDCG@10':>9s}{'raw HR@10':>11s}{'full HR@10':>12s}{'NDCG@10':>9s}")
-        for name, m in [*strategies.items(), ("toppop", result["toppop"])]:
-            label = f"{name}{' (default)' if name == rec.default_strategy else ''}"
-            print(f"{label:22s}{m['sampled']['hr@10']:14.4f}{m['sampled']['ndcg@10']:9.4f}"
-                  f"{m['sampled_raw']['hr@10']:11.4f}{m['full']['hr@10']:12.4f}{m['full']['ndcg@10']:9.4f}")
+        return 0
+    print(f"{'':22s}{'sampled HR@10':>14s}{'NDCG@10':>9s}{'raw HR@10':>11s}{'full HR@10':>12s}{'NDCG@10':>9s}")
+    for name, m in [*result["strategies"].items(), ("toppop", result["toppop"])]:
+        label = f"{name}{' (default)' if name == result['strategy'] else ''}"
+        print(f"{label:22s}{m['sampled']['hr@10']:14.4f}{m['sampled']['ndcg@10']:9.4f}"
+              f"{m['sampled_raw']['hr@10']:11.4f}{m['full']['hr@10']:12.4f}{m['full']['ndcg@10']:9.4f}")
     return 0
 
 
-
-def remap(data, ckpt):
-    """The data's training pairs and split in the checkpoint's internal ids."""
-    from training.data import DataError, Split
-    users = {u: n for n, u in enumerate(ckpt.user_ids)}
-    items = {i: n for n, i in enumerate(ckpt.item_ids)}
-    unknown_u = {data.user_ids[u] for u in np.unique(data.train[:, 0])} - users.keys()
-    unknown_i = {data.item_ids[i] for i in np.unique(data.train[:, 1])} - items.keys()
-    if unknown_u or unknown_i:
-        raise DataError(f"--data has {len(unknown_u)} users and {len(unknown_i)} items the checkpoint does not know "
-                        f"(e.g. {sorted(unknown_u | unknown_i)[:3]}); evaluate on the data it was trained on")
-    u_map = np.array([users.get(u, -1) for u in data.user_ids])
-    i_map = np.array([items.get(i, -1) for i in data.item_ids])
-    train = np.stack([u_map[data.train[:, 0]], i_map[data.train[:, 1]]], 1)
-    t = data.test
-    if t is None:
-        return train, None
-    keep = (u_map[t.users] >= 0) & (i_map[t.positives] >= 0) & (i_map[t.negatives] >= 0).all(1)
-    return train, Split(u_map[t.users[keep]], i_map[t.positives[keep]], i_map[t.negatives[keep]])
-
-
 def cmd_coldstart(args) -> int:
-    """Cold users: the data less a fraction of its users is written next to --out in the .npz format and trained on
-    as `train` would (unless --checkpoint), then each cold user's held-out item is ranked from its other items."""
-    from model.store.checkpoint import load_checkpoint
-    from model.recommender import Recommender
-    from training.data import load, pair_keys
-    from training.evaluate import cold_users_in, evaluate_cold_start, hold_out_users, write_npz
-    from training.train import train
-
-    if args.feedback:
-        raise ValueError("coldstart trains on the data alone: --feedback has no cold users to hold out")
-    data = load(args.data, seed=args.seed, min_rating=args.min_rating, trust_pickle=args.trust_pickle)
-    warm, cold = hold_out_users(data, args.cold_users, args.seed)
+    from training.coldstart import run_coldstart
     log = (lambda line: print(line, file=sys.stderr)) if args.json else print
-    path = args.checkpoint
-    if path is None:
-        args.max_neighbours = neighbour_cap(args.max_neighbours)
-        warm_path = args.out + ".warm.npz"
-        os.makedirs(os.path.dirname(os.path.abspath(warm_path)), exist_ok=True)
-        write_npz(warm, warm_path)
-        log(f"cold start: {len(cold.ids):,} cold users held out; training on {warm.summary()} ({warm_path})")
-        values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
-        train(TrainConfig(**{**values, "data": warm_path}), log=log)
-        path = args.out
-    ckpt = load_checkpoint(path)
-    # the model must be the warm users' (an .npz's ids are its indices: user k is warm user k, item j data item j)
-    try:
-        users = np.array([int(u) for u in ckpt.user_ids])[ckpt.train[:, 0]]
-        items = np.array([int(i) for i in ckpt.item_ids])[ckpt.train[:, 1]]
-        trained = np.unique(pair_keys(users, items, data.n_items))
-    except ValueError:      # ids that are not indices: not a model of the warm .npz
-        trained = None
-    if trained is None or not np.array_equal(trained, np.unique(pair_keys(warm.train[:, 0], warm.train[:, 1],
-                                                                          data.n_items))):
-        raise ValueError(f"{path} was not trained on {args.data} less its {len(cold.ids):,} cold users of "
-                         f"--cold-users {args.cold_users} --seed {args.seed}; run coldstart without --checkpoint")
-    cold, left_out = cold_users_in(cold, [str(i) for i in range(data.n_items)], ckpt.item_ids)
-    rec = Recommender.from_checkpoint(ckpt, args.device, seen=ckpt.train)
-    result = {"data": args.data, "fraction": args.cold_users, "seed": args.seed, "checkpoint": path,
-              "left_out": left_out, **evaluate_cold_start(rec, cold, ckpt.train, args.seed, full=args.full_eval,
-                                                          progress=bool(args.progress))}
+    result = run_coldstart(train_config(args), args.cold_users, args.checkpoint, log)
     if args.json:
         print(json.dumps(result))
         return 0
@@ -242,17 +169,15 @@ def cmd_coldstart(args) -> int:
 def cmd_baselines(args) -> int:
     from training.baselines import run_baselines
     from training.data import load
-    data = load(args.data, seed=args.seed, trust_pickle=args.trust_pickle)
-    if data.test is None:
-        raise ValueError(f"{args.data}: no test split to evaluate on")
-    result = run_baselines(data, dacrema_fit=args.dacrema_fit, seed=args.seed)
+    result = run_baselines(load(args.data, seed=args.seed, trust_pickle=args.trust_pickle),
+                           dacrema_fit=args.dacrema_fit, seed=args.seed)
     if args.json:
         print(json.dumps(result))
-    else:
-        for name, r in result.items():
-            s = r["metrics"]["sampled"]
-            print(f"{name:8s} HR@5 {s['hr@5']:.4f} NDCG@5 {s['ndcg@5']:.4f} HR@10 {s['hr@10']:.4f} "
-                  f"NDCG@10 {s['ndcg@10']:.4f}  full NDCG@10 {r['metrics']['full']['ndcg@10']:.4f}  {r['params']}")
+        return 0
+    for name, r in result.items():
+        s = r["metrics"]["sampled"]
+        print(f"{name:8s} HR@5 {s['hr@5']:.4f} NDCG@5 {s['ndcg@5']:.4f} HR@10 {s['hr@10']:.4f} "
+              f"NDCG@10 {s['ndcg@10']:.4f}  full NDCG@10 {r['metrics']['full']['ndcg@10']:.4f}  {r['params']}")
     return 0
 
 

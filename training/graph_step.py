@@ -4,7 +4,8 @@ The eager step (`training.train.fit_epoch` with `cmn_pair_scores`) is launch-bou
 kernels per step, each issued from Python, and a host sync per tensor in the clipping (`if norm > max_norm`).
 `GraphStep` computes the same step (neighbourhood gather, CMN.forward, BPR loss + L2, backward, per-tensor
 `clip_by_norm`, TF1 RMSProp with sparse row semantics) with every shape fixed by the batch size, so that on CUDA
-the whole step is captured once and replayed per batch:
+the whole step is captured once and replayed per batch (`python -m training train --step graph`, through
+`training.train.cmn_step`):
 
 - Neighbourhoods are packed into a fixed number of slots (`slot_budget`, from the data: the largest batch of an
   epoch with a margin). Slots beyond the batch's own belong to one extra dummy pair, a copy of pair 0 that the

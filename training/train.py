@@ -1,7 +1,6 @@
 """GMF pretraining → CMN training → evaluation → one checkpoint, with metrics JSON and a PNG of the curves."""
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -24,7 +23,9 @@ from model.recommender import Recommender
 from model.scoring import Scorer
 from training import data as data_mod
 from training.evaluate import TopPop, evaluate, evaluate_strategies
+from training.graph_step import GraphStep
 from training.optim import clip_per_tensor_, make_optimizer
+from training.report import epoch_line, summary, write_reports
 from training.sampler import TripleSampler
 from training.two_stage import fit_two_stage
 
@@ -50,6 +51,7 @@ class TrainConfig:
     clip: float = 5.0
     seed: int = 0
     device: str = "auto"
+    step: str = "eager"               # the CMN training step: eager, or graph (training/graph_step.py)
     exclude_self: bool = False
     holdout: str = "loo"
     validation: bool = False
@@ -87,6 +89,10 @@ class TrainConfig:
                              "never used for model selection)")
         if self.optimizer not in ("rmsprop", "adam"):
             raise ValueError(f"--optimizer must be rmsprop or adam, got {self.optimizer!r}")
+        if self.step not in ("eager", "graph"):
+            raise ValueError(f"--step must be eager or graph, got {self.step!r}")
+        if self.step == "graph" and self.optimizer != "rmsprop":
+            raise ValueError("--step graph implements TF1 RMSProp only: use --optimizer rmsprop, or --step eager")
 
 
 @dataclass
@@ -298,10 +304,9 @@ def train(cfg: TrainConfig, log=print, hooks: TrainHooks = TrainHooks()) -> dict
         P, Q, state.gmf = hooks.pretrain(cfg, fit, sampler, device, log)
         state.memory_init = init_memories(model, P, Q, cfg, probe, log)
     pair_scores = cmn_pair_scores(model, indptr, indices, cfg.exclude_self)
+    cmn_epoch = cmn_step(cfg, model, optimizer, sampler, pair_scores, indptr, indices, log)
     for epoch in range(state.epoch, cfg.epochs):
-        stats = fit_epoch(model, pair_scores, optimizer, sampler, epoch, cfg, device,
-                          desc=f"CMN {epoch + 1}/{cfg.epochs}")
-        row = {"epoch": epoch + 1, **stats}
+        row = {"epoch": epoch + 1, **cmn_epoch(epoch)}
         try:
             check_collapse(row, pair_scores, probe, state.memory_init, cfg.l2)
         except TrainingCollapsed:
@@ -327,8 +332,25 @@ def train(cfg: TrainConfig, log=print, hooks: TrainHooks = TrainHooks()) -> dict
     write_reports(cfg.out, metrics)
     if os.path.exists(resume_path):
         os.remove(resume_path)
-    log(summary(cfg, metrics))
+    log(summary(cfg.out, metrics))
     return metrics
+
+
+def cmn_step(cfg: TrainConfig, model: CMN, optimizer, sampler: TripleSampler, pair_scores, indptr: torch.Tensor,
+             indices: torch.Tensor, log) -> Callable[[int], dict]:
+    """epoch → its stats, by the step --step names: eager (`fit_epoch`), or graph (training/graph_step.py: static
+    shapes, captured once and replayed per batch on CUDA; the same step, uncaptured, elsewhere). Both update the
+    one optimiser, so checkpoints and --resume do not depend on the step."""
+    desc = lambda epoch: f"CMN {epoch + 1}/{cfg.epochs}"
+    if cfg.step == "eager":
+        log("CMN step: eager")
+        return lambda epoch: fit_epoch(model, pair_scores, optimizer, sampler, epoch, cfg, indptr.device,
+                                       desc=desc(epoch))
+    graph = GraphStep.for_sampler(model, optimizer, indptr, indices, sampler, cfg.batch_size, cfg.clip)
+    how = "captured as a CUDA graph, replayed per batch" if indptr.device.type == "cuda" else \
+        f"uncaptured on {indptr.device.type}: CUDA graphs need a GPU"
+    log(f"CMN step: graph ({how}; {graph.slot_budget:,} neighbour slots per batch)")
+    return lambda epoch: graph.fit_epoch(sampler, epoch, desc(epoch), cfg.progress)
 
 
 AUTO_CAP = 200          # docs/results.md: the measured cost and quality of caps
@@ -393,68 +415,6 @@ def final_metrics(cfg: TrainConfig, data: data_mod.Dataset, model: CMN, state: T
     return metrics
 
 
-def epoch_line(row: dict) -> str:
-    parts = [f"epoch {row['epoch']:3d}", f"loss {row['loss']:.4f}", f"{row['triples_per_s']:,.0f} triples/s"]
-    for split in ("validation", "test"):
-        if split in row:
-            parts.append(f"{split} HR@10 {row[split]['hr@10']:.4f} NDCG@10 {row[split]['ndcg@10']:.4f}")
-    return "  ".join(parts)
-
-
-def summary(cfg: TrainConfig, metrics: dict) -> str:
-    lines = [f"wrote {cfg.out} (model_version {metrics['model_version']}), "
-             f"{cfg.out}.metrics.json and {cfg.out}.curves.png"]
-    if "two_stage" in metrics:
-        chosen = metrics["two_stage"]["chosen"]
-        lines.append(f"two-stage (chosen on validation): {chosen['method']}, R {chosen['candidates']}, "
-                     f"{chosen['blend']} blend, CMN weight {chosen['weight']}")
-    if "final" in metrics:
-        rows = [("CMN", metrics["final"])] + [(name, m) for name, m in metrics.get("strategies", {}).items()
-                                              if name != "full"] + [("TopPop", metrics["toppop"])]
-        for name, m in rows:
-            s = m["sampled"]
-            line = f"{name:9s} sampled HR@10 {s['hr@10']:.4f} NDCG@10 {s['ndcg@10']:.4f}"
-            if "full" in m:
-                line += f"   full HR@10 {m['full']['hr@10']:.4f} NDCG@10 {m['full']['ndcg@10']:.4f}"
-            lines.append(line)
-    return "\n".join(lines)
-
-
-def write_reports(out: str, metrics: dict) -> None:
-    with open(out + ".metrics.json", "w") as f:
-        json.dump(metrics, f, indent=2)
-    plot_curves(metrics, out + ".curves.png")
-
-
-def plot_curves(metrics: dict, path: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = metrics["epochs"]
-    fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(11, 4))
-    if metrics["gmf_epochs"]:
-        ax_loss.plot([-len(metrics["gmf_epochs"]) + r["epoch"] for r in metrics["gmf_epochs"]],
-                     [r["loss"] for r in metrics["gmf_epochs"]], "o-", color="grey", label="GMF pretraining")
-    ax_loss.plot([r["epoch"] for r in rows], [r["loss"] for r in rows], "o-", label="CMN")
-    ax_loss.set(xlabel="epoch", ylabel="BPR loss", title="training loss")
-    ax_loss.legend()
-    for split, style in (("test", "-"), ("validation", "--")):
-        tested = [r for r in rows if split in r]
-        for key in ("hr@10", "ndcg@10"):
-            if tested:
-                ax_metric.plot([r["epoch"] for r in tested], [r[split][key] for r in tested], style, marker="o",
-                               label=f"{split} {key.upper()}")
-    if "toppop" in metrics:
-        ax_metric.axhline(metrics["toppop"]["sampled"]["hr@10"], color="grey", ls=":", label="TopPop HR@10")
-    ax_metric.set(xlabel="epoch", ylabel="sampled metric", title="leave-one-out, 100 negatives")
-    if ax_metric.lines:
-        ax_metric.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def save_resume(path: str, cfg: TrainConfig, model: CMN, optimizer, state: TrainState) -> None:
     """Plain dicts, lists and tensors only, so that it loads with weights_only=True."""
     tmp = path + ".tmp"
@@ -474,7 +434,7 @@ def load_resume(path: str, cfg: TrainConfig, model: CMN, optimizer) -> TrainStat
     except Exception as e:
         raise ValueError(f"{path}: cannot resume ({type(e).__name__}: {e}); delete it to start over") from None
     fixed = {k: v for k, v in blob["config"].items()
-             if k not in ("epochs", "resume", "early_stop", "progress", "trust_pickle")}
+             if k not in ("epochs", "resume", "early_stop", "progress", "trust_pickle", "step")}
     changed = [k for k, v in fixed.items() if getattr(cfg, k) != v]
     if changed:
         raise ValueError(f"{path}: was written with different settings ({', '.join(changed)}); "

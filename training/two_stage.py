@@ -5,9 +5,10 @@
 
 The grid is every method × R × blend kind × CMN weight. CMN scores each validation user's largest candidate list
 once, so the whole grid costs one retrieval and one CMN pass per method; a configuration's validation NDCG@10 is the
-full-catalogue protocol of training/evaluate.py (ties against the positive, training items excluded): the rank of
-the held-out item among the user's re-ranked R candidates, a miss when retrieval did not propose it. Equal figures
-go to the smallest R (the cheapest), then the z-score blend (the older default), then the smallest CMN weight.
+full-catalogue protocol of training/evaluate.py (training/metrics.py's rank rule, training items excluded): the
+rank of the held-out item among the user's re-ranked R candidates, a miss when retrieval did not propose it. Equal
+figures go to the smallest R (the cheapest), then the z-score blend (the older default), then the smallest CMN
+weight.
 """
 from __future__ import annotations
 
@@ -18,9 +19,10 @@ import torch
 from model.store.checkpoint import Checkpoint
 from model.cmn import CMN
 from model.recommender import Recommender
-from model.retrieval import BLENDS, ItemRetrieval, TwoStage, blend
+from model.retrieval import BLENDS, RRF_K, ItemRetrieval, TwoStage, blend
 from training.baselines import ItemKNN, RP3beta
 from training.data import Dataset, holdout_validation
+from training.metrics import positive_rank, rank_metrics
 
 METHODS = {"rp3beta": RP3beta, "itemknn": ItemKNN}
 CANDIDATES = (50, 100, 200, 400)
@@ -44,12 +46,19 @@ def fit_retrieval(method: str, train: np.ndarray, n_users: int, n_items: int,
 def validation_ndcg(scores: torch.Tensor, items: torch.Tensor, valid: torch.Tensor, positives: torch.Tensor) -> float:
     """Full-protocol NDCG@10 when each user's ranked list is its (valid) candidates by `scores`, the rest unranked."""
     pos = (items == positives[:, None]) & valid
-    found = pos.any(1)
-    pos_score = torch.where(pos, scores, -torch.inf).max(1).values
-    rank = ((scores >= pos_score[:, None]) & valid).sum(1) - 1          # ties count against the positive
-    hit = found & (rank < 10)
-    return float(torch.where(hit, 1.0 / torch.log2(rank.double() + 2), torch.zeros(len(rank), dtype=torch.double))
-                 .mean())
+    rank = positive_rank(scores, torch.where(pos, scores, -torch.inf).max(1).values, valid).double()
+    return rank_metrics(torch.where(pos.any(1), rank, torch.inf), ks=(10,))["ndcg@10"]
+
+
+def rrf_reorder_rank(weight: float, candidates: int) -> int:
+    """The first retrieval rank r at which CMN, with this rrf weight, can swap the items at r and r + 1 when their
+    retrieval scores differ: (1 − w)·(1/(K + r) − 1/(K + 1 + r)) < w·(1/(K + 1) − 1/(K + R)), K = RRF_K. Above
+    it, a chosen small weight only breaks the retrieval's ties (what docs/results.md reports of the chosen blend)."""
+    reach = weight * (1 / (RRF_K + 1) - 1 / (RRF_K + candidates))
+    r = 1
+    while r < candidates and (1 - weight) * (1 / (RRF_K + r) - 1 / (RRF_K + r + 1)) >= reach:
+        r += 1
+    return r
 
 
 @torch.no_grad()
