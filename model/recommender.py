@@ -26,10 +26,11 @@ import numpy as np
 import torch
 
 from model.store.checkpoint import Checkpoint, load_checkpoint
-from model.cmn import CMN
+from model.cmn import CMN, slot_rows
 from model.device import resolve_device
 from model.foldin import FoldedUser, FoldInConfig, fold_in_user
 from model.neighbours import neighbour_csr
+from model.ranking import top_k
 from model.retrieval import STRATEGIES, ItemRetrieval, TwoStage, blend
 from model.scoring import Scorer
 
@@ -276,8 +277,8 @@ class Recommender:
              ks: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Row-wise top-k of `scores` (U, W) whose column j is item `items[u, j]` (or item j when `items` is None),
         with each row's `banned` items removed; one masked top-k for the whole batch."""
-        n_rows, width = scores.shape
-        ban_rows = torch.repeat_interleave(torch.arange(n_rows), torch.tensor([len(b) for b in banned], dtype=torch.long))
+        n_rows = len(scores)
+        ban_rows = slot_rows(torch.tensor([len(b) for b in banned], dtype=torch.long))
         ban_items = torch.tensor([i for b in banned for i in b], dtype=torch.long)
         ban_rows, ban_items = ban_rows.to(self.device), ban_items.to(self.device)
         if items is None:
@@ -286,7 +287,7 @@ class Recommender:
             rows = torch.arange(n_rows, device=self.device)[:, None]
             hit = torch.isin(rows * self.n_items + items, ban_rows * self.n_items + ban_items)
             scores = scores.masked_fill(hit, -torch.inf)
-        values, index = torch.topk(scores, min(max(ks, default=0), width), dim=1)
+        values, index = top_k(scores, max(ks, default=0))
         top = index if items is None else items.gather(1, index)
         cut = (torch.arange(values.shape[1], device=self.device)[None, :] >=
                torch.tensor(ks, device=self.device)[:, None]) | (values == -torch.inf)
