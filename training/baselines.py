@@ -150,6 +150,11 @@ def _l1_rows(m: sp.csr_matrix) -> sp.csr_matrix:
     return sp.csr_matrix(sp.diags(1.0 / sums) @ m)
 
 
+# the item-item methods: each is a baseline here and a retrieval stage that two-stage selection may choose
+# (training/two_stage.py); a new method is a class above and its name here
+ITEM_METHODS = {"rp3beta": RP3beta, "itemknn": ItemKNN}
+
+
 def run_baselines(data: Dataset, full: bool = True, dacrema_fit: bool = False, seed: int = 0) -> dict:
     """Fit TopPop, ItemKNN and RP3beta on `data.train` and evaluate each on `data.test`.
 
@@ -158,11 +163,8 @@ def run_baselines(data: Dataset, full: bool = True, dacrema_fit: bool = False, s
     if data.test is None:
         raise ValueError(f"{data.name}: no test split to evaluate on")
     fit = holdout_validation(data, seed).train if dacrema_fit else data.train
-    builders = {
-        "toppop": lambda: TopPop(fit, data.n_items),
-        "itemknn": lambda: ItemKNN(fit, data.n_users, data.n_items),
-        "rp3beta": lambda: RP3beta(fit, data.n_users, data.n_items),
-    }
+    builders = {"toppop": lambda: TopPop(fit, data.n_items),
+                **{name: (lambda m=method: m(fit, data.n_users, data.n_items)) for name, method in ITEM_METHODS.items()}}
     out = {}
     for name, build in builders.items():
         start = time.perf_counter()

@@ -20,11 +20,10 @@ from model.store.checkpoint import Checkpoint
 from model.cmn import CMN
 from model.recommender import Recommender
 from model.retrieval import BLENDS, RRF_K, ItemRetrieval, TwoStage, blend
-from training.baselines import ItemKNN, RP3beta
+from training.baselines import ITEM_METHODS as METHODS
 from training.data import Dataset, holdout_validation
 from training.metrics import positive_rank, rank_metrics
 
-METHODS = {"rp3beta": RP3beta, "itemknn": ItemKNN}
 CANDIDATES = (50, 100, 200, 400)
 # finer below 0.1: on citeulike-a every weight from 0.1 up lowered validation NDCG@10 (docs/results.md)
 WEIGHTS = (0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
