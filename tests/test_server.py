@@ -228,8 +228,6 @@ def test_sigterm_answers_every_request_it_received_and_exits_0(ckpt, ckpt_path, 
 def test_uvicorn_and_fastapi_run_serve_app_main(args, api_checkpoint, tmp_path):
     """`uvicorn app.main:app` (FastAPI's documented command) and `fastapi run` serve the module-level app, settings
     from the environment, next to `python -m app`."""
-    if args[1] == "fastapi":
-        pytest.importorskip("fastapi_cli", reason="the fastapi CLI (fastapi[standard]) is not installed")
     with running_server(api_checkpoint, tmp_path, args=args, device="cpu", warmup_calls=0) as (url, proc):
         health = httpx.get(f"{url}/health", timeout=5)
         assert health.status_code == 200 and health.json()["status"] == "ok"
