@@ -1,8 +1,8 @@
 """HTTP throughput and latency of the real server against the web stack's ceiling, with wrk, same run.
 
-    OMP_WAIT_POLICY=PASSIVE python benchmarks/http_load.py                     # citeulike-a-sized random model
-    python benchmarks/http_load.py --checkpoint artifacts/model.ckpt --duration 20 --json /tmp/http.json
-    python benchmarks/http_load.py --quick                                     # 3 s per point, concurrency 1 and 32
+    OMP_WAIT_POLICY=PASSIVE python -m benchmarks.http_load                     # citeulike-a-sized random model
+    python -m benchmarks.http_load --checkpoint artifacts/model.ckpt --duration 20 --json /tmp/http.json
+    python -m benchmarks.http_load --quick                                     # 3 s per point, concurrency 1 and 32
 
 Two servers on 127.0.0.1, both uvicorn with app/__main__.py's settings (one worker, log_config None, no access log):
 - `real`: `python -m app` (CMN_* environment: checkpoint, port, a throw-away feedback store; the rest default);
@@ -97,17 +97,19 @@ def serve_bare(port: int) -> None:
 
 # --------------------------------------------------------------------------- servers and wrk
 
-def start_server(kind: str, checkpoint: Path, workdir: Path, extra_env: dict) -> tuple[str, subprocess.Popen]:
+def start_server(kind: str, checkpoint: Path, workdir: Path, extra_env: dict,
+                 cwd: Path = ROOT) -> tuple[str, subprocess.Popen]:
+    """`real` (and `baseline`: the same from another checkout, `cwd`) or `bare`."""
     port = free_port()
     env = {**os.environ, **extra_env}
-    if kind == "real":
+    if kind in ("real", "baseline"):
         env.update(CMN_CHECKPOINT=str(checkpoint), CMN_PORT=str(port), CMN_HOST="127.0.0.1",
                    CMN_FEEDBACK_PATH=str(workdir / f"feedback-{port}.sqlite3"))
         cmd = [sys.executable, "-m", "app"]
     else:
         cmd = [sys.executable, "-m", "benchmarks.http_load", "--serve-bare", str(port)]
     log = open(workdir / f"server-{kind}-{port}.log", "wb")
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     wait_healthy(url, proc, timeout=300)
     return url, proc
@@ -190,6 +192,9 @@ def main(argv=None) -> int:
                     "history (anonymous sessions of 50 items, folded in, whole catalogue: compare with full)")
     ap.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="extra server environment")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--baseline-tree", type=Path, metavar="DIR",
+                    help="also serve `python -m app` from this checkout of another revision (e.g. `git worktree add "
+                         "/tmp/before REV`), interleaved with the others, and report real/baseline")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     if args.serve_bare:
@@ -223,8 +228,9 @@ def main(argv=None) -> int:
     del ckpt
     servers = {}
     try:
-        for kind in ("bare", "real"):
-            servers[kind] = start_server(kind, checkpoint, workdir, extra_env)
+        names = ("bare", "real") + (("baseline",) if args.baseline_tree else ())
+        for kind in names:
+            servers[kind] = start_server(kind, checkpoint, workdir, extra_env, args.baseline_tree or ROOT)
         rows = []
         header = f"{'kind':>10} {'conc':>4} {'server':>6} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'non2xx':>6} " \
                  f"{'sockerr':>7} {'real/bare':>9} {'CPU ms/req':>10} {'main thr':>8} {'idle':>5}"
@@ -232,26 +238,32 @@ def main(argv=None) -> int:
         for kind, path in bodies.items():
             for n, c in enumerate(int(x) for x in args.concurrency.split(",")):
                 pair = {}
-                for server in (("bare", "real") if n % 2 == 0 else ("real", "bare")):
+                for server in (names if n % 2 == 0 else names[::-1]):
                     url, proc = servers[server]
                     if args.warmup:
                         run_wrk(url, path, c, args.warmup)
                     pair[server] = run_wrk(url, path, c, args.duration, proc.pid)
-                for server in ("bare", "real"):
+                for server in names:
                     r = pair[server]
-                    ratio = pair["real"]["req_per_s"] / pair["bare"]["req_per_s"]
+                    ratio = r["req_per_s"] / pair["bare"]["req_per_s"]
                     row = {"kind": kind, "concurrency": c, "server": server, **r,
-                           "real_over_bare": ratio if server == "real" else None}
+                           "real_over_bare": ratio if server != "bare" else None}
                     rows.append(row)
                     print(f"{kind:>10} {c:>4} {server:>6} {r['req_per_s']:>9.1f} {r['p50_ms']:>8.2f} "
                           f"{r['p99_ms']:>8.2f} {r['non_2xx']:>6} {r['socket_errors']:>7} "
-                          f"{(f'{ratio:.0%}' if server == 'real' else ''):>9} "
+                          f"{(f'{ratio:.0%}' if server != 'bare' else ''):>9} "
                           f"{r.get('cpu_ms_per_request', float('nan')):>10.3f} "
                           f"{r.get('main_thread_cpu_ms_per_request', float('nan')):>8.3f} "
                           f"{(r.get('machine_idle') or float('nan')):>5.0%}", flush=True)
     finally:
         for _, proc in servers.values():
             stop(proc)
+    if args.baseline_tree:
+        real = {(r["kind"], r["concurrency"]): r for r in rows if r["server"] == "real"}
+        print("\nreal vs baseline (same run): " + "; ".join(
+            f"{r['kind']} c{r['concurrency']}: req/s x{real[r['kind'], r['concurrency']]['req_per_s'] / r['req_per_s']:.2f}, "
+            f"p99 {r['p99_ms']:.1f} -> {real[r['kind'], r['concurrency']]['p99_ms']:.1f} ms"
+            for r in rows if r["server"] == "baseline"))
     target = [r for r in rows if r["kind"] == "candidates" and r["concurrency"] == 32 and r["server"] == "real"]
     if target:
         t = target[0]

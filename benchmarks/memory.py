@@ -1,8 +1,8 @@
 """Server memory: RSS of `python -m app` after start-up (model loaded, warm-up calls done) and after a load
 burst, next to the checkpoint's file size, the scorer cache's own tensors and a bare FastAPI process.
 
-    OMP_WAIT_POLICY=PASSIVE python benchmarks/memory.py                   # citeulike-a-sized random model
-    python benchmarks/memory.py --checkpoint artifacts/model.ckpt --burst 20 --json /tmp/memory.json
+    OMP_WAIT_POLICY=PASSIVE python -m benchmarks.memory                   # citeulike-a-sized random model
+    python -m benchmarks.memory --checkpoint artifacts/model.ckpt --burst 20 --json /tmp/memory.json
 
 The burst is wrk at 64 connections: --burst seconds of full-catalogue requests (64 users per scorer call, the
 largest activations), then --burst seconds of 100-candidate requests. RSS is read from /proc (VmRSS; VmHWM is

@@ -1,7 +1,7 @@
 """Heavier runs of the reliability scenarios of tests/test_reliability.py, with figures for docs/reliability.md.
 
-    python benchmarks/reliability.py                       # two small checkpoints trained here, default sizes
-    python benchmarks/reliability.py --checkpoint artifacts/model.ckpt --second other.ckpt --requests 20000
+    python -m benchmarks.reliability                       # two small checkpoints trained here, default sizes
+    python -m benchmarks.reliability --checkpoint artifacts/model.ckpt --second other.ckpt --requests 20000
 
 The drivers are the test suite's own (tests/harness/scenarios.py), at larger sizes.
 
