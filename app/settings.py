@@ -152,7 +152,7 @@ def markdown() -> str:
     """docs/settings.md: one table per group, every field with its variable, type, default and description."""
     out = ["# Settings", "",
            "Generated from [app/settings.py](../app/settings.py) by `python -m app.settings --markdown > "
-           "docs/settings.md`;", "tests/test_settings.py fails when this file and the code disagree.",
+           "docs/settings.md`;", "tests/api/test_settings.py fails when this file and the code disagree.",
            "Every setting is an environment variable (or a line of `.env`). The names docker-compose.yml reads "
            "itself", "(`CMN_API_REPLICAS`, `CMN_DATA`, ...) are in [deploy.md](deploy.md#settings).", ""]
     for group, cls in GROUPS.items():

@@ -11,7 +11,7 @@ citeulike-a, CMN d 50, hops 3 (the paper's settings). Rows, each eager against t
 - scorer: users/s over the whole catalogue at 1, 64 and 1,024 users per call. `eager` = Scorer with the CPU-tuned
   routes (packed up to 8 users, bucketed beyond); `graph` = model/scoring/graphed.GraphedCatalogue. Each call is timed
   to the end of its GPU work; best of each. Counted GFLOP/s as benchmarks/scorer.py counts them. Scores of both
-  are compared with the CPU scorer's (tolerance 1e-4, tests/test_scorer_routes.py's).
+  are compared with the CPU scorer's (tolerance 1e-4, tests/scoring/test_scorer_routes.py's).
 - served: in process, the top-10 lists of 200 users from a Recommender on the CPU against one on the device; then
   full-catalogue /recommend at concurrency 64 against `python -m app` on the device, eager route then graph route
   (one server at a time), with wrk when installed, else with a few Python client processes (httpx). Skipped, with

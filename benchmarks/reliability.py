@@ -1,4 +1,4 @@
-"""Heavier runs of the reliability scenarios of tests/test_reliability.py, with figures for docs/reliability.md.
+"""Heavier runs of the reliability scenarios of tests/e2e/test_reliability.py, with figures for docs/reliability.md.
 
     python -m benchmarks.reliability                       # two small checkpoints trained here, default sizes
     python -m benchmarks.reliability --checkpoint artifacts/model.ckpt --second other.ckpt --requests 20000

@@ -683,7 +683,7 @@ def report(args, command_log: list[str]) -> Path:
                   "(each epoch's own time, as logged). Resuming restores weights, optimiser state, the epoch "
                   "counter and the history; each epoch's negatives are drawn from a generator keyed by the epoch, "
                   "so the run is the one an uninterrupted process would have made (bit for bit: "
-                  "`tests/test_training.py::test_resume_continues_an_interrupted_run`).", ""]
+                  "`tests/training/test_training.py::test_resume_continues_an_interrupted_run`).", ""]
     if main:
         L += ["CMN training throughput (main run, mean over epochs): "
               f"{sum(r['triples_per_s'] for r in main['metrics']['epochs']) / max(1, len(main['metrics']['epochs'])):,.0f} "

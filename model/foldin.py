@@ -8,7 +8,7 @@ many triples of other users with it as the negative, which is where an item meet
 
 Nothing here runs autograd over the model. A step scores one small batch of pairs by CMN.forward's equations: its
 neighbourhoods packed once, as the scorer's pair route packs them, and read from the model's frozen tables (and the
-scorer's `U_2 C[v] + b`), so autograd sees the fitted rows and a few dozen ops. tests/test_foldin.py holds the
+scorer's `U_2 C[v] + b`), so autograd sees the fitted rows and a few dozen ops. tests/model/test_foldin.py holds the
 scores to CMN.forward and the gradients to autograd on the whole model with the user (item) added. The defaults in
 `FoldInConfig` are measured in benchmarks/foldin.py: quality of cold users against steps and milliseconds
 (docs/model.md#fold-in-cold-start).

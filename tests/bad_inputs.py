@@ -1,7 +1,7 @@
 """Invalid requests and the 4xx each one must get (never a 5xx): ONE table, sent twice.
 
-- in-process, through the ASGI app (tests/test_api.py::test_bad_input_gets_its_4xx, fast lane);
-- over real HTTP to a `python -m app` subprocess (tests/test_reliability.py::test_bad_input_gets_its_4xx, slow
+- in-process, through the ASGI app (tests/api/test_api.py::test_bad_input_gets_its_4xx, fast lane);
+- over real HTTP to a `python -m app` subprocess (tests/e2e/test_reliability.py::test_bad_input_gets_its_4xx, slow
   lane), where uvicorn's own HTTP parsing is in the path too.
 
 Both servers have an admin key and `allow_explain` off. In a body, the string "{user}" stands for a user the

@@ -4,7 +4,9 @@
   (../shared/docs/cmn-reference.md) on PADDED neighbourhood arrays with masks; the module uses packed segments.
 - small random data/model builders, a hand-built item → users CSR, a CLI runner;
 - `api_checkpoint`: a random CMN over a small synthetic data set, built in-process in well under a second, for
-  the in-process service tests (test_api.py, test_shutdown.py);
+  the in-process service tests (api/test_api.py, api/test_shutdown.py, security/, store/), which run the app with
+  `serving(settings_for(...))` and `wait_ready`;
+- `rewrite_metadata` (a checkpoint whose header says something else) and `read_only` (a file nobody may write);
 - `postgres_url` / `fresh_postgres_url`: fresh PostgreSQL databases (skipped without a server, failed in CI);
   `stoppable_postgres`: one on a private server the test may stop and start (tests/harness/postgres.py);
 - `trained_checkpoint`: ONE real `python -m training train` run on the synthetic default, shared by the session
@@ -12,13 +14,18 @@
 """
 from __future__ import annotations
 
+import asyncio
+import json
 import os
+import struct
 import subprocess
 import threading
 import sys
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import torch
@@ -181,6 +188,69 @@ def synthetic_checkpoint(path, n_users: int = API_USERS, n_items: int = API_ITEM
 def api_checkpoint(tmp_path_factory) -> str:
     """The checkpoint the in-process service tests serve (see `synthetic_checkpoint`), built once per session."""
     return synthetic_checkpoint(tmp_path_factory.mktemp("api-checkpoint") / "model.ckpt")
+
+
+def rewrite_metadata(src, dst, **changes):
+    """Copy a safetensors file with its JSON header's __metadata__ entries changed (offsets stay valid:
+    they are relative to the end of the header)."""
+    blob = open(src, "rb").read()
+    (n,) = struct.unpack("<Q", blob[:8])
+    header = json.loads(blob[8:8 + n])
+    header["__metadata__"].update(changes)
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    with open(dst, "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text + blob[8 + n:])
+    return str(dst)
+
+
+@contextmanager
+def read_only(path: Path):
+    """`path` cannot be written, by root either, until the block ends."""
+    if os.geteuid() == 0:
+        subprocess.run(["chattr", "+i", str(path)], check=True)
+        try:
+            yield
+        finally:
+            subprocess.run(["chattr", "-i", str(path)], check=True)
+    else:
+        mode = path.stat().st_mode
+        path.chmod(0o444)
+        try:
+            yield
+        finally:
+            path.chmod(mode)
+
+
+# --------------------------------------------------------------------------- the app in-process
+
+@asynccontextmanager
+async def serving(settings: Settings):
+    """The app with its lifespan running and a client on it (the lifespan starts the load in the background)."""
+    from app.main import create_app
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://cmn.test",
+                                     timeout=60) as client:
+            yield client
+
+
+async def wait_ready(client: httpx.AsyncClient, timeout: float = 120) -> httpx.Response:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while loop.time() < deadline:
+        r = await client.get("/health")
+        if r.status_code == 200:
+            return r
+        assert r.status_code == 503, r.text
+        await asyncio.sleep(0.05)
+    raise TimeoutError(f"not healthy after {timeout} s: {r.text}")
+
+
+def settings_for(path: str, tmp, **kw) -> Settings:
+    from app.settings import Settings
+    return Settings(checkpoint=path, feedback_path=str(tmp / "feedback.sqlite3"), device="cpu", warmup_calls=1,
+                    **kw)
 
 
 # --------------------------------------------------------------------------- CLI

@@ -18,8 +18,8 @@ the whole step is captured once and replayed per batch (`python -m training trai
 - `clip_by_norm`'s branch is a `torch.where` on the device; clipping and the update run as multi-tensor
   `torch._foreach_*` kernels (training/optim.py `clip_norms_` and `rmsprop_dense_`, which the eager step runs too).
 
-On a CPU the same step runs without capture (tests/test_graph_step.py holds it to the eager step there). On CUDA
-the first `WARMUP_STEPS` full batches run uncaptured on a side stream (they are real steps: capture needs the
+On a CPU the same step runs without capture (tests/training/test_graph_step.py holds it to the eager step there).
+On CUDA the first `WARMUP_STEPS` full batches run uncaptured on a side stream (they are real steps: capture needs the
 libraries warmed up on the capturing stream), then the graph is captured and every later full batch replays it.
 The optimiser state is the given `TFRMSProp`'s own, updated in place, so `--resume` and checkpoints see one
 optimiser whichever step ran. The graph reads the learning rate and decay as they were at capture.

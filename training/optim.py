@@ -70,8 +70,8 @@ def rmsprop_dense_(params: list[torch.Tensor], grads: list[torch.Tensor], ms: li
 @torch.no_grad()
 def clip_per_tensor_(params, max_norm: float) -> None:
     """TF `clip_by_norm(g, max_norm)` applied to each gradient on its own (not one global norm). The eager step's:
-    the branch is taken on the host, so a gradient within the norm costs no multiply (tests/test_graph_step.py keeps
-    it as the control that reads tensor data)."""
+    the branch is taken on the host, so a gradient within the norm costs no multiply
+    (tests/training/test_graph_step.py keeps it as the control that reads tensor data)."""
     for p in params:
         if p.grad is None:
             continue

@@ -1,5 +1,5 @@
 """Drivers of the reliability scenarios against a real server: request mixes, a concurrent client, a kill in the
-middle of a feedback stream, reloads under load, schemathesis fuzzing. tests/test_reliability.py runs them at
+middle of a feedback stream, reloads under load, schemathesis fuzzing. tests/e2e/test_reliability.py runs them at
 sizes a test suite affords; benchmarks/reliability.py at larger ones (docs/reliability.md has the figures)."""
 from __future__ import annotations
 
@@ -176,6 +176,9 @@ def status_counts(results: list[Result]) -> Counter:
 
 FUZZED = [("POST", "/recommend"), ("POST", "/recommend/batch"), ("POST", "/feedback"), ("GET", "/health"),
           ("GET", "/livez"), ("GET", "/metrics")]  # every route but /admin/reload (tested with its key in 4, 5 and 7)
+# GET routes take no input, so there is nothing to violate: they are fuzzed with valid requests only
+FUZZ_CASES = [(m, p, mode) for m, p in FUZZED for mode in ("positive", "negative") if m == "POST" or mode == "positive"]
+SCHEMATHESIS_EXAMPLES = 25
 
 
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]

@@ -44,6 +44,12 @@ def running_server(checkpoint: str, tmp_path: Path, timeout: float = 60, args: S
         log.close()
 
 
+def server_log(tmp_path: Path, url: str) -> str:
+    """What the server `running_server(..., tmp_path)` started at `url` has logged so far."""
+    port = url.rsplit(":", 1)[1]
+    return (tmp_path / f"server-{port}.log").read_text(errors="replace")
+
+
 def stop(proc: subprocess.Popen) -> None:
     """SIGTERM (a graceful drain), then SIGKILL after 30 s."""
     if proc.poll() is None:

@@ -10,7 +10,7 @@
 - and no request above got a 500 (each test reads the server's access log).
 
 Traffic is bounded in count and time, on 127.0.0.1 only; every wait is an upper bound on something that would
-otherwise hang. The same behaviours are tested in-process in test_limits.py and test_reload_safety.py.
+otherwise hang. The same behaviours are tested in-process in test_limits.py and store/test_reload_safety.py.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ import httpx
 import pytest
 
 from tests.harness.servers import running_server
-from test_cli_errors import rewrite_metadata
+from conftest import rewrite_metadata
 
 pytestmark = pytest.mark.slow
 

@@ -8,7 +8,7 @@
   Slow clients are replayed with bounded byte counts; every wait is an upper bound on something that would
   otherwise hang, never a speed expectation.
 
-tests/test_security_limits.py replays the same findings against a real `python -m app` (slow lane).
+tests/security/test_limits_server.py replays the same findings against a real `python -m app` (slow lane).
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from app.middleware import RequestContext
 from app.protocol import server_options
 from app.settings import Settings
 from model.store.checkpoint import load_checkpoint
-from test_api import serving, settings_for, wait_ready
+from conftest import serving, settings_for, wait_ready
 
 anyio = pytest.mark.anyio
 BOUND = 30   # seconds: how long anything below may take before the test calls it hung

@@ -9,9 +9,9 @@ ones at larger sizes, and docs/reliability.md has the figures.
      never recommended again
   3. SIGKILL mid feedback stream, restart on the same store: every acknowledged event is there and visible
   4. /admin/reload under load (old → new version, zero errors), a corrupt checkpoint refused with 409, SIGHUP
-  5. the table of bad inputs (tests/bad_inputs.py, shared with test_api.py): each gets its documented 4xx
+  5. the table of bad inputs (tests/bad_inputs.py, shared with api/test_api.py): each gets its documented 4xx
   6. SIGTERM: answers are 2xx, exit code 0, the store is closed with its WAL checkpointed (the drain of requests
-     provably in flight: tests/test_shutdown.py, in-process on gates)
+     provably in flight: tests/api/test_shutdown.py, in-process on gates)
   7. security: no pickle ever loaded, no API key in the logs, the body-size limit
   8. `python -m training train --feedback STORE` folds the events (new users and items) into the next model
 """
@@ -35,11 +35,12 @@ import httpx
 import pytest
 import schemathesis
 
-from tests.harness.servers import ROOT, running_server
-from tests.harness.scenarios import (CONCURRENCY, FUZZED, Result, acknowledged_ids, crash_cycle, drive, fed_back_pairs,
-                                  feedback_stream, fuzz_operation, known_ids, mixed_requests, perturbed_copy,
-                                  reload_under_load, seen_violations, sent_ids, sigterm_burst, status_counts,
-                                  stored_ids, tiny_train_args, truncated_copy, wait_for_version, write_tiny_csv)
+from tests.harness.servers import ROOT, running_server, server_log
+from tests.harness.scenarios import (CONCURRENCY, FUZZ_CASES, FUZZED, SCHEMATHESIS_EXAMPLES, Result, acknowledged_ids,
+                                     crash_cycle, drive, fed_back_pairs, feedback_stream, fuzz_operation, known_ids,
+                                     mixed_requests, perturbed_copy, reload_under_load, seen_violations, sent_ids,
+                                     sigterm_burst, status_counts, stored_ids, tiny_train_args, truncated_copy,
+                                     wait_for_version, write_tiny_csv)
 from model.store.checkpoint import CheckpointError, load_checkpoint
 from model.store.events import Event, FeedbackLog
 from bad_inputs import BAD_INPUTS, assert_rejected, request_for
@@ -79,18 +80,10 @@ def serving_checkpoint(tiny) -> Path:
     return tiny.old
 
 
-def server_log(tmp_path: Path, url: str) -> str:
-    port = url.rsplit(":", 1)[1]
-    return (tmp_path / f"server-{port}.log").read_text(errors="replace")
-
-
 # --------------------------------------------------------------------------- load drivers (also used by benchmarks)
 
 
 # --------------------------------------------------------------------------- 1. schemathesis
-
-SCHEMATHESIS_EXAMPLES = 25
-
 
 @pytest.fixture(scope="module")
 def main_server(serving_checkpoint, tmp_path_factory):
@@ -105,10 +98,6 @@ def main_server(serving_checkpoint, tmp_path_factory):
 @pytest.fixture(scope="module")
 def api_schema(main_server):
     return schemathesis.openapi.from_url(f"{main_server['url']}/openapi.json", timeout=10)
-
-
-# GET routes take no input, so there is nothing to violate: they are fuzzed with valid requests only
-FUZZ_CASES = [(m, p, mode) for m, p in FUZZED for mode in ("positive", "negative") if m == "POST" or mode == "positive"]
 
 
 @pytest.mark.parametrize("method,path,mode", FUZZ_CASES, ids=[f"{m} {p} {mode}" for m, p, mode in FUZZ_CASES])
@@ -231,7 +220,7 @@ def test_reload_under_load_corrupt_refused_and_sighup(tiny, tmp_path):
 
 @pytest.mark.parametrize("name,path,body,headers,expected", BAD_INPUTS, ids=BAD_INPUT_IDS)
 def test_bad_input_gets_its_4xx(main_server, serving_checkpoint, name, path, body, headers, expected):
-    """The shared table (tests/bad_inputs.py) over real HTTP; test_api.py sends the same table in-process."""
+    """The shared table (tests/bad_inputs.py) over real HTTP; api/test_api.py sends the same table in-process."""
     content, headers = request_for(body, headers, user=known_ids(serving_checkpoint)[0][0], key=main_server["key"])
     resp = httpx.post(main_server["url"] + path, content=content, headers=headers, timeout=30)
     assert_rejected(name, expected, content, resp.status_code, resp.headers.get("content-type", ""), resp.content)
@@ -261,7 +250,7 @@ def test_sigterm_mid_burst_exits_0_answers_2xx_and_closes_the_store(serving_chec
     exactly the acknowledged events.
 
     How many requests were in flight at the signal depends on scheduling, so it is not asserted; that requests
-    provably in flight are answered is tested in-process, on gates, in test_shutdown.py."""
+    provably in flight are answered is tested in-process, on gates, in api/test_shutdown.py."""
     users, items = known_ids(serving_checkpoint)
     requests = sigterm_burst(users[:100], items)
     concurrency = 48

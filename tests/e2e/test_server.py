@@ -5,7 +5,7 @@
   `python -m training evaluate` reports, with the requests sent concurrently (the micro-batcher merges them)
   and again through /recommend/batch;
 - SIGTERM answers every request the server received and exits with status 0 (that requests provably in
-  flight are answered is shown in-process, deterministically, by test_shutdown.py).
+  flight are answered is shown in-process, deterministically, by api/test_shutdown.py).
 """
 from __future__ import annotations
 
@@ -179,7 +179,7 @@ def test_sigterm_answers_every_request_it_received_and_exits_0(ckpt, ckpt_path, 
     and the port stops answering.
 
     Whether some of them are still in flight when the signal lands depends on scheduling, so it is not asserted
-    here: test_shutdown.py holds requests in flight on a gate and proves that a graceful shutdown answers them."""
+    here: api/test_shutdown.py holds requests in flight on a gate and proves that a graceful shutdown answers them."""
     n_requests, per_request, k = 3, 64, 100   # 64 × k 100 stays under CMN_MAX_TOTAL_K; one batch per request
     rng = np.random.default_rng(1)
     bodies = [{"requests": [{"user_id": ckpt.user_ids[u], "k": k, "exclude_seen": False}

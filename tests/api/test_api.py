@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from contextlib import asynccontextmanager
 
-import httpx
 import numpy as np
 import pytest
 import torch
@@ -17,10 +15,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import app.models as models_module
 from app.engine import Engine
-from app.main import create_app
 from app.settings import Settings
 from model.store.checkpoint import load_checkpoint
 from model.scoring import Scorer
+from conftest import serving, settings_for, wait_ready
 from bad_inputs import BAD_INPUTS, assert_rejected, request_for
 from bad_inputs import IDS as BAD_INPUT_IDS
 
@@ -78,33 +76,6 @@ def truth(ckpt_path) -> Truth:
 
 
 # --------------------------------------------------------------------------- app under test
-
-@asynccontextmanager
-async def serving(settings: Settings):
-    """The app with its lifespan running and a client on it (the lifespan starts the load in the background)."""
-    app = create_app(settings)
-    async with app.router.lifespan_context(app):
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://cmn.test",
-                                     timeout=60) as client:
-            yield client
-
-
-async def wait_ready(client: httpx.AsyncClient, timeout: float = 120) -> httpx.Response:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while loop.time() < deadline:
-        r = await client.get("/health")
-        if r.status_code == 200:
-            return r
-        assert r.status_code == 503, r.text
-        await asyncio.sleep(0.05)
-    raise TimeoutError(f"not healthy after {timeout} s: {r.text}")
-
-
-def settings_for(path: str, tmp, **kw) -> Settings:
-    return Settings(checkpoint=path, feedback_path=str(tmp / "feedback.sqlite3"), device="cpu", warmup_calls=1,
-                    **kw)
-
 
 @pytest.fixture(scope="module")
 async def client(ckpt_path, tmp_path_factory):
@@ -484,7 +455,7 @@ async def keyed_client(ckpt_path, tmp_path_factory):
 
 @pytest.mark.parametrize("name,path,body,headers,expected", BAD_INPUTS, ids=BAD_INPUT_IDS)
 async def test_bad_input_gets_its_4xx(keyed_client, truth, name, path, body, headers, expected):
-    """The shared table (tests/bad_inputs.py), in-process; test_reliability.py sends it over real HTTP."""
+    """The shared table (tests/bad_inputs.py), in-process; e2e/test_reliability.py sends it over real HTTP."""
     content, headers = request_for(body, headers, user=truth.user_ids[0], key=ADMIN_KEY)
     r = await keyed_client.post(path, content=content, headers=headers)
     assert_rejected(name, expected, content, r.status_code, r.headers.get("content-type", ""), r.content)

@@ -7,7 +7,7 @@ from model.store.checkpoint import load_checkpoint
 from model.cmn import gather_neighbourhoods
 from model.scoring import Scorer
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 
 
 def test_format_1_checkpoint_loads_with_exclude_self_from_its_training_options():

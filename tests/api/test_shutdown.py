@@ -8,7 +8,7 @@ uvicorn to exit (`should_exit = True`: what uvicorn's SIGTERM handler does), wai
 accepting connections and is waiting for the in-flight ones, and only then opens the gate. No assertion
 depends on how fast anything runs.
 
-The subprocess side (SIGTERM to `python -m app` → exit status 0) is in test_server.py and test_reliability.py.
+The subprocess side (SIGTERM to `python -m app` → exit status 0) is in e2e/test_server.py and e2e/test_reliability.py.
 """
 from __future__ import annotations
 

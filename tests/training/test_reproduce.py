@@ -80,7 +80,7 @@ def test_reported_figures_are_the_checkpoints(quick_run):
 def test_tuning_keeps_the_epoch_selected_on_validation(quick_run):
     """The tuning run's checkpoint holds the weights of its best-validation epoch: scored with the neighbourhoods it
     was trained on, it gives exactly that epoch's logged test figures (that the best, not the last, epoch is kept
-    when they differ: tests/test_training.py::test_validation_keeps_the_best_epochs_weights_not_the_last)."""
+    when they differ: tests/training/test_training.py::test_validation_keeps_the_best_epochs_weights_not_the_last)."""
     out, runs, _ = quick_run
     m = runs["tune_l2_0.01"]["metrics"]
     epochs = m["epochs"]

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 
 from tests.harness.servers import ROOT, running_server
-from conftest import make_cmn, neighbourhood, numpy_params, reference_forward
+from conftest import (make_cmn, neighbourhood, numpy_params, reference_forward, rewrite_metadata, serving, settings_for,
+                      wait_ready)
 from model.store.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from model.recommender import Recommender
 from model.retrieval import TwoStage
-from test_api import samples, serving, settings_for, value, wait_ready
-from test_cli_errors import rewrite_metadata
+from test_api import samples, value
 from training.data import holdout_validation, synthetic
 from training.two_stage import fit_two_stage
 

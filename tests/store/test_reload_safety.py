@@ -16,11 +16,9 @@ import numpy as np
 import pytest
 
 import model.store.checkpoint as checkpoint_module
-from conftest import small_checkpoint
+from conftest import rewrite_metadata, serving, settings_for, small_checkpoint, wait_ready
 from model.store.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from model.cmn import CMN
-from test_api import serving, settings_for, wait_ready
-from test_cli_errors import rewrite_metadata
 
 ADMIN_KEY = "adm-reload-safety-0123456789"
 

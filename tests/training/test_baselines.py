@@ -1,10 +1,9 @@
 """ItemKNN and RP3beta against a dense numpy rendering of Dacrema et al.'s formulas, and on citeulike-a."""
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
+from conftest import CITEULIKE
 from training import baselines
 from training.baselines import ItemKNN, RP3beta
 from training.data import holdout_validation, load
@@ -26,7 +25,6 @@ TRAIN = np.argwhere(X).astype(np.int64)
 TOPK = 3
 ALL_USERS = torch.arange(N_USERS)
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "citeulike-a.npz"
 
 
 @pytest.fixture
@@ -121,9 +119,9 @@ TABLE = {ItemKNN: {"hr@5": 0.8116, "ndcg@5": 0.6939, "hr@10": 0.8878, "ndcg@10":
 
 @pytest.fixture(scope="module")
 def citeulike_validation_protocol():
-    if not DATA.exists():
-        pytest.skip(f"citeulike-a not found at {DATA}")
-    data = load(str(DATA))
+    if not CITEULIKE.exists():
+        pytest.skip(f"citeulike-a not found at {CITEULIKE}")
+    data = load(str(CITEULIKE))
     return data, holdout_validation(data, seed=0)
 
 

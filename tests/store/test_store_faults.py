@@ -4,15 +4,13 @@ writable, the server recovers when the store does; stores written by the old cod
 
 The faults are real ones that a root process hits too (these tests run as root, which ignores file modes):
 - disk full: SQLite's own page limit (`PRAGMA max_page_count`), which fails a write with SQLITE_FULL, the error
-  a full disk gives; over real HTTP, test_security_auth.py uses a file-size limit (RLIMIT_FSIZE) instead;
+  a full disk gives; over real HTTP, security/test_auth.py uses a file-size limit (RLIMIT_FSIZE) instead;
 - read-only: the immutable flag (`chattr +i`), which binds root as well (`chmod 0444` when not root).
 """
 from __future__ import annotations
 
-import os
 import sqlite3
-import subprocess
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 
 import httpx
@@ -28,7 +26,7 @@ import training.train
 from training import cli
 from training.data import Dataset
 from training.feedback import fold_feedback
-from test_api import serving, settings_for, wait_ready
+from conftest import read_only, serving, settings_for, wait_ready
 
 # the schema the server wrote before event ids were per key (kept verbatim: stores written by it exist)
 OLD_SCHEMA = """
@@ -54,24 +52,6 @@ def old_store(path: Path, rows: list[tuple]) -> Path:
     db.execute("DELETE FROM events WHERE event_id = 'gone'")
     db.close()
     return path
-
-
-@contextmanager
-def read_only(path: Path):
-    """`path` cannot be written, by root either, until the block ends."""
-    if os.geteuid() == 0:
-        subprocess.run(["chattr", "+i", str(path)], check=True)
-        try:
-            yield
-        finally:
-            subprocess.run(["chattr", "-i", str(path)], check=True)
-    else:
-        mode = path.stat().st_mode
-        path.chmod(0o444)
-        try:
-            yield
-        finally:
-            path.chmod(mode)
 
 
 def full_disk(store: FeedbackLog) -> None:

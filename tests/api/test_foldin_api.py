@@ -1,6 +1,7 @@
 """Cold start through real HTTP (issue 11): an anonymous session's history is folded in; feedback creates users and
 items live (bounded), they survive a restart (replay) and a training run + reload replaces them with trained rows.
-The model side (fold-in's gradient, determinism, quality against popularity) is tests/test_foldin.py."""
+The model side (fold-in's gradient, determinism) is tests/model/test_foldin.py, quality against popularity
+tests/training/test_coldstart.py."""
 from __future__ import annotations
 
 import os

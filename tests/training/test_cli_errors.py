@@ -5,12 +5,11 @@ would); a few go through a real `python -m training` subprocess to pin the proce
 """
 import json
 import random
-import struct
 
 import pytest
 import torch
 
-from conftest import run_cli, small_checkpoint
+from conftest import rewrite_metadata, run_cli, small_checkpoint
 from model.store.checkpoint import load_checkpoint
 from training.cli import main
 
@@ -84,20 +83,6 @@ def test_cuda_without_gpu(cli, tmp_path):
 
 
 # --------------------------------------------------------------------------- broken checkpoints
-
-def rewrite_metadata(src, dst, **changes):
-    """Copy a safetensors file with its JSON header's __metadata__ entries changed (offsets stay valid:
-    they are relative to the end of the header)."""
-    blob = open(src, "rb").read()
-    (n,) = struct.unpack("<Q", blob[:8])
-    header = json.loads(blob[8:8 + n])
-    header["__metadata__"].update(changes)
-    text = json.dumps(header).encode()
-    text += b" " * (-len(text) % 8)
-    with open(dst, "wb") as f:
-        f.write(struct.pack("<Q", len(text)) + text + blob[8 + n:])
-    return str(dst)
-
 
 def test_rewrite_metadata_keeps_a_valid_file(tmp_path):
     """The helper itself: a no-op rewrite still loads, so the failures below come from the changed fields."""
