@@ -1,6 +1,7 @@
 # Collaborative Memory Network service: two targets from one file.
 #
-#   api      serving only: model/, app/ and the `serve` extra (also what a
+#   api      serving only: model/, app/ (with /dashboard's Chart.js, built by
+#            npm in the `dashboard` stage) and the `serve` extra (also what a
 #            plain `docker build .` produces: see the last stage)
 #   trainer  api + training/ and the `train` extra
 #
@@ -27,6 +28,17 @@
 # directive) so that the legacy builder used by docker-compose v1 builds it too.
 
 ARG BASE_IMAGE=python:3.11-slim
+# builds /dashboard's chart library (Chart.js) from npm; only its output enters the api image
+ARG NODE_IMAGE=node:22-bookworm-slim
+
+# --------------------------------------------------------------------------
+# dashboard: `npm ci` (versions and integrity hashes from package-lock.json),
+# then `npm run build` copies Chart.js into static/vendor/
+# --------------------------------------------------------------------------
+FROM ${NODE_IMAGE} AS dashboard
+WORKDIR /build
+COPY app/dashboard/package.json app/dashboard/package-lock.json ./
+RUN npm ci --no-audit --no-fund && npm run build
 
 # --------------------------------------------------------------------------
 # python: the base plus a Python that can make a venv, and the service user
@@ -112,6 +124,7 @@ WORKDIR /app
 COPY docker/entrypoint.sh /usr/local/bin/cmn-entrypoint
 COPY model/ /app/model/
 COPY app/ /app/app/
+COPY --from=dashboard /build/static/vendor/ /app/app/dashboard/static/vendor/
 
 USER cmn
 EXPOSE 8000
