@@ -7,25 +7,15 @@ import httpx
 import numpy as np
 import pytest
 
-from conftest import make_cmn, run_cli
-from model.store.checkpoint import Checkpoint, save_checkpoint
+from conftest import run_cli, staged_checkpoint
 from tests.harness.servers import running_server
-from training.data import holdout_validation, synthetic
-from training.two_stage import fit_two_stage
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> str:
-    """A random CMN with a retrieval stage (three strategies); seen-sets hold every pair, as the server's do."""
-    data = synthetic(n_users=120, n_items=250, per_user=10, seed=5)
-    model = make_cmn(data.n_users, data.n_items, d=6, hops=2, seed=5)
-    retrieval, stage, _ = fit_two_stage(model, holdout_validation(data, 0), data, log=lambda *_: None)
-    path = tmp_path_factory.mktemp("served") / "model.ckpt"
-    save_checkpoint(Checkpoint(model.cfg, model.state_dict(), data.user_ids, data.item_ids, train=data.train,
-                               seen=data.all_pairs(), retrieval=retrieval, two_stage=stage), str(path))
-    return str(path)
+    return staged_checkpoint(tmp_path_factory.mktemp("served") / "model.ckpt", n_users=120, n_items=250, seed=5)
 
 
 def test_exported_lists_are_the_served_lists(checkpoint, tmp_path):
