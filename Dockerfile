@@ -28,14 +28,18 @@
 # directive) so that the legacy builder used by docker-compose v1 builds it too.
 
 ARG BASE_IMAGE=python:3.11-slim
-# builds /dashboard's chart library (Chart.js) from npm; only its output enters the api image
-ARG NODE_IMAGE=node:22-bookworm-slim
 
 # --------------------------------------------------------------------------
-# dashboard: `npm ci` (versions and integrity hashes from package-lock.json),
-# then `npm run build` copies Chart.js into static/vendor/
+# dashboard: /dashboard's chart library (Chart.js) from npm: `npm ci`
+# (versions and integrity hashes from package-lock.json), then `npm run build`
+# copies it into static/vendor/. Only that file enters the api image. Node and
+# npm come from the base's own apt (Debian's, Ubuntu's): no Node base image.
 # --------------------------------------------------------------------------
-FROM ${NODE_IMAGE} AS dashboard
+FROM ${BASE_IMAGE} AS dashboard
+RUN set -eux; \
+    apt-get update; \
+    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends nodejs npm ca-certificates; \
+    rm -rf /var/lib/apt/lists/*
 WORKDIR /build
 COPY app/dashboard/package.json app/dashboard/package-lock.json ./
 RUN npm ci --no-audit --no-fund && npm run build

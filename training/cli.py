@@ -203,7 +203,8 @@ def cmd_export(args) -> int:
     users = read_users(args.users) if args.users else None
     r = export(args.checkpoint, args.out, args.k, args.strategy, users, args.format, args.chunk_users, args.device,
                args.progress)
-    resumed = f", {r.resumed_chunks} of {r.chunks} parts from an earlier run" if r.resumed_chunks else ""
+    resumed = (f"; {r.resumed_chunks} of {r.chunks} parts were left by an earlier run, {r.ranked:,} users ranked now"
+               if r.resumed_chunks else "")
     unknown = f" ({r.fallback_users:,} unknown to the checkpoint: popularity)" if r.fallback_users else ""
     print(f"exported {r.users:,} users{unknown} to {r.path} in {r.seconds:.1f} s ({r.users_per_s:,.0f} users/s"
           f"{resumed})")

@@ -57,11 +57,12 @@ class ExportResult:
     fallback_users: int
     chunks: int
     resumed_chunks: int
+    ranked: int                 # users ranked by this run (not in parts an earlier run left)
     seconds: float
 
     @property
     def users_per_s(self) -> float:
-        return self.users / self.seconds if self.seconds else float("inf")
+        return self.ranked / self.seconds if self.seconds else float("inf")
 
 
 def read_users(path: str) -> list[str]:
@@ -214,7 +215,7 @@ def export(checkpoint: str, out: str, k: int = 10, strategy: str | None = None, 
     from tqdm import tqdm
     bar = tqdm(total=len(listed), initial=min(len(listed), resumed * chunk_users), desc="export", unit="user",
                disable=not progress, mininterval=0.5)
-    fallback_users = 0
+    fallback_users = ranked = 0
     for n, first in enumerate(chunks):
         chunk = listed[first:first + chunk_users]
         fell = [u not in index for u in chunk]
@@ -234,11 +235,12 @@ def export(checkpoint: str, out: str, k: int = 10, strategy: str | None = None, 
             rows = np.flatnonzero(fell)
             items[rows, :len(popular[0])], scores[rows, :len(popular[1])] = popular
         _atomic_write(parts[n], Rows(chunk, items, scores, item_ids, fell).encode(plan))
+        ranked += len(chunk)
         bar.update(len(chunk))
         if after_chunk is not None:
             after_chunk(n)
     bar.close()
     _join(parts, out_path, fmt)
     shutil.rmtree(parts_dir)
-    return ExportResult(str(out_path), len(listed), fallback_users, len(parts), resumed,
+    return ExportResult(str(out_path), len(listed), fallback_users, len(parts), resumed, ranked,
                         time.perf_counter() - start)
