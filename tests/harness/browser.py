@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import httpx
@@ -26,7 +27,7 @@ class Browser:
     """One headless Chromium with one page (`with Browser() as b: b.goto(url); b.js("...")`)."""
 
     def __init__(self, width: int = 1400, height: int = 1000, timeout: float = 30):
-        self.timeout, self.errors, self._ids = timeout, [], itertools.count(1)
+        self.timeout, self.errors, self._ids, self._open = timeout, [], itertools.count(1), ExitStack()
         self._profile = tempfile.mkdtemp(prefix="cmn-chromium-")
         self._proc = subprocess.Popen(
             [find_chromium() or "chromium", "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
@@ -42,7 +43,7 @@ class Browser:
             time.sleep(0.1)
         port = int(port_file.read_text().split()[0])
         pages = [t for t in httpx.get(f"http://127.0.0.1:{port}/json/list").json() if t["type"] == "page"]
-        self._ws = connect(pages[0]["webSocketDebuggerUrl"], max_size=64 * 2 ** 20)
+        self._ws = self._open.enter_context(connect(pages[0]["webSocketDebuggerUrl"], max_size=64 * 2 ** 20))
         for domain in ("Page", "Runtime", "Log"):
             self.send(f"{domain}.enable")
         self.send("Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1, mobile=False)
@@ -54,8 +55,7 @@ class Browser:
         self.close()
 
     def close(self) -> None:
-        if getattr(self, "_ws", None):
-            self._ws.close()
+        self._open.close()
         self._proc.terminate()
         try:
             self._proc.wait(10)
