@@ -112,14 +112,14 @@ def main() -> None:
                                                                              64)))
             print(f"round {n + 1}: " + ", ".join(f"{k} {v[-1]:,.1f}" for k, v in rounds.items()) + " users/s")
     best = {k: max(v) for k, v in rounds.items()}
-    for name in ("recommend", "recommend_batch_64"):
-        print(f"ratio    export / {name}: {best['export']:,.1f} / {best[name]:,.1f} users/s = "
-              f"{best['export'] / best[name]:.2f}x (best of {args.rounds} rounds, {len(sample):,} users, "
-              f"{args.connections} connections)")
-    print(f"load average {os.getloadavg()[0]:.1f}")
+    ratios = {name: best["export"] / best[name] for name in ("recommend", "recommend_batch_64")}
+    print("\n".join(f"ratio    export / {name}: {best['export']:,.1f} / {best[name]:,.1f} users/s = {r:.2f}x"
+                    for name, r in ratios.items()))
+    print(f"(best of {args.rounds} rounds, {len(sample):,} users, {args.connections} connections; load average "
+          f"{os.getloadavg()[0]:.1f})")
+    figures = {"users": len(users), "exports": exports, "rounds": rounds, "ratios": ratios, "sample": len(sample)}
     if args.json:
-        Path(args.json).write_text(json.dumps({"users": len(users), "exports": exports, "rounds": rounds,
-                                               "sample": len(sample), "connections": args.connections}, indent=1))
+        Path(args.json).write_text(json.dumps(figures, indent=1))
 
 
 if __name__ == "__main__":
