@@ -199,10 +199,13 @@ def cmd_baselines(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from training.export import export, read_users
+    from training.export import ExportError, export, read_users
     users = read_users(args.users) if args.users else None
-    r = export(args.checkpoint, args.out, args.k, args.strategy, users, args.format, args.chunk_users, args.device,
-               args.progress)
+    try:
+        r = export(args.checkpoint, args.out, args.k, args.strategy, users, args.format, args.chunk_users,
+                   args.device, args.progress)
+    except OSError as e:  # the output's directory cannot be written (permissions, a full disk)
+        raise ExportError(f"cannot write {args.out} or its parts: {e.strerror or e}") from None
     resumed = (f"; {r.resumed_chunks} of {r.chunks} parts were left by an earlier run, {r.ranked:,} users ranked now"
                if r.resumed_chunks else "")
     unknown = f" ({r.fallback_users:,} unknown to the checkpoint: popularity)" if r.fallback_users else ""

@@ -124,9 +124,11 @@ def test_listed_users_unknown_ones_get_the_popularity_list(staged, tmp_path):
 
 def test_bad_arguments_are_clear_errors(tmp_path, capsys):
     full_only = synthetic_checkpoint(tmp_path / "full.ckpt", n_users=20, n_items=60)
+    (tmp_path / "a-file").write_text("")
     cases = [(["--strategy", "two_stage"], "this checkpoint offers full"),
              (["--users", str(tmp_path / "missing.txt")], "cannot read it"),
-             (["--k", "0"], "at least 1")]
+             (["--k", "0"], "at least 1"),
+             (["--out", str(tmp_path / "a-file" / "x.parquet")], "cannot write")]
     for extra, message in cases:
         rc = main(["export", "--checkpoint", full_only, "--out", str(tmp_path / "x.parquet"), "--device", "cpu",
                    *extra])
