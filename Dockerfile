@@ -1,6 +1,7 @@
 # Collaborative Memory Network service: two targets from one file.
 #
-#   api      serving only: model/, app/ and the `serve` extra (also what a
+#   api      serving only: model/, app/ (with /dashboard's Chart.js, built by
+#            npm in the `dashboard` stage) and the `serve` extra (also what a
 #            plain `docker build .` produces: see the last stage)
 #   trainer  api + training/ and the `train` extra
 #
@@ -27,6 +28,21 @@
 # directive) so that the legacy builder used by docker-compose v1 builds it too.
 
 ARG BASE_IMAGE=python:3.11-slim
+
+# --------------------------------------------------------------------------
+# dashboard: /dashboard's chart library (Chart.js) from npm: `npm ci`
+# (versions and integrity hashes from package-lock.json), then `npm run build`
+# copies it into static/vendor/. Only that file enters the api image. Node and
+# npm come from the base's own apt (Debian's, Ubuntu's): no Node base image.
+# --------------------------------------------------------------------------
+FROM ${BASE_IMAGE} AS dashboard
+RUN set -eux; \
+    apt-get update; \
+    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends nodejs npm ca-certificates; \
+    rm -rf /var/lib/apt/lists/*
+WORKDIR /build
+COPY app/dashboard/package.json app/dashboard/package-lock.json ./
+RUN npm ci --no-audit --no-fund && npm run build
 
 # --------------------------------------------------------------------------
 # python: the base plus a Python that can make a venv, and the service user
@@ -112,6 +128,7 @@ WORKDIR /app
 COPY docker/entrypoint.sh /usr/local/bin/cmn-entrypoint
 COPY model/ /app/model/
 COPY app/ /app/app/
+COPY --from=dashboard /build/static/vendor/ /app/app/dashboard/static/vendor/
 
 USER cmn
 EXPOSE 8000

@@ -57,6 +57,7 @@ class Feedback:
         while True:
             await asyncio.sleep(self.settings.feedback_poll_s)
             metrics.LAG.set(time.time() - self.synced_at)
+            metrics.STORE_UP.set(0 if self.read_fault or self.store.fault else 1)
             try:
                 await self.sync()
                 await self.models.follow_rollout()

@@ -5,6 +5,7 @@ writes its metrics there and a scrape, whichever worker answers it, reports all 
 multiprocess mode: counters and histograms summed, gauges combined as each one's `multiprocess_mode` says).
 """
 import os
+from collections import deque
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 
@@ -31,6 +32,8 @@ LAG = Gauge("cmn_feedback_lag_seconds", "time since the feedback store was last 
             "furthest behind)", multiprocess_mode="livemax")
 APPLY_LAG = Histogram("cmn_feedback_apply_lag_seconds", "from an event's durable write (on any process) to its "
                       "application here", buckets=(.01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30))
+STORE_UP = Gauge("cmn_feedback_store_up", "1 while the feedback store can be read and written, 0 while it cannot "
+                 "(the worker in the worst state)", multiprocess_mode="livemin")
 RELOADS = Counter("cmn_reloads_total", "model reloads", ["outcome"])
 LIVE_USERS = Gauge("cmn_live_users", "users created from feedback since the model was trained (fold-in)",
                    multiprocess_mode="livemax")
@@ -39,6 +42,9 @@ LIVE_ITEMS = Gauge("cmn_live_items", "items created from feedback since the mode
 MODEL = Gauge("cmn_model_info", "the model being served: 1 for the version served now",
               ["model_version", "device"], multiprocess_mode="liveall")
 
+# the item ids of the last lists this process served, for /dashboard's "most recommended" (counted when the page
+# asks, not here: appending is all a request pays)
+RECENT_LISTS: deque[tuple[str, ...]] = deque(maxlen=10_000)
 
 _served: list[tuple[str, str]] = []
 

@@ -12,7 +12,7 @@ from app import metrics
 
 log = logging.getLogger("cmn.access")
 ROUTES = {"/recommend", "/recommend/batch", "/feedback", "/health", "/livez", "/metrics", "/admin/reload", "/docs",
-          "/openapi.json"}
+          "/openapi.json", "/dashboard", "/dashboard/data"}
 LOG_FIELDS = ("request_id", "route", "method", "status", "latency_ms", "event", "model_version",
               "previous_version", "path", "device", "feedback_replayed", "seconds")
 

@@ -184,6 +184,21 @@ def synthetic_checkpoint(path, n_users: int = API_USERS, n_items: int = API_ITEM
     return str(path)
 
 
+def staged_checkpoint(path, n_users: int, n_items: int, seed: int = 0) -> str:
+    """A small random CMN over `training.data.synthetic` with a retrieval stage chosen on a validation split, so
+    that every strategy (full, two_stage, retrieval) is on offer; seen-sets hold every pair, as a served model's
+    do. Returns its path."""
+    from model.store.checkpoint import Checkpoint, save_checkpoint
+    from training.data import holdout_validation, synthetic
+    from training.two_stage import fit_two_stage
+    data = synthetic(n_users=n_users, n_items=n_items, per_user=10, seed=seed)
+    model = make_cmn(data.n_users, data.n_items, d=6, hops=2, seed=seed)
+    retrieval, stage, _ = fit_two_stage(model, holdout_validation(data, 0), data, log=lambda *_: None)
+    save_checkpoint(Checkpoint(model.cfg, model.state_dict(), data.user_ids, data.item_ids, train=data.train,
+                               seen=data.all_pairs(), retrieval=retrieval, two_stage=stage), str(path))
+    return str(path)
+
+
 @pytest.fixture(scope="session")
 def api_checkpoint(tmp_path_factory) -> str:
     """The checkpoint the in-process service tests serve (see `synthetic_checkpoint`), built once per session."""

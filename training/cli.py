@@ -1,5 +1,5 @@
-"""`python -m training {train,evaluate,coldstart,baselines}`: the offline side of the service. Arguments in, results
-printed; the work is done by training/train.py, evaluate.py, coldstart.py and baselines.py."""
+"""`python -m training {train,evaluate,coldstart,baselines,export}`: the offline side of the service. Arguments in,
+results printed; the work is done by training/train.py, evaluate.py, coldstart.py, baselines.py and export.py."""
 from __future__ import annotations
 
 import argparse
@@ -106,6 +106,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fit on training less one validation item per user, as the reference table's runs did")
     b.add_argument("--json", action="store_true", help="print one JSON object")
     b.add_argument("--trust-pickle", action="store_true", help=TRUST_PICKLE)
+
+    x = sub.add_parser("export", help="every user's (or the listed users') top-k, as /recommend answers them, into "
+                                      "one Parquet, JSON-lines or CSV file; resumable")
+    x.add_argument("--checkpoint", required=True)
+    x.add_argument("--out", required=True, help="the file written (parts gather in OUT.parts/ until it is complete)")
+    x.add_argument("--k", type=int, default=10, help="items per user (default 10, as /recommend)")
+    x.add_argument("--strategy", help="full, two_stage or retrieval (default: the checkpoint's, as the server's)")
+    x.add_argument("--users", metavar="FILE", help="external user ids, one a line (default: every user the "
+                                                     "checkpoint knows); an unknown one gets the popularity list")
+    x.add_argument("--format", choices=("parquet", "jsonl", "csv"), default="parquet")
+    x.add_argument("--chunk-users", type=int, default=512, help="users ranked and written per part (default 512): "
+                                                                 "bounds memory, and what a resume redoes")
+    x.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda[:N]")
+    shown = x.add_mutually_exclusive_group()
+    shown.add_argument("--progress", dest="progress", action="store_const", const=True, default=None,
+                       help="a progress bar even when stderr is not a terminal")
+    shown.add_argument("--quiet", dest="progress", action="store_const", const=False, help="no progress bar")
     return parser
 
 
@@ -181,20 +198,38 @@ def cmd_baselines(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from training.export import ExportError, export, read_users
+    users = read_users(args.users) if args.users else None
+    try:
+        r = export(args.checkpoint, args.out, args.k, args.strategy, users, args.format, args.chunk_users,
+                   args.device, args.progress)
+    except OSError as e:  # the output's directory cannot be written (permissions, a full disk)
+        raise ExportError(f"cannot write {args.out} or its parts: {e.strerror or e}") from None
+    resumed = (f"; {r.resumed_chunks} of {r.chunks} parts were left by an earlier run, {r.ranked:,} users ranked now"
+               if r.resumed_chunks else "")
+    unknown = f" ({r.fallback_users:,} unknown to the checkpoint: popularity)" if r.fallback_users else ""
+    print(f"exported {r.users:,} users{unknown} to {r.path} in {r.seconds:.1f} s ({r.users_per_s:,.0f} users/s"
+          f"{resumed})")
+    return 0
+
+
 def main(argv=None) -> int:
     from model.store.checkpoint import CheckpointError
     from training.data import DataError
+    from training.export import ExportError
     from training.train import TrainingCollapsed
     args = build_parser().parse_args(argv)
     try:
         return {"train": cmd_train, "evaluate": cmd_evaluate, "coldstart": cmd_coldstart,
-                "baselines": cmd_baselines}[args.command](args)
-    except (DataError, CheckpointError, ValueError) as e:
+                "baselines": cmd_baselines, "export": cmd_export}[args.command](args)
+    except (DataError, CheckpointError, ExportError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except TrainingCollapsed as e:  # the settings were valid; the run failed
         print(f"error: {e}", file=sys.stderr)
         return 3
     except KeyboardInterrupt:
-        print("interrupted; `--resume` with the same command continues a training run", file=sys.stderr)
+        print({"export": "interrupted; the same command continues the export from its last complete part"}.get(
+            args.command, "interrupted; `--resume` with the same command continues a training run"), file=sys.stderr)
         return 130

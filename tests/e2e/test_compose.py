@@ -141,7 +141,7 @@ def test_the_api_sees_each_client_address_and_no_client_can_choose_it():
     assert all(COMPOSE["networks"][n].get("internal") for n in api["networks"])
     for name, service in SERVICES.items():
         if service.get("ports"):   # reachable from outside: must not trust a forwarded address
-            assert name == "lb" or service["environment"].get("FORWARDED_ALLOW_IPS") in (None, "127.0.0.1")
+            assert name == "lb" or service.get("environment", {}).get("FORWARDED_ALLOW_IPS") in (None, "127.0.0.1")
 
 
 def test_every_container_is_hardened():
