@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from concurrent.futures import Executor
 
 from app import metrics
@@ -27,6 +28,10 @@ class NotCaughtUp(NotReady):
     """A request's after_seq is beyond what this process could read from the store (→ 503 + Retry-After)."""
 
 
+FED_BACK_WINDOW = 5_000     # events read back for /dashboard's "most fed-back items"
+FED_BACK_TTL_S = 5.0        # how long that count is reused: a page polling every second reads the store every 5 s
+
+
 class Feedback:
     """The store as this process sees it: how many events it holds (`events`, kept here so /health never queries
     the store on the event loop), whether it can be read (`read_fault`) and written (`store.fault`), and when this
@@ -42,6 +47,7 @@ class Feedback:
         self.read_fault: str | None = None        # why the last read of the store failed; None: it worked
         self.synced_at = time.time()
         self._lock = asyncio.Lock()
+        self._fed_back = (-FED_BACK_TTL_S, {"items": [], "events": 0, "error": None})   # (counted at, the count)
 
     async def count(self) -> None:
         """What the store holds at start; a store that cannot be read is served anyway, and followed when back."""
@@ -51,6 +57,24 @@ class Feedback:
         except StoreUnavailable as e:
             self.read_fault = str(e)
             log.error("feedback store unreachable: %s", e.detail, extra={"event": "store_unreachable"})
+
+    async def most_fed_back(self, top: int) -> dict:
+        """The `top` items of the store's last FED_BACK_WINDOW events with their counts (/dashboard), recounted at
+        most every FED_BACK_TTL_S."""
+        at, value = self._fed_back
+        engine = self.models.engine
+        if engine is None or time.monotonic() - at < FED_BACK_TTL_S:
+            return value
+        after = max(0, engine.feedback_seq - FED_BACK_WINDOW)
+        try:
+            rows = await run_on(self.io_threads, self.store.events, after, FED_BACK_WINDOW)
+        except StoreUnavailable as e:
+            value = {**value, "error": str(e)}
+        else:
+            tally = Counter(e.item_id for _, e in rows)
+            value = {"items": [[i, n] for i, n in tally.most_common(top)], "events": len(rows), "error": None}
+        self._fed_back = (time.monotonic(), value)
+        return value
 
     async def follow(self) -> None:
         """Poll the store: other processes' events, and checkpoints published for every process."""

@@ -5,7 +5,6 @@ writes its metrics there and a scrape, whichever worker answers it, reports all 
 multiprocess mode: counters and histograms summed, gauges combined as each one's `multiprocess_mode` says).
 """
 import os
-from collections import deque
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 
@@ -42,9 +41,6 @@ LIVE_ITEMS = Gauge("cmn_live_items", "items created from feedback since the mode
 MODEL = Gauge("cmn_model_info", "the model being served: 1 for the version served now",
               ["model_version", "device"], multiprocess_mode="liveall")
 
-# the item ids of the last lists this process served, for /dashboard's "most recommended" (counted when the page
-# asks, not here: appending is all a request pays)
-RECENT_LISTS: deque[tuple[str, ...]] = deque(maxlen=10_000)
 
 _served: list[tuple[str, str]] = []
 

@@ -16,6 +16,7 @@ import logging
 import os
 import socket
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -34,6 +35,7 @@ from model.store.events import open_store
 log = logging.getLogger("cmn.service")
 
 WORKER = f"{socket.gethostname()}:{os.getpid()}"
+RECENT_LISTS = 10_000
 
 
 class Service:
@@ -47,6 +49,9 @@ class Service:
         self.batcher = MicroBatcher(self.model_thread, settings.max_batch, settings.max_wait_ms,
                                     settings.max_queue_pairs)
         self.store = self.models = self.feedback = None
+        # the item ids of the last lists served, for /dashboard's "most recommended" (counted when the page asks:
+        # appending is all a request pays)
+        self.recent_lists: deque[tuple[str, ...]] = deque(maxlen=RECENT_LISTS)
         self._tasks: set[asyncio.Task] = set()
 
     async def start(self) -> None:
@@ -105,7 +110,9 @@ class Service:
         if not await self.feedback.caught_up(seq):
             raise beyond_the_store(seq, self.models.engine.feedback_seq, batch)
         engine = self.models.engine_or_503()
-        return engine, await self.batcher.submit(engine, [engine.prepare(r) for r in reqs])
+        answers = await self.batcher.submit(engine, [engine.prepare(r) for r in reqs])
+        self.recent_lists.extend(tuple(i for i, *_ in a.items) for a in answers)
+        return engine, answers
 
     async def write_feedback(self, events: list[FeedbackEvent], caller: Caller) -> FeedbackResponse:
         return await self.feedback.write(events, caller)

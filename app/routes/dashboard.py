@@ -6,8 +6,8 @@ only with the history scope and CMN_ALLOW_EXPLAIN).
 
 Nothing here runs on a request's path: the data is gathered when the page asks for it, the metrics from the
 process's own registry (app/metrics.py), the most recommended items from the lists this process served last
-(a bounded deque the recommend route appends to), the most fed-back items from the store's last events (read on
-an I/O thread, at most every FEEDBACK_TTL_S).
+(`Service.recent_lists`, a bounded deque), the most fed-back items from the store's last events
+(`Feedback.most_fed_back`, read on an I/O thread at most every few seconds).
 """
 from __future__ import annotations
 
@@ -24,15 +24,10 @@ from starlette.exceptions import HTTPException
 
 from app import metrics
 from app.auth import AUTH_RESPONSES
-from app.batcher import run_on
 from app.deps import ServiceDep, require_metrics
-from app.service import Service
-from model.store.events import StoreUnavailable
 
 STATIC = Path(__file__).resolve().parents[1] / "dashboard" / "static"
 TOP = 10
-FEEDBACK_WINDOW = 5_000     # events read back for "most fed-back items"
-FEEDBACK_TTL_S = 5.0        # how long that count is reused: a page polling every second reads the store every 5 s
 # the page runs only its own files: no inline script, nothing from another origin
 HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self' data:; object-src 'none'; "
                                       "base-uri 'none'; frame-ancestors 'none'",
@@ -82,34 +77,9 @@ def samples() -> list[dict]:
     return out
 
 
-def most_recommended() -> list[list]:
-    tally = Counter(item for items in list(metrics.RECENT_LISTS) for item in items)
+def most_recommended(lists) -> list[list]:
+    tally = Counter(item for items in list(lists) for item in items)
     return [[item, n] for item, n in tally.most_common(TOP)]
-
-
-class FedBack:
-    """The items of the store's last FEEDBACK_WINDOW events, counted; recounted at most every FEEDBACK_TTL_S."""
-
-    def __init__(self):
-        self.at, self.value = 0.0, {"items": [], "events": 0, "error": None}
-
-    async def get(self, service: Service) -> dict:
-        engine = service.models.engine
-        if engine is None or time.monotonic() - self.at < FEEDBACK_TTL_S:
-            return self.value
-        after = max(0, engine.feedback_seq - FEEDBACK_WINDOW)
-        try:
-            rows = await run_on(service.io_threads, service.store.events, after, FEEDBACK_WINDOW)
-        except StoreUnavailable as e:
-            self.value = {**self.value, "error": str(e)}
-        else:
-            tally = Counter(e.item_id for _, e in rows)
-            self.value = {"items": [[i, n] for i, n in tally.most_common(TOP)], "events": len(rows), "error": None}
-        self.at = time.monotonic()
-        return self.value
-
-
-FED_BACK = FedBack()
 
 
 @router.get("/dashboard/data", dependencies=[Depends(require_metrics)], responses=AUTH_RESPONSES)
@@ -118,10 +88,11 @@ async def data(service: ServiceDep):
     and most fed-back items."""
     engine = service.models.engine if service.models else None
     rec = engine.recommender if engine else None
-    measured, recommended = await asyncio.gather(asyncio.to_thread(samples), asyncio.to_thread(most_recommended))
+    measured, recommended = await asyncio.gather(asyncio.to_thread(samples),
+                                                 asyncio.to_thread(most_recommended, service.recent_lists))
     return {"time": time.time(), "health": service.health().model_dump(exclude_none=True), "metrics": measured,
             "strategies": list(rec.strategies) if rec else [],
             "default_strategy": rec.default_strategy if rec else None,
             "explain_allowed": service.settings.allow_explain, "auth": service.auth.enabled,
-            "most_recommended": {"items": recommended, "lists": len(metrics.RECENT_LISTS)},
-            "most_fed_back": await FED_BACK.get(service) if engine else FED_BACK.value}
+            "most_recommended": {"items": recommended, "lists": len(service.recent_lists)},
+            "most_fed_back": await service.feedback.most_fed_back(TOP)}

@@ -74,7 +74,6 @@ def response(user_id: str | None, answer: Answer, version: str, start: float) ->
     metrics.RECOMMENDATIONS.labels(kind, answer.strategy or "popularity").inc()
     if answer.fallback:
         metrics.FALLBACKS.labels(answer.fallback).inc()
-    metrics.RECENT_LISTS.append(tuple(i for i, *_ in answer.items))
     items = []
     for i, s, live, e in answer.items:
         item = {"item_id": i, "score": s}
