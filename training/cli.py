@@ -54,7 +54,10 @@ def add_train_arguments(t: argparse.ArgumentParser) -> None:
                    help="loo: keep the leave-one-out test split for evaluation; none: train on everything")
     t.add_argument("--validation", action="store_true",
                    help="cut a leave-one-out validation split from training; the best validation epoch is kept, and "
-                        "the two-stage retrieval stage (method, R, blend weight) is chosen on it")
+                        "the served strategy and its retrieval stage (method, R, blend weight) are chosen on it "
+                        "(`train`'s default)")
+    t.add_argument("--no-validation", dest="validation", action="store_false",
+                   help="train on every training pair, choose nothing (the checkpoint serves full-catalogue CMN)")
     t.add_argument("--no-two-stage", dest="two_stage", action="store_false",
                    help="with --validation: fit no retrieval stage (the checkpoint then serves full-catalogue CMN)")
     t.add_argument("--resume", action="store_true", help="continue an interrupted run of the same command")
@@ -81,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train CMN (GMF pretraining first) and write one checkpoint")
     add_train_arguments(t)
+    # the served default is what validation chose (the best list measured), so `train` cuts a validation split
+    # unless told not to; coldstart trains on everything it does not hold out
+    t.set_defaults(validation=True)
 
     e = sub.add_parser("evaluate", help="evaluate a checkpoint (sampled, full-catalogue, TopPop)")
     e.add_argument("--checkpoint", required=True)
