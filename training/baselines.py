@@ -109,6 +109,35 @@ class RP3beta(ItemSimilarityRecommender):
         self.W = _l1_rows(w) if normalize else w
 
 
+class IALS:
+    """iALS (Hu, Koren & Volinsky, ICDM 2008) from the `implicit` library, the way ML engineers already run it:
+    BM25-weighted confidences, scores user · item factors. A baseline (`python -m training compare`), not a
+    retrieval stage: it has no item x item W."""
+
+    grid = {"factors": (64, 128), "regularization": (0.01, 0.1), "alpha": (1.0, 5.0)}   # chosen on validation
+
+    def __init__(self, train: np.ndarray, n_users: int, n_items: int, factors: int = 128,
+                 regularization: float = 0.01, alpha: float = 1.0, iterations: int = 15, seed: int = 0):
+        from implicit.cpu.als import AlternatingLeastSquares
+        from implicit.nearest_neighbours import bm25_weight
+        from threadpoolctl import threadpool_limits
+        self.n_items = n_items
+        self.params = {"factors": factors, "regularization": regularization, "alpha": alpha,
+                       "iterations": iterations, "weighting": "bm25"}
+        als = AlternatingLeastSquares(factors=factors, regularization=regularization, alpha=alpha,
+                                      iterations=iterations, random_state=seed)
+        with threadpool_limits(1, "blas"):   # implicit's own advice: its threads, not BLAS's, do the work
+            als.fit(bm25_weight(interaction_matrix(train, n_users, n_items)).tocsr(), show_progress=False)
+        self.user_factors = torch.from_numpy(np.asarray(als.user_factors))
+        self.item_factors = torch.from_numpy(np.asarray(als.item_factors))
+
+    def score(self, users: torch.Tensor, items: torch.Tensor | None = None) -> torch.Tensor:
+        u = self.user_factors[users.cpu().long()]
+        if items is None:
+            return u @ self.item_factors.T
+        return (u[:, None, :] * self.item_factors[items.cpu().long()]).sum(-1)
+
+
 def feature_weighting(urm: sp.csr_matrix, weighting: str) -> sp.csr_matrix:
     """TF-IDF or BM25 of the user x item matrix as Dacrema et al. apply it to ItemKNN CF: items are the
     documents and users the terms, so a user's idf is log(n_items / (1 + items of the user))."""
@@ -129,10 +158,8 @@ def feature_weighting(urm: sp.csr_matrix, weighting: str) -> sp.csr_matrix:
 
 
 def top_k_rows(similarity_rows: Callable[[int, int], np.ndarray], n: int, k: int) -> sp.csr_matrix:
-    """n x n CSR keeping, per row, the k non-zero off-diagonal entries of `similarity_rows(a, b)` (the dense rows
-    a..b-1) largest in magnitude, computed a block of rows at a time to bound memory. Magnitude, because EASE's
-    negative weights rank too (keeping its 1,000 largest per item instead cost 0.023 full NDCG@10 on citeulike-a);
-    the other methods' weights are non-negative."""
+    """n x n CSR keeping, per row, the k largest non-zero off-diagonal entries of `similarity_rows(a, b)`
+    (the dense rows a..b-1), computed a block of rows at a time to bound memory."""
     if k < 1:
         raise ValueError(f"topk must be at least 1, got {k}")
     k = min(k, n)
@@ -142,7 +169,7 @@ def top_k_rows(similarity_rows: Callable[[int, int], np.ndarray], n: int, k: int
         b = min(a + step, n)
         block = similarity_rows(a, b)
         block[np.arange(b - a), np.arange(a, b)] = 0.0  # an item is not its own neighbour
-        cols = np.argpartition(-np.abs(block), k - 1, axis=1)[:, :k]
+        cols = np.argpartition(-block, k - 1, axis=1)[:, :k]
         vals = np.take_along_axis(block, cols, 1)
         keep = vals != 0
         rows = np.broadcast_to(np.arange(b - a)[:, None], cols.shape)
@@ -167,6 +194,8 @@ EASE_MAX_SOLVE = 20_000
 class EASE(ItemSimilarityRecommender):
     """EASE: B = argmin ||X − XB||² + λ||B||² with diag(B) = 0, in closed form B = I − P·diag(1/diag(P)),
     P = (XᵀX + λI)⁻¹; W keeps each target item's (column's) `topk` largest weights, so a stored stage is bounded.
+    On citeulike-a (λ 20, test split) the dense B reaches full NDCG@10 0.2283, sampled 0.6975; its top 1,000 per
+    item 0.2054 and 0.7359; the 1,000 largest in magnitude (negative weights too) 0.2074 and 0.6676.
 
     Where there are fewer users than items, P comes from the users' side by Woodbury's identity,
     P = (I − Xᵀ(XXᵀ + λI)⁻¹X) / λ, one row block at a time: the dense solve is min(users, items) square, refused

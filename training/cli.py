@@ -1,4 +1,4 @@
-"""`python -m training {train,evaluate,coldstart,baselines}`: the offline side of the service. Arguments in, results
+"""`python -m training {train,evaluate,coldstart,baselines,compare}`: the offline side of the service. Arguments in, results
 printed; the work is done by training/train.py, evaluate.py, coldstart.py and baselines.py."""
 from __future__ import annotations
 
@@ -112,6 +112,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fit on training less one validation item per user, as the reference table's runs did")
     b.add_argument("--json", action="store_true", help="print one JSON object")
     b.add_argument("--trust-pickle", action="store_true", help=TRUST_PICKLE)
+
+    k = sub.add_parser("compare", help="EASE, iALS, RP3beta, ItemKNN and TopPop (tuned on validation) next to a "
+                                       "checkpoint's strategies, one evaluator, one table")
+    k.add_argument("--data", required=True, help="any data `train` reads; its test split is what is ranked")
+    k.add_argument("--checkpoint", help="also evaluate this checkpoint's strategies (trained on --data)")
+    k.add_argument("--seed", type=int, default=0, help="the data's split and the validation split")
+    k.add_argument("--device", default="cpu")
+    k.add_argument("--json", action="store_true", help="print one JSON object (the tuning log goes to stderr)")
+    k.add_argument("--trust-pickle", action="store_true", help=TRUST_PICKLE)
     return parser
 
 
@@ -187,6 +196,22 @@ def cmd_baselines(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from training.compare import run_compare
+    from training.data import load
+    log = (lambda line: print(line, file=sys.stderr)) if args.json else print
+    rows = run_compare(load(args.data, seed=args.seed, trust_pickle=args.trust_pickle), args.checkpoint, args.data,
+                       args.seed, args.device, log)
+    if args.json:
+        print(json.dumps(rows))
+        return 0
+    print(f"{'':28s}{'sampled HR@10':>14s}{'NDCG@10':>9s}{'full HR@10':>12s}{'NDCG@10':>9s}  settings")
+    for name, r in rows.items():
+        s, f = r["metrics"]["sampled"], r["metrics"]["full"]
+        print(f"{name:28s}{s['hr@10']:14.4f}{s['ndcg@10']:9.4f}{f['hr@10']:12.4f}{f['ndcg@10']:9.4f}  {r['params']}")
+    return 0
+
+
 def main(argv=None) -> int:
     from model.store.checkpoint import CheckpointError
     from training.data import DataError
@@ -194,7 +219,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return {"train": cmd_train, "evaluate": cmd_evaluate, "coldstart": cmd_coldstart,
-                "baselines": cmd_baselines}[args.command](args)
+                "baselines": cmd_baselines, "compare": cmd_compare}[args.command](args)
     except (DataError, CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
