@@ -8,6 +8,7 @@ import torch
 import training.baselines as baselines
 from conftest import make_cmn
 from training.baselines import EASE, run_baselines
+from training.evaluate import evaluate
 from training.data import holdout_validation, synthetic
 from training.two_stage import select_two_stage
 
@@ -56,3 +57,17 @@ def test_ease_refuses_above_its_solve_limit_and_selection_skips_it(monkeypatch):
     assert stage.method == "rp3beta" and {row["method"] for row in table} == {"rp3beta"}
     assert any("ease: skipped" in line for line in logged)
     assert "ease" not in run_baselines(data, full=False)
+
+
+def test_selection_chooses_eases_l2_by_its_own_validation_list():
+    """λ is the grid value whose EASE list alone ranks the validation split best (training/evaluate.py's full
+    protocol); with CMN's weight held at 0 the served default is that list (strategy `retrieval`)."""
+    data = synthetic(n_users=80, n_items=120, per_user=8)
+    fit = holdout_validation(data, 0)
+    own = {l2: evaluate(EASE(fit.train, fit.n_users, fit.n_items, l2=l2), fit.test, fit.train)["full"]["ndcg@10"]
+           for l2 in EASE.grid["l2"]}
+    assert len(set(own.values())) > 1, "a grid whose settings change nothing checks nothing"
+    stage, table = select_two_stage(make_cmn(data.n_users, data.n_items, d=4, hops=1), fit, methods=("ease",),
+                                    candidates=(120,), weights=(0.0,), log=lambda *_: None)
+    assert stage.params["l2"] == max(own, key=own.get) and stage.strategy == "retrieval"
+    assert table[0]["ndcg@10"] == pytest.approx(max(own.values()))
