@@ -124,9 +124,9 @@ class IALS:
         self.n_items = n_items
         self.params = {"factors": factors, "regularization": regularization, "alpha": alpha,
                        "iterations": iterations, "weighting": "bm25"}
-        als = AlternatingLeastSquares(factors=factors, regularization=regularization, alpha=alpha,
-                                      iterations=iterations, random_state=seed)
         with threadpool_limits(1, "blas"):   # implicit's own advice: its threads, not BLAS's, do the work
+            als = AlternatingLeastSquares(factors=factors, regularization=regularization, alpha=alpha,
+                                          iterations=iterations, random_state=seed)
             als.fit(bm25_weight(interaction_matrix(train, n_users, n_items)).tocsr(), show_progress=False)
         self.user_factors = torch.from_numpy(np.asarray(als.user_factors))
         self.item_factors = torch.from_numpy(np.asarray(als.item_factors))
