@@ -70,6 +70,7 @@ def test_a_live_item_is_retrieved_as_the_mix_of_its_users_items(ease_default):
     assert float(before[item]) != 0.0, "a live item nobody's items point to checks nothing"
 
 
+@pytest.mark.slow
 def test_served_default_fold_in_and_metrics_through_http(ease_default, tmp_path):
     data, stage, path = ease_default
     ckpt = load_checkpoint(path)
