@@ -66,8 +66,8 @@ class RecommendRequest(BaseModel):
         "`seq` (from a /feedback answer): read-your-writes whichever process or replica answers")
     strategy: Literal["full", "two_stage", "retrieval"] | None = Field(
         None, description="full: CMN over the whole catalogue; two_stage: the retrieval stage proposes R items and CMN "
-                          "re-ranks them; retrieval: the retrieval stage alone; default: two_stage when the model has "
-                          "a retrieval stage, else full")
+                          "re-ranks them; retrieval: the retrieval stage alone; default: the one chosen on validation at "
+                          "training (two_stage or retrieval) when the model has a retrieval stage, else full")
 
     @field_validator("user_id", mode="after")
     @classmethod

@@ -58,7 +58,7 @@ REFERENCE = {
     "cmn": ("CMN (original code, 50 epochs)", (0.8069, 0.6666, 0.8910, 0.6942)),
 }
 TARGET_HR10, TARGET_NDCG10 = 0.885, 0.685
-LABELS = {"toppop": "TopPop", "itemknn": "ItemKNN CF", "rp3beta": "RP3beta"}
+LABELS = {"toppop": "TopPop", "itemknn": "ItemKNN CF", "rp3beta": "RP3beta", "ease": "EASE"}
 # the report keeps this line of the file it rewrites and everything after it: sections written by hand
 HAND_WRITTEN = "<!-- Hand-written sections below: benchmarks/reproduce_citeulike.py keeps them as they are. -->"
 

@@ -123,7 +123,7 @@ class Recommender:
 
     @property
     def default_strategy(self) -> str:
-        return "two_stage" if self.retrieval is not None else "full"
+        return self.two_stage.strategy if self.retrieval is not None else "full"
 
     def _strategy(self, strategy: str | None) -> str:
         strategy = strategy or self.default_strategy
@@ -142,8 +142,8 @@ class Recommender:
         The users are known ones (`users`) or anonymous ones given by their `histories` (see `_folded`). `k` and
         `exclude_seen` are given once or per user; `exclude` and `candidates` per user. Without `candidates` the
         whole catalogue is ranked: by CMN over every item (`full`), by CMN over the R items the retrieval stage
-        proposes (`two_stage`, the default when the model has a retrieval stage), or by the retrieval stage alone
-        (`retrieval`). Given `candidates`, those are ranked (two_stage: by the blend).
+        proposes (`two_stage`), or by the retrieval stage alone (`retrieval`); the default is `full` without a
+        retrieval stage, else the one validation chose (`TwoStage.strategy`). Given `candidates`, those are ranked (two_stage: by the blend).
         """
         strategy = self._strategy(strategy)
         if histories is None:

@@ -1,13 +1,13 @@
 """The cheap first stage of two-stage recommendation: item-to-item retrieval, and how CMN re-ranks what it finds.
 
 A retrieval stage is a sparse item × item matrix `W` with a bounded number of entries per row, fitted at training
-time (RP3beta or ItemKNN CF, training/baselines.py) and stored in the checkpoint. A user's retrieval score for item
-j is `Σ_{i ∈ history(u)} W[i, j]`: its history is the seen-set the Recommender keeps, so online feedback changes it
-at once, and a user folded in from a history list is served the same way. Both methods' fitted profiles rank as a
-binary history does (ItemKNN's TF-IDF scales every item of a user by the same idf), so one rule serves both.
+time (RP3beta, ItemKNN CF or EASE, training/baselines.py) and stored in the checkpoint. A user's retrieval score for
+item j is `Σ_{i ∈ history(u)} W[i, j]`: its history is the seen-set the Recommender keeps, so online feedback changes
+it at once, and a user folded in from a history list is served the same way. Every method's fitted profiles rank as
+a binary history does (ItemKNN's TF-IDF scales every item of a user by the same idf), so one rule serves them all.
 
 `TwoStage` holds what validation chose: the method, how many candidates R the retrieval proposes, how the two scores
-are blended and the weight of CMN in the blend. The two scales are unrelated, so each score enters either
+are blended, the weight of CMN in the blend, and the default strategy (`retrieval` where CMN's best weight was 0). The two scales are unrelated, so each score enters either
 standardised over the user's candidates (`zscore`, what checkpoints without a `blend` setting use) or by its rank
 among them (`rrf`, reciprocal-rank fusion: only the orders count, not how far apart the scores are). Weight 1 is CMN's
 order of the retrieved candidates, weight 0 the retrieval's own order, with either blend.
@@ -27,11 +27,12 @@ RRF_K = 60   # Cormack, Clarke & Büttcher (SIGIR 2009): a rank r counts 1 / (60
 
 @dataclass
 class TwoStage:
-    method: str            # rp3beta or itemknn
+    method: str            # a training/baselines.py ITEM_METHODS name: rp3beta, itemknn or ease
     candidates: int        # R, retrieved per user before re-ranking
     weight: float          # CMN's weight in the blend, 0..1
     params: dict           # the retrieval method's hyperparameters (for the record)
     blend: str = "zscore"  # how the two scores are combined (BLENDS)
+    strategy: str = "two_stage"   # the default strategy: two_stage, or retrieval (validation gave CMN weight 0)
 
     def __post_init__(self):
         if self.candidates < 1:
@@ -40,6 +41,9 @@ class TwoStage:
             raise ValueError(f"two-stage weight must be within [0, 1], got {self.weight}")
         if self.blend not in BLENDS:
             raise ValueError(f"two-stage blend must be one of {', '.join(BLENDS)}, got {self.blend!r}")
+        if self.strategy not in STRATEGIES[1:]:
+            raise ValueError(f"a retrieval stage's default strategy must be two_stage or retrieval, "
+                             f"got {self.strategy!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)

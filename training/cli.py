@@ -1,5 +1,6 @@
-"""`python -m training {train,evaluate,coldstart,baselines,export}`: the offline side of the service. Arguments in,
-results printed; the work is done by training/train.py, evaluate.py, coldstart.py, baselines.py and export.py."""
+"""`python -m training {train,evaluate,coldstart,baselines,compare,export}`: the offline side of the service.
+Arguments in, results printed; the work is done by training/train.py, evaluate.py, coldstart.py, baselines.py,
+compare.py and export.py."""
 from __future__ import annotations
 
 import argparse
@@ -54,7 +55,10 @@ def add_train_arguments(t: argparse.ArgumentParser) -> None:
                    help="loo: keep the leave-one-out test split for evaluation; none: train on everything")
     t.add_argument("--validation", action="store_true",
                    help="cut a leave-one-out validation split from training; the best validation epoch is kept, and "
-                        "the two-stage retrieval stage (method, R, blend weight) is chosen on it")
+                        "the served strategy and its retrieval stage (method, R, blend weight) are chosen on it "
+                        "(`train`'s default)")
+    t.add_argument("--no-validation", dest="validation", action="store_false",
+                   help="train on every training pair, choose nothing (the checkpoint serves full-catalogue CMN)")
     t.add_argument("--no-two-stage", dest="two_stage", action="store_false",
                    help="with --validation: fit no retrieval stage (the checkpoint then serves full-catalogue CMN)")
     t.add_argument("--resume", action="store_true", help="continue an interrupted run of the same command")
@@ -81,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train CMN (GMF pretraining first) and write one checkpoint")
     add_train_arguments(t)
+    # the served default is what validation chose (the best list measured), so `train` cuts a validation split
+    # unless told not to; coldstart trains on everything it does not hold out
+    t.set_defaults(validation=True)
 
     e = sub.add_parser("evaluate", help="evaluate a checkpoint (sampled, full-catalogue, TopPop)")
     e.add_argument("--checkpoint", required=True)
@@ -123,6 +130,15 @@ def build_parser() -> argparse.ArgumentParser:
     shown.add_argument("--progress", dest="progress", action="store_const", const=True, default=None,
                        help="a progress bar even when stderr is not a terminal")
     shown.add_argument("--quiet", dest="progress", action="store_const", const=False, help="no progress bar")
+
+    k = sub.add_parser("compare", help="EASE, iALS, RP3beta, ItemKNN and TopPop (tuned on validation) next to a "
+                                       "checkpoint's strategies, one evaluator, one table")
+    k.add_argument("--data", required=True, help="any data `train` reads; its test split is what is ranked")
+    k.add_argument("--checkpoint", help="also evaluate this checkpoint's strategies (trained on --data)")
+    k.add_argument("--seed", type=int, default=0, help="the data's split and the validation split")
+    k.add_argument("--device", default="cpu")
+    k.add_argument("--json", action="store_true", help="print one JSON object (the tuning log goes to stderr)")
+    k.add_argument("--trust-pickle", action="store_true", help=TRUST_PICKLE)
     return parser
 
 
@@ -214,6 +230,22 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from training.compare import run_compare
+    from training.data import load
+    log = (lambda line: print(line, file=sys.stderr)) if args.json else print
+    rows = run_compare(load(args.data, seed=args.seed, trust_pickle=args.trust_pickle), args.checkpoint, args.data,
+                       args.seed, args.device, log)
+    if args.json:
+        print(json.dumps(rows))
+        return 0
+    print(f"{'':28s}{'sampled HR@10':>14s}{'NDCG@10':>9s}{'full HR@10':>12s}{'NDCG@10':>9s}  settings")
+    for name, r in rows.items():
+        s, f = r["metrics"]["sampled"], r["metrics"]["full"]
+        print(f"{name:28s}{s['hr@10']:14.4f}{s['ndcg@10']:9.4f}{f['hr@10']:12.4f}{f['ndcg@10']:9.4f}  {r['params']}")
+    return 0
+
+
 def main(argv=None) -> int:
     from model.store.checkpoint import CheckpointError
     from training.data import DataError
@@ -222,7 +254,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return {"train": cmd_train, "evaluate": cmd_evaluate, "coldstart": cmd_coldstart,
-                "baselines": cmd_baselines, "export": cmd_export}[args.command](args)
+                "baselines": cmd_baselines, "compare": cmd_compare, "export": cmd_export}[args.command](args)
     except (DataError, CheckpointError, ExportError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

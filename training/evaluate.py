@@ -76,9 +76,13 @@ def evaluate(rec: ScoringModel, split: Split, train: np.ndarray, full: bool = Tr
     return out
 
 
-def evaluate_strategies(rec, split: Split, train: np.ndarray, full: bool = True) -> dict[str, dict]:
-    """`evaluate` for each strategy of a `model.recommender.Recommender` (whose seen-sets must be `train`)."""
-    return {name: evaluate(_Strategy(rec, name), split, train, full=full) for name in rec.strategies}
+def evaluate_strategies(rec, split: Split, train: np.ndarray, full: bool = True,
+                        known: dict[str, dict] | None = None) -> dict[str, dict]:
+    """`evaluate` for each strategy of a `model.recommender.Recommender` (whose seen-sets must be `train`); `known`:
+    figures already measured for some of them (training's final CMN figures are the `full` strategy's)."""
+    known = known or {}
+    return {name: known[name] if name in known else evaluate(_Strategy(rec, name), split, train, full=full)
+            for name in rec.strategies}
 
 
 class _Strategy:

@@ -17,8 +17,9 @@ def summary(out: str, metrics: dict) -> str:
     lines = [f"wrote {out} (model_version {metrics['model_version']}), {out}.metrics.json and {out}.curves.png"]
     if "two_stage" in metrics:
         chosen = metrics["two_stage"]["chosen"]
-        lines.append(f"two-stage (chosen on validation): {chosen['method']}, R {chosen['candidates']}, "
-                     f"{chosen['blend']} blend, CMN weight {chosen['weight']}")
+        lines.append(f"chosen on validation: default strategy {chosen.get('strategy', 'two_stage')}; retrieval "
+                     f"{chosen['method']} {chosen['params']}, R {chosen['candidates']}, {chosen['blend']} blend, "
+                     f"CMN weight {chosen['weight']}")
     if "final" in metrics:
         rows = [("CMN", metrics["final"])] + [(name, m) for name, m in metrics.get("strategies", {}).items()
                                               if name != "full"] + [("TopPop", metrics["toppop"])]

@@ -406,7 +406,8 @@ def final_metrics(cfg: TrainConfig, data: data_mod.Dataset, model: CMN, state: T
         metrics["final"] = evaluate(rec, data.test, data.train, full=cfg.full_eval, progress=cfg.progress)
         if two_stage is not None:   # every strategy the checkpoint serves, side by side (full = "final")
             rec = Recommender(rec.scorer, data.train, retrieval=two_stage[0], two_stage=two_stage[1])
-            metrics["strategies"] = evaluate_strategies(rec, data.test, data.train, full=cfg.full_eval)
+            metrics["strategies"] = evaluate_strategies(rec, data.test, data.train, full=cfg.full_eval,
+                                                        known={"full": metrics["final"]})
         metrics["toppop"] = evaluate(TopPop(data.train, data.n_items), data.test, data.train, full=cfg.full_eval)
         tested = [r for r in state.history if "test" in r]
         if tested:  # what the original code prints: the best test epoch (optimistic; reported for comparison)

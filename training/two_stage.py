@@ -3,14 +3,17 @@
     retrieval, stage, table = fit_two_stage(model, fit, data)   # what python -m training train --validation does
     table = add_two_stage(ckpt, data)                            # the same for a checkpoint written without it
 
-The grid is every method × R × blend kind × CMN weight. CMN scores each validation user's largest candidate list
-once, so the whole grid costs one retrieval and one CMN pass per method; a configuration's validation NDCG@10 is the
+The grid is every method × R × blend kind × CMN weight, after each method's own hyperparameters (EASE's λ) were
+chosen by its list alone. CMN scores each validation user's largest candidate list once, so the whole grid costs one
+retrieval per setting and one CMN pass per method; a configuration's validation NDCG@10 is the
 full-catalogue protocol of training/evaluate.py (training/metrics.py's rank rule, training items excluded): the
 rank of the held-out item among the user's re-ranked R candidates, a miss when retrieval did not propose it. Equal
 figures go to the smallest R (the cheapest), then the z-score blend (the older default), then the smallest CMN
 weight.
 """
 from __future__ import annotations
+
+import itertools
 
 import numpy as np
 import scipy.sparse as sp
@@ -29,17 +32,24 @@ CANDIDATES = (50, 100, 200, 400)
 WEIGHTS = (0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 
-def fit_retrieval(method: str, train: np.ndarray, n_users: int, n_items: int,
-                  device: str | torch.device = "cpu") -> tuple[ItemRetrieval, dict]:
-    """The method's item × item matrix (the reference table's hyperparameters) as a retrieval stage."""
+def fit_retrieval(method: str, train: np.ndarray, n_users: int, n_items: int, device: str | torch.device = "cpu",
+                  **params) -> tuple[ItemRetrieval, dict]:
+    """The method's item × item matrix as a retrieval stage, with `params` (default: the reference table's
+    hyperparameters), and the hyperparameters it was fitted with."""
     if method not in METHODS:
         raise ValueError(f"unknown retrieval method {method!r}; choose {', '.join(METHODS)}")
-    baseline = METHODS[method](train, n_users, n_items)
+    baseline = METHODS[method](train, n_users, n_items, **params)
     w = sp.csr_matrix(baseline.W, dtype=np.float32)
     w.sort_indices()
     stage = ItemRetrieval(torch.from_numpy(w.indptr.astype(np.int64)), torch.from_numpy(w.indices.astype(np.int64)),
                           torch.from_numpy(w.data), n_items, device)
     return stage, baseline.params
+
+
+def method_grid(method: str) -> list[dict]:
+    """The hyperparameter settings validation tries for a method (its class's `grid`; none: its defaults only)."""
+    grid = getattr(METHODS[method], "grid", {})
+    return [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
 
 
 def validation_ndcg(scores: torch.Tensor, items: torch.Tensor, valid: torch.Tensor, positives: torch.Tensor) -> float:
@@ -63,37 +73,56 @@ def rrf_reorder_rank(weight: float, candidates: int) -> int:
 @torch.no_grad()
 def select_two_stage(model: CMN, fit: Dataset, methods=tuple(METHODS), candidates=CANDIDATES, weights=WEIGHTS,
                      blends=BLENDS, log=print) -> tuple[TwoStage, list[dict]]:
-    """The (method, R, blend, weight) with the best validation NDCG@10 (`fit.test` is the validation split,
-    `fit.train` what the model and the retrieval are fitted on), and every configuration's figure."""
+    """The (method, its hyperparameters, R, blend, weight) with the best validation NDCG@10 (`fit.test` is the
+    validation split, `fit.train` what the model and the retrieval are fitted on), and every configuration's figure.
+
+    A method's hyperparameters (its `grid`) are chosen first, by its own list's validation NDCG@10; CMN is then
+    blended with that list only. Where the best configuration gives CMN weight 0, the retrieval's own order is
+    served as it is (strategy `retrieval`): CMN would change no list and cost a pass."""
     users = [int(u) for u in fit.test.users]
     positives = torch.as_tensor(fit.test.positives)
     table, params = [], {}
+    rec = Recommender.from_model(model, fit.train)
+    histories = [sorted(rec.seen(u)) for u in users]
     for method in methods:
-        retrieval, params[method] = fit_retrieval(method, fit.train, fit.n_users, fit.n_items)
-        widest = TwoStage(method, max(candidates), 1.0, params[method])
-        rec = Recommender.from_model(model, fit.train, retrieval=retrieval, two_stage=widest)
-        dense = retrieval.scores([sorted(rec.seen(u)) for u in users])
-        items, valid = rec.retrieve(users, [sorted(rec.seen(u)) for u in users], dense)
+        if not METHODS[method].fits(fit.n_users, fit.n_items):
+            log(f"two-stage {method}: skipped, {fit.n_users:,} users x {fit.n_items:,} items is too large for it")
+            continue
+        best_own = None
+        for setting in method_grid(method):
+            retrieval, fitted = fit_retrieval(method, fit.train, fit.n_users, fit.n_items, **setting)
+            rec.retrieval, rec.two_stage = retrieval, TwoStage(method, max(candidates), 1.0, fitted)
+            dense = retrieval.scores(histories)
+            items, valid = rec.retrieve(users, histories, dense)
+            own = validation_ndcg(rec.score_lists(users, items, valid, "retrieval", dense), items, valid, positives)
+            if setting:
+                log(f"two-stage {method} {setting}: validation full NDCG@10 {own:.4f} alone")
+            if best_own is None or own > best_own[0]:
+                best_own = (own, fitted, dense, items, valid)
+        _, params[method], dense, items, valid = best_own
         cmn, found = (rec.score_lists(users, items, valid, strategy, dense) for strategy in ("full", "retrieval"))
         for r in sorted(candidates):
             for kind in blends:
                 for weight in sorted(weights):
                     ndcg = validation_ndcg(blend(cmn[:, :r], found[:, :r], valid[:, :r], float(weight), kind),
                                            items[:, :r], valid[:, :r], positives)
-                    table.append({"method": method, "candidates": r, "blend": kind, "weight": float(weight),
-                                  "ndcg@10": ndcg})
+                    table.append({"method": method, "params": params[method], "candidates": r, "blend": kind,
+                                  "weight": float(weight), "ndcg@10": ndcg})
         best = max((row for row in table if row["method"] == method), key=lambda row: row["ndcg@10"])
         log(f"two-stage {method}: best validation full NDCG@10 {best['ndcg@10']:.4f} "
             f"(R {best['candidates']}, {best['blend']} blend, CMN weight {best['weight']:g})")
+    if not table:
+        raise ValueError("no retrieval method fits this data set")
     best = max(table, key=lambda row: row["ndcg@10"])   # the first of equals: the order above
-    return TwoStage(best["method"], best["candidates"], best["weight"], params[best["method"]], best["blend"]), table
+    return TwoStage(best["method"], best["candidates"], best["weight"], params[best["method"]], best["blend"],
+                    "retrieval" if best["weight"] == 0 else "two_stage"), table
 
 
 def fit_two_stage(model: CMN, fit: Dataset, data: Dataset, log=print) -> tuple[ItemRetrieval, TwoStage, list[dict]]:
     """Choose on `fit` (validation split, training less validation items), then fit the chosen retrieval on every
     training pair of `data` for serving."""
     stage, table = select_two_stage(model, fit, log=log)
-    retrieval, _ = fit_retrieval(stage.method, data.train, data.n_users, data.n_items)
+    retrieval, _ = fit_retrieval(stage.method, data.train, data.n_users, data.n_items, **stage.params)
     return retrieval, stage, table
 
 

@@ -52,7 +52,7 @@ TRAIN_CASES = {
     "bad npz": (lambda tmp: ["--data", csv_file(tmp, "not a zip", name="x.npz")], "npz"),
     "negative epochs": (lambda tmp: ["--epochs", "-1"], "--epochs"),
     "zero hops": (lambda tmp: ["--hops", "0"], "--hops"),
-    "early stop without validation": (lambda tmp: ["--early-stop", "3"], "--validation"),
+    "early stop without validation": (lambda tmp: ["--no-validation", "--early-stop", "3"], "--validation"),
     "graph step with adam": (lambda tmp: ["--step", "graph", "--optimizer", "adam"], "--step graph"),
 }
 
