@@ -133,11 +133,36 @@ class StoreSettings(BaseSettings):
         return self.feedback_url or self.feedback_path
 
 
+class OnlineSettings(BaseSettings):
+    """Impressions (what was shown, joined with feedback for online metrics) and experiments (app/impressions.py,
+    app/experiments.py, docs/api.md#impressions-and-experiments)."""
+    model_config = CONFIG
+
+    impression_sample: float = Field(1.0, ge=0, le=1, description="fraction of answers recorded as impressions "
+                                     "(0: none). Every answer carries an impression_id; feedback naming one that "
+                                     "was not recorded is stored, unjoined")
+    impression_flush_s: float = Field(0.5, gt=0, le=60, description="how often each process writes the "
+                                      "impressions it recorded to the store (one transaction, off the request path)")
+    impression_buffer: int = Field(100_000, ge=1, description="impressions waiting to be written, per process; "
+                                   "past it (the store cannot be written) the oldest are dropped and counted")
+    impression_retention_days: float = Field(30.0, gt=0, description="impressions older than this are removed "
+                                             "from the store (with the clicks on them)")
+    impression_max_rows: int = Field(10_000_000, ge=1, description="most impressions the store keeps; the oldest "
+                                     "go first")
+    experiment_file: str | None = Field(None, description="a JSON experiment (arms: strategy, share, optional "
+                                        "model_version); re-read when it changes; unset: no experiment")
+
+    @field_validator("experiment_file", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, v):
+        return None if v is None or (isinstance(v, str) and not v.strip()) else v
+
+
 GROUPS = {"server": ServerSettings, "model": ModelSettings, "limits": LimitSettings, "auth": AuthSettings,
-          "store": StoreSettings}
+          "store": StoreSettings, "online": OnlineSettings}
 
 
-class Settings(ServerSettings, ModelSettings, LimitSettings, AuthSettings, StoreSettings):
+class Settings(ServerSettings, ModelSettings, LimitSettings, AuthSettings, StoreSettings, OnlineSettings):
     """Every group's fields, flat."""
     model_config = CONFIG
 
