@@ -294,6 +294,9 @@ class FeedbackStore(ABC):
     def impression_count(self) -> int:
         return self._query("SELECT COUNT(*) FROM impressions")[0][0]
 
+    def click_count(self) -> int:
+        return self._query("SELECT COUNT(*) FROM impression_clicks")[0][0]
+
     def set_arm(self, experiment: str, arm: str, stopped: bool) -> None:
         """Stop (or resume) an experiment's arm for every process sharing the store."""
         self._write(lambda conn, now: self._execute(conn, SET_ARM, (experiment, arm, stopped, now)))
