@@ -142,7 +142,8 @@ def main(argv=None) -> int:
                 print(f"{c:>4} {name:>6} {r['req_per_s']:>9.1f} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} "
                       f"{r['non_2xx'] + r['socket_errors']:>6} {(f'{ratio:.0%}' if name == 'on' else ''):>7} "
                       f"{cpu(runs[name], 'cpu_ms_per_request'):>10.3f} "
-                      f"{cpu(runs[name], 'main_thread_cpu_ms_per_request'):>8.3f}  runs: {', '.join(f'{x:.0f}' for x in rows[-1]['runs_req_per_s'])} req/s", flush=True)
+                      f"{cpu(runs[name], 'main_thread_cpu_ms_per_request'):>8.3f}  runs: "
+                      f"{', '.join(f'{x:.0f}' for x in rows[-1]['runs_req_per_s'])} req/s", flush=True)
     finally:
         for _, proc in servers.values():
             stop(proc)   # graceful: the `on` server flushes what it buffered
