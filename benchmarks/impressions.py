@@ -3,10 +3,10 @@ the store's size per million recorded requests.
 
     python -m benchmarks.impressions                        # citeulike-a-sized random model, SQLite store
     python -m benchmarks.impressions --quick                # 3 s per point, concurrency 1 and 32
-    python -m benchmarks.impressions --store-url postgresql://user:pw@host/db    # the `on` server on PostgreSQL
+    python -m benchmarks.impressions --store-url postgresql://user:pw@host/db    # both servers on PostgreSQL
 
 Two real servers (`python -m app`, benchmarks/http_load.py's start_server) on the same checkpoint, each with its
-own store: `off` (CMN_IMPRESSION_SAMPLE=0: every answer still carries an impression_id, nothing is recorded) and
+own SQLite store (or both on the --store-url one): `off` (CMN_IMPRESSION_SAMPLE=0: every answer still carries an impression_id, nothing is recorded) and
 `on` (CMN_IMPRESSION_SAMPLE=1: every answer is buffered and written by the flusher every CMN_IMPRESSION_FLUSH_S).
 For each concurrency, wrk hits both, alternately, --repeat times (the order flips each time), with 100-candidate
 k=10 requests for random known users. Reported: the median run's req/s, p50, p99, errors, on/off throughput
@@ -95,7 +95,7 @@ def main(argv=None) -> int:
     ap.add_argument("--duration", type=float, default=10.0, help="seconds per measured point")
     ap.add_argument("--warmup", type=float, default=2.0)
     ap.add_argument("--concurrency", default="1,8,32,64")
-    ap.add_argument("--store-url", help="the `on` server's store (default: its own SQLite file); must be empty")
+    ap.add_argument("--store-url", help="both servers' store (default: a SQLite file each); must be empty")
     ap.add_argument("--repeat", type=int, default=3, help="alternating runs per point; the median is reported")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json")
@@ -109,16 +109,18 @@ def main(argv=None) -> int:
     checkpoint = Path(args.checkpoint) if args.checkpoint else make_checkpoint(workdir / "citeulike-random.ckpt",
                                                                                 args.data)
     from model.store.checkpoint import load_checkpoint
-    from model.store.events import open_store
+    from model.store.events import masked, open_store
     ckpt = load_checkpoint(str(checkpoint))
     bodies = write_bodies(workdir / "bodies.jsonl", ckpt.user_ids, ckpt.item_ids, 100, min(512, len(ckpt.user_ids)),
                           1)
     print(f"checkpoint {checkpoint} ({len(ckpt.user_ids)} users, {len(ckpt.item_ids)} items); nproc "
-          f"{os.cpu_count()}; load average {os.getloadavg()}; `on` store: {args.store_url or 'SQLite'}")
+          f"{os.cpu_count()}; load average {os.getloadavg()}; store: "
+          f"{masked(args.store_url) if args.store_url else 'SQLite'}")
     del ckpt
     env = {"off": {"CMN_IMPRESSION_SAMPLE": "0"}, "on": {"CMN_IMPRESSION_SAMPLE": "1"}}
-    if args.store_url:
-        env["on"]["CMN_FEEDBACK_URL"] = args.store_url
+    if args.store_url:   # both on it (the off server records nothing there): the same store to follow
+        for name in env:
+            env[name]["CMN_FEEDBACK_URL"] = args.store_url
     servers, rows = {}, []
     try:
         for name in ("off", "on"):
