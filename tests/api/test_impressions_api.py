@@ -87,6 +87,19 @@ async def test_feedback_names_impressions_and_positions(api_checkpoint, tmp_path
             assert r.status_code == 422 and field in r.text, r.text
 
 
+async def test_the_service_enforces_the_retention(api_checkpoint, tmp_path, monkeypatch):
+    """At most CMN_IMPRESSION_MAX_ROWS stay in the store, the newest (pruned here at every flush, not every
+    minute)."""
+    import app.impressions
+    monkeypatch.setattr(app.impressions, "PRUNE_EVERY_S", 0.0)
+    async with serving(settings_for(api_checkpoint, tmp_path, impression_flush_s=0.02,
+                                    impression_max_rows=3)) as client:
+        await wait_ready(client)
+        ids = [(await client.post("/recommend", json={"user_id": str(u)})).json()["impression_id"] for u in range(8)]
+        store = store_of(tmp_path)
+        await until(lambda: [i.impression_id for i in store.impressions()] == ids[-3:], "the newest 3 kept")
+
+
 async def test_sampling_zero_records_nothing_but_still_names_answers(api_checkpoint, tmp_path):
     async with serving(settings_for(api_checkpoint, tmp_path, impression_sample=0.0,
                                     impression_flush_s=0.02)) as client:
