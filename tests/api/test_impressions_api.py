@@ -202,3 +202,14 @@ async def test_the_buffer_is_bounded_while_the_store_cannot_be_written(tmp_path)
     assert await impressions.flush() == 3 and impressions.fault is None
     assert [i.impression_id for i in store.impressions()] == ids[3:]
     store.close()
+
+
+async def test_the_admin_routes_without_an_experiment(api_checkpoint, tmp_path):
+    async with serving(settings_for(api_checkpoint, tmp_path, api_key="adm")) as client:
+        await wait_ready(client)
+        r = await client.get("/admin/experiment", headers={"X-API-Key": "adm"})
+        assert r.status_code == 200 and r.json() == {"name": None, "arms": []}
+        r = await client.post("/admin/experiment/arms/a/stop", headers={"X-API-Key": "adm"})
+        assert r.status_code == 404 and "no experiment is running" in r.json()["detail"]
+        r = await client.post("/admin/experiment/arms/a/pause", headers={"X-API-Key": "adm"})
+        assert r.status_code == 422
