@@ -5,6 +5,9 @@ through one process's /admin stops on both without a restart, and resumes."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -15,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from app.experiments import arm_of, read_experiment
 from model.store.events import open_store
-from tests.harness.servers import running_server
+from tests.harness.servers import ROOT, free_port, running_server
 from training.online import online_metrics
 
 pytestmark = pytest.mark.slow
@@ -112,3 +115,14 @@ def test_impressions_arms_and_stopping_across_two_processes(api_checkpoint, tmp_
         assert httpx.post(f"{a}/admin/experiment/arms/treatment/stop").status_code == 401
         r = httpx.post(f"{a}/admin/experiment/arms/nope/stop", headers=ADMIN)
         assert r.status_code == 404 and "no arm 'nope'" in r.text
+
+
+def test_python_m_app_refuses_an_experiment_file_it_cannot_use(api_checkpoint, tmp_path):
+    (tmp_path / "experiment.json").write_text(json.dumps({"name": "e", "arms": [
+        {"name": "a", "strategy": "full", "share": 0.8}, {"name": "b", "strategy": "full", "share": 0.8}]}))
+    proc = subprocess.run([sys.executable, "-m", "app"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "CMN_CHECKPOINT": api_checkpoint, "CMN_PORT": str(free_port()),
+                               "CMN_EXPERIMENT_FILE": str(tmp_path / "experiment.json"),
+                               "CMN_FEEDBACK_PATH": str(tmp_path / "feedback.sqlite3")})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("error: experiment file") and "add up to 1.6, more than 1" in proc.stderr
