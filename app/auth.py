@@ -5,8 +5,9 @@ comma-separated subset of SCOPES. The file holds hashes only; it is re-read on S
 Clients send `Authorization: Bearer <key>` (admin routes also take `X-API-Key`, and CMN_API_KEY is one more admin
 key). Without CMN_AUTH_FILE auth is off: every route but /admin is open, and there are no per-key quotas.
 
-Token buckets, all on the event loop (no locks): requests per key, feedback events per key and events naming
-ids the model does not know per key, and wrong keys per client address (a guess of a key costs a token, an
+Token buckets, all on the event loop (no locks): requests per key, work per key (in scored pairs, what the model
+thread spends on its requests), feedback events per key and events naming ids the model does not know per key,
+and wrong keys per client address (a guess of a key costs a token, an
 address out of tokens gets 429 whatever it sends, so a right guess cannot be told from a wrong one).
 """
 from __future__ import annotations
@@ -175,6 +176,7 @@ class Auth:
         self.keys: list[Key] | None = read_key_file(settings.auth_file) if settings.auth_file else None
         self.admin_digest = digest_of(settings.api_key.get_secret_value()) if settings.api_key else None
         self.requests = Buckets(settings.rate_per_s * 60, settings.rate_burst)
+        self.pairs = Buckets(settings.pairs_per_s * 60, settings.pairs_burst)
         self.events = Buckets(settings.feedback_events_per_min)
         self.unknown = Buckets(settings.unknown_events_per_min)
         self.failures = Buckets(settings.auth_failures_per_min, remember=MAX_ADDRESSES)
@@ -251,13 +253,16 @@ class Auth:
 
     # ------------------------------------------------------------------ what the caller may ask
 
-    def require_history(self, caller: Caller, reqs) -> None:
+    def require_history(self, caller: Caller, reqs, jobs) -> None:
         """403 unless the caller has the history scope, for any request whose answer reveals the user's
-        interactions: the items it lists or leaves out, or the users behind an item."""
+        interactions: the items it lists or leaves out, or the users behind an item. `jobs`: the requests with ids
+        resolved (app/jobs.py), where a known user's `history` has joined `exclude`: its items are left out as
+        seen, so they count against the same bound (issue 23: 500 `history` ids and 100 `exclude` ids hid all but
+        one user's items from a recommend-only key)."""
         if "history" in caller.scopes:
             return
         limit = self.settings.exclude_without_history
-        for r in reqs:
+        for r, job in zip(reqs, jobs):
             if not r.exclude_seen:
                 reason = "exclude_seen false lists the user's own items"
             elif r.explain:
@@ -267,9 +272,32 @@ class Auth:
             elif len(r.exclude) > limit:
                 reason = (f"more than {limit} exclude ids page through the catalogue, and what never comes back is "
                           "the user's history")
+            elif len(job.exclude) > limit:
+                reason = (f"a known user's history items are left out like exclude ids, and with them more than "
+                          f"{limit} ids page through the catalogue, and what never comes back is the user's history")
             else:
                 continue
             raise HTTPException(403, f"this key lacks the history scope: {reason}")
+
+    def charge_pairs(self, caller: Caller, pairs: int) -> None:
+        """Take a request's work (scored pairs, a fold-in at CMN_FOLDIN_PAIRS) from the key's tokens: 429 +
+        Retry-After until they are there, 413 for a request costing more than the key may queue at once."""
+        if not caller.keyed or not self.pairs:
+            return
+        if pairs > self.pairs.capacity:
+            raise HTTPException(413, f"this request costs {pairs} scored pairs; a key may queue {self.pairs.capacity:g} "
+                                     "at once (CMN_PAIRS_BURST): send fewer users, candidates or histories per request")
+        now = time.monotonic()
+        bucket = self.pairs.get(caller.name, now)
+        if wait := bucket.wait(pairs, now):
+            raise too_many(f"past this key's work rate ({self.settings.pairs_per_s:g} scored pairs a second; this "
+                           f"request costs {pairs})", wait)
+        bucket.take(pairs)
+
+    def refund_pairs(self, caller: Caller, pairs: int) -> None:
+        """Give back what `charge_pairs` took for a request that was not scored (the queue was full)."""
+        if caller.keyed and self.pairs:
+            self.pairs.get(caller.name, time.monotonic()).give(pairs)
 
     def charge_events(self, caller: Caller, events: int, unknown: int) -> None:
         """Take a feedback request's events from the key's quotas, all or nothing: 429 when a quota has not

@@ -43,10 +43,11 @@ def stable_seed(external_id: str) -> int:
 class Engine:
     def __init__(self, checkpoint: str, device: str = "auto", explain_top: int = 5, max_bytes: int = MAX_BYTES,
                  within: str | None = None, graph_catalogue: bool = False, max_live_users: int = 10_000,
-                 max_live_items: int = 1_000):
+                 max_live_items: int = 1_000, foldin_pairs: int = 30_000):
         """`max_bytes`, `within`: see `load_checkpoint` (a path a client named must lie `within` a directory).
         `max_live_users`, `max_live_items`: how many users and items feedback may create before the next training
-        run (past them, events for new ones are stored and deferred to it)."""
+        run (past them, events for new ones are stored and deferred to it). `foldin_pairs`: what fitting one history
+        costs the model thread, in scored pairs (CMN_FOLDIN_PAIRS)."""
         start = time.perf_counter()
         ckpt = load_checkpoint(checkpoint, max_bytes, within)
         self.recommender = Recommender.from_checkpoint(ckpt, device, graph_catalogue=graph_catalogue)
@@ -58,6 +59,7 @@ class Engine:
         self.user_index = {u: n for n, u in enumerate(self.user_ids)}
         self.item_index = {i: n for n, i in enumerate(self.item_ids)}
         self.explain_top = explain_top
+        self.foldin_pairs = foldin_pairs
         self.feedback_seq = 0
         self.warnings = checkpoint_warnings(ckpt.metrics)  # /health and the load log repeat them
         self.load_seconds = time.perf_counter() - start
@@ -96,12 +98,13 @@ class Engine:
         user = None if req.user_id is None else self.user_index.get(req.user_id)
         if user is not None and history and req.exclude_seen:  # a known user's extra items: seen, for this call
             exclude = list(dict.fromkeys(exclude + history))
-        # a retrieval-only request scores no CMN pair but is still work: it counts as one; a fold-in touches each
-        # history item's neighbourhood a few times, roughly a pair each
+        # a retrieval-only request scores no CMN pair but is still work: it counts as one
         pairs = max(1, self.scored_per_user(strategy) if candidates is None else len(candidates))
         history = history if user is None and history else None
-        return Job(req.user_id, user, req.k, candidates, exclude, req.exclude_seen, req.explain, strategy,
-                   pairs + len(history or ()), history)
+        if history:
+            pairs += self.foldin_pairs
+        return Job(req.user_id, user, req.k, candidates, exclude, req.exclude_seen, req.explain, strategy, pairs,
+                   history)
 
     def recommend(self, jobs: list[Job]) -> list[Answer]:
         """Answers for a batch: one recommender call per kind of user (known; folded in from a history), strategy,

@@ -23,7 +23,7 @@ import torch
 
 from app import metrics
 from app.auth import Auth, Caller, KeyFileError, is_loopback
-from app.batcher import MicroBatcher, run_on
+from app.batcher import MicroBatcher, QueueFull, run_on
 from app.engine import Engine
 from app.feedback import Feedback
 from app.jobs import Answer, beyond_the_store, check_limits
@@ -47,7 +47,7 @@ class Service:
         self.model_thread = ThreadPoolExecutor(1, thread_name_prefix="cmn-model")
         self.io_threads = ThreadPoolExecutor(2, thread_name_prefix="cmn-io")
         self.batcher = MicroBatcher(self.model_thread, settings.max_batch, settings.max_wait_ms,
-                                    settings.max_queue_pairs)
+                                    settings.max_queue_pairs, settings.max_call_pairs)
         self.store = self.models = self.feedback = None
         # the item ids of the last lists served, for /dashboard's "most recommended" (counted when the page asks:
         # appending is all a request pays)
@@ -101,16 +101,23 @@ class Service:
     async def recommend(self, reqs: list[RecommendRequest], caller: Caller,
                         batch: bool) -> tuple[Engine, list[Answer]]:
         """The answers to /recommend (one request) or /recommend/batch, and the engine that gave them. Everything
-        that can refuse a request does so before it is queued: the key's scope, the cost limits, a model to
-        answer, the after_seq asked for (read from the store now if need be)."""
-        self.auth.require_history(caller, reqs)
+        that can refuse a request does so before it is queued: a model to answer, the cost limits, the after_seq
+        asked for (read from the store now if need be), the key's scope, its work rate (in scored pairs)."""
         self.models.engine_or_503()
         check_limits(self.settings, reqs, batch)
         seq = max((r.after_seq for r in reqs if r.after_seq is not None), default=None)
         if not await self.feedback.caught_up(seq):
             raise beyond_the_store(seq, self.models.engine.feedback_seq, batch)
         engine = self.models.engine_or_503()
-        answers = await self.batcher.submit(engine, [engine.prepare(r) for r in reqs])
+        jobs = [engine.prepare(r) for r in reqs]
+        self.auth.require_history(caller, reqs, jobs)
+        pairs = sum(job.pairs for job in jobs)
+        self.auth.charge_pairs(caller, pairs)
+        try:
+            answers = await self.batcher.submit(engine, jobs, caller.name)
+        except QueueFull:
+            self.auth.refund_pairs(caller, pairs)
+            raise
         self.recent_lists.extend(tuple(i for i, *_ in a.items) for a in answers)
         return engine, answers
 

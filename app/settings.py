@@ -66,14 +66,25 @@ class LimitSettings(BaseSettings):
     max_batch: int = Field(64, ge=1, description="most requests scored in one model call: concurrent requests are "
                                                    "batched up to this, and a larger /recommend/batch is split")
     max_wait_ms: float = Field(0.0, ge=0, description="extra wait to fill a batch when the device is idle")
-    max_queue_pairs: int = Field(20_000_000, ge=1, description="(user, item) pairs waiting to be scored before "
-                                 "503 + Retry-After: a whole-catalogue request counts the catalogue, a candidate "
-                                 "request its candidates (replaces CMN_MAX_QUEUE, which counted requests)")
+    max_queue_pairs: int = Field(20_000_000, ge=1, description="work waiting for the model thread, in scored "
+                                 "pairs, before 503 + Retry-After: a whole-catalogue request counts the catalogue, a "
+                                 "candidate request its candidates, a fold-in its measured cost in pairs (replaces "
+                                 "CMN_MAX_QUEUE, which counted requests)")
+    foldin_pairs: int = Field(30_000, ge=1, description="what fitting one `history` (fold-in) costs, counted in "
+                              "scored pairs, besides the items it then scores: measure it for your model with "
+                              "`python -m benchmarks.cost --measure` (default: the tests' synthetic model, where a "
+                              "fold-in took 4-6 ms, the time of ~30,000 pairs of whole-catalogue scoring)")
+    max_call_pairs: int = Field(200_000, ge=1, description="most work, in scored pairs, in one model call (a "
+                                "request costing more is scored alone, a batch is split): with the queue served "
+                                "round-robin by key, what a request waits for behind another key's work is bounded "
+                                "by one such call")
     max_total_k: int = Field(10_000, ge=1, description="largest sum of k over one request (/recommend/batch)")
     max_explain_k: int = Field(20, ge=1, description="largest k of a request with explain")
     max_body_bytes: int = Field(1_000_000, ge=1024, description="largest request body (then 413)")
     max_history: int = Field(500, ge=1, le=10_000, description="most items in a request's `history` (each is "
                              "folded in: its cost grows with the history)")
+    max_batch_history: int = Field(5_000, ge=1, description="most `history` items over one /recommend/batch (then "
+                                   "422): every history is folded in on the model thread")
 
 
 class AuthSettings(BaseSettings):
@@ -88,6 +99,10 @@ class AuthSettings(BaseSettings):
     metrics_open: bool = Field(False, description="/metrics needs no key even with CMN_AUTH_FILE")
     rate_per_s: float = Field(50.0, ge=0, description="requests per second per key (token bucket; 0: no limit)")
     rate_burst: int = Field(100, ge=1, description="requests a key may send at once, past its rate")
+    pairs_per_s: float = Field(2_000_000, ge=0, description="work per key per second, in scored pairs (a fold-in "
+                               "at its measured cost), before 429 + Retry-After (token bucket; 0: no limit)")
+    pairs_burst: int = Field(10_000_000, ge=1, description="work, in scored pairs, a key may queue at once past its "
+                             "rate; a request costing more is a 413")
     feedback_events_per_min: int = Field(6000, ge=0, description="feedback events per key per minute (0: no limit)")
     unknown_events_per_min: int = Field(1000, ge=0, description="feedback events naming a user or item the model "
                                                                 "does not know, per key per minute (0: no limit)")
