@@ -177,6 +177,9 @@ class Auth:
         self.admin_digest = digest_of(settings.api_key.get_secret_value()) if settings.api_key else None
         self.requests = Buckets(settings.rate_per_s * 60, settings.rate_burst)
         self.pairs = Buckets(settings.pairs_per_s * 60, settings.pairs_burst)
+        # key name → until when its recommendations are refused before the body is validated: its work went past a
+        # limit, and a client ignoring Retry-After must not make each refusal cost a parsed, resolved body
+        self.held: dict[str, float] = {}
         self.events = Buckets(settings.feedback_events_per_min)
         self.unknown = Buckets(settings.unknown_events_per_min)
         self.failures = Buckets(settings.auth_failures_per_min, remember=MAX_ADDRESSES)
@@ -213,6 +216,11 @@ class Auth:
     def _admitted(self, key: Key, scope: str) -> Caller:
         if scope not in key.scopes:
             raise HTTPException(403, f"this key lacks the {scope} scope")
+        if scope == "recommend" and key.name in self.held:
+            if (wait := self.held[key.name] - time.monotonic()) > 0:
+                raise too_many("this key's work went past its limits (work rate or backlog); retry after "
+                               "Retry-After", wait)
+            del self.held[key.name]
         if self.requests:
             now = time.monotonic()
             bucket = self.requests.get(key.name, now)
@@ -290,9 +298,16 @@ class Auth:
         now = time.monotonic()
         bucket = self.pairs.get(caller.name, now)
         if wait := bucket.wait(pairs, now):
-            raise too_many(f"past this key's work rate ({self.settings.pairs_per_s:g} scored pairs a second; this "
-                           f"request costs {pairs})", wait)
+            raise self.too_much_work(caller, f"past this key's work rate ({self.settings.pairs_per_s:g} scored pairs "
+                                             f"a second; this request costs {pairs})", wait)
         bucket.take(pairs)
+
+    def too_much_work(self, caller: Caller, detail: str, wait: float) -> HTTPException:
+        """429 + Retry-After for a key whose work went past a limit; until then its recommendation requests are
+        refused before their body is validated (`_admitted`)."""
+        if caller.keyed:
+            self.held[caller.name] = time.monotonic() + wait
+        return too_many(detail, wait)
 
     def refund_pairs(self, caller: Caller, pairs: int) -> None:
         """Give back what `charge_pairs` took for a request that was not scored (the queue was full)."""

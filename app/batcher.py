@@ -2,16 +2,18 @@
 
 One dispatcher task feeds one model thread. While the model thread is busy, arriving requests queue up;
 the moment it is free they go as one model call, so a lone request never waits and a loaded server scores many
-users per call. Work is counted in scored (user, item) pairs, a fold-in at CMN_FOLDIN_PAIRS (app/engine.py):
+users per call. Work is counted in scored (user, item) pairs, a fold-in at the pairs the model thread scores in the
+time one takes, and turned into time at the rate it scores (both measured: `Engine.throughput`):
 
 - the queue is bounded by the work it holds, not by its length: past `max_queue_pairs`, `submit` raises
-  `QueueFull` (→ 503 + Retry-After, the time the model thread takes to score what is queued, at the rate it has
-  been scoring);
-- a model call holds at most `max_batch` jobs and `max_call_pairs` pairs (one job costing more goes alone), so the
-  model thread is back at the queue after a bounded time;
+  `QueueFull` (→ 503 + Retry-After, the time the model thread takes for what is queued);
 - each owner (an API key's name) has its own queue, and calls take the owners' oldest work in turn: a request
   waits behind at most one call's worth of another key's work, however much that key has queued (issue 23: four
-  batches of 256 fold-ins made a normal request wait 17.1 s in a FIFO queue).
+  batches of 256 fold-ins made a normal request wait 17.1 s in a FIFO queue);
+- a model call holds at most `max_batch` jobs and `max_call_ms` of work (one job costing more goes alone), so the
+  model thread is back at the queue, and at the next owner's work, after a bounded time;
+- an owner may have at most `max_key_backlog_s` of work waiting (`Backlogged` past it: 429 + Retry-After), so one key cannot
+  fill the queue the others need; the owner "" (no auth: no keys to tell apart) is bounded by the queue alone.
 """
 from __future__ import annotations
 
@@ -25,13 +27,19 @@ from typing import Any, Callable
 
 from app import metrics
 
-RATE_SMOOTHING = 0.2   # weight of the last call in the scoring rate Retry-After is estimated from
-
 
 class QueueFull(RuntimeError):
     def __init__(self, message: str, retry_after: int):
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class Backlogged(RuntimeError):
+    """An owner's work waiting is past `max_key_backlog_s` (→ 429 + Retry-After: `wait`, its drain time)."""
+
+    def __init__(self, message: str, wait: float):
+        super().__init__(message)
+        self.wait = wait
 
 
 @dataclass
@@ -42,18 +50,19 @@ class Group:
     future: asyncio.Future
     enqueued: float
     pairs: int
+    owner: str
 
 
 class MicroBatcher:
     def __init__(self, executor: ThreadPoolExecutor, max_batch: int, max_wait_ms: float, max_queue_pairs: int,
-                 max_call_pairs: int):
+                 max_call_ms: float, max_key_backlog_s: float):
         self.executor, self.max_batch, self.max_queue_pairs = executor, max_batch, max_queue_pairs
-        self.max_call_pairs = max_call_pairs
+        self.max_call_s, self.max_key_backlog_s = max_call_ms / 1000, max_key_backlog_s
         self.max_wait = max_wait_ms / 1000
         self._queues: OrderedDict[str, deque[Group]] = OrderedDict()   # per owner; the next one to serve first
+        self._owed: dict[str, int] = {}                                # pairs queued per owner
         self._queued_jobs = 0
         self._queued_pairs = 0
-        self.pairs_per_s: float | None = None    # the model thread's scoring rate, measured on its calls
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None
 
@@ -69,47 +78,56 @@ class MicroBatcher:
     def depth(self) -> int:
         return self._queued_jobs
 
-    def drain_seconds(self, pairs: float) -> float:
-        """How long the model thread takes for `pairs`, at the rate it has been scoring (1 s until measured)."""
-        return pairs / self.pairs_per_s if self.pairs_per_s else 1.0
-
-    def _groups(self, jobs: list) -> list[list]:
-        """`jobs` in order, cut into model calls of at most `max_batch` jobs and `max_call_pairs` pairs."""
+    def _groups(self, engine, jobs: list) -> list[list]:
+        """`jobs` in order, cut into model calls of at most `max_batch` jobs and `max_call_ms` of work."""
+        bound = engine.throughput.pairs_in(self.max_call_s)
         groups, pairs = [], 0
         for job in jobs:
-            if not groups or len(groups[-1]) >= self.max_batch or pairs + job.pairs > self.max_call_pairs:
+            if not groups or len(groups[-1]) >= self.max_batch or pairs + job.pairs > bound:
                 groups.append([])
                 pairs = 0
             groups[-1].append(job)
             pairs += job.pairs
         return groups
 
-    async def submit(self, engine, jobs: list, owner: str = "") -> list:
-        """Answers for `jobs`, all scored by `engine` (requests in flight finish on the model they started on), in
-        model calls of at most `max_batch` jobs and `max_call_pairs` pairs, queued under `owner`. An empty queue
-        takes any request, however large (the request limits bound it), so none waits forever."""
-        pairs = sum(job.pairs for job in jobs)
+    def _admit(self, engine, pairs: int, owner: str) -> None:
+        """QueueFull past the queue's bound, Backlogged past the owner's; work is always taken into an empty queue
+        (the owner's, for its bound), however large (the request limits bound it), so none waits forever."""
+        seconds = engine.throughput.seconds
         if self._queued_pairs and self._queued_pairs + pairs > self.max_queue_pairs:
-            wait = self.drain_seconds(self._queued_pairs)
+            wait = seconds(self._queued_pairs)
             raise QueueFull(f"request queue is full ({self._queued_pairs} pairs waiting to be scored, about "
                             f"{wait:.1f} s of work)", max(1, math.ceil(wait)))
+        owed = self._owed.get(owner, 0)
+        if owner and owed and seconds(owed + pairs) > self.max_key_backlog_s:
+            raise Backlogged(f"this key has {seconds(owed):.1f} s of work waiting for the model thread; at most "
+                             f"{self.max_key_backlog_s:g} s (CMN_MAX_KEY_BACKLOG_S)", seconds(owed))
+
+    async def submit(self, engine, jobs: list, owner: str = "") -> list:
+        """Answers for `jobs`, all scored by `engine` (requests in flight finish on the model they started on), in
+        model calls of at most `max_batch` jobs and `max_call_ms` of work, queued under `owner`."""
+        pairs = sum(job.pairs for job in jobs)
+        self._admit(engine, pairs, owner)
         loop = asyncio.get_running_loop()
         queue = self._queues.setdefault(owner, deque())
         futures = []
-        for group in self._groups(jobs):
+        for group in self._groups(engine, jobs):
             futures.append(loop.create_future())
-            queue.append(Group(engine, group, futures[-1], time.perf_counter(), sum(job.pairs for job in group)))
+            queue.append(Group(engine, group, futures[-1], time.perf_counter(), sum(job.pairs for job in group),
+                               owner))
             self._queued_jobs += len(group)
         self._queued_pairs += pairs
+        self._owed[owner] = self._owed.get(owner, 0) + pairs
         self._gauge()
         self._wakeup.set()
         return [answer for group_answers in await asyncio.gather(*futures) for answer in group_answers]
 
     def _take_batch(self) -> tuple[Any, list[Group]]:
         """One model call: the owners' oldest groups in turn (an owner served goes to the back of the line), of the
-        first one's engine, while they fit in `max_batch` jobs and `max_call_pairs` pairs (a group is never split;
+        first one's engine, while they fit in `max_batch` jobs and `max_call_ms` of work (a group is never split;
         the first is taken whatever its size)."""
         engine = next(iter(self._queues.values()))[0].engine
+        bound = engine.throughput.pairs_in(self.max_call_s)
         taken: list[Group] = []
         jobs = pairs = 0
         progress = True
@@ -120,13 +138,14 @@ class MicroBatcher:
                 group = queue[0]
                 if group.engine is not engine:
                     continue
-                if taken and (jobs + len(group.jobs) > self.max_batch or pairs + group.pairs > self.max_call_pairs):
+                if taken and (jobs + len(group.jobs) > self.max_batch or pairs + group.pairs > bound):
                     continue
                 taken.append(queue.popleft())
                 jobs, pairs, progress = jobs + len(group.jobs), pairs + group.pairs, True
+                self._owed[owner] -= group.pairs
                 self._queues.move_to_end(owner)
                 if not queue:
-                    del self._queues[owner]
+                    del self._queues[owner], self._owed[owner]
         self._queued_jobs -= jobs
         self._queued_pairs -= pairs
         self._gauge()
@@ -135,12 +154,6 @@ class MicroBatcher:
     def _gauge(self) -> None:
         metrics.QUEUE_DEPTH.set(self._queued_jobs)
         metrics.QUEUE_PAIRS.set(self._queued_pairs)
-
-    def _measured(self, pairs: int, seconds: float) -> None:
-        if seconds > 0:
-            rate = pairs / seconds
-            self.pairs_per_s = rate if self.pairs_per_s is None else (
-                RATE_SMOOTHING * rate + (1 - RATE_SMOOTHING) * self.pairs_per_s)
 
     async def _dispatch(self) -> None:
         loop = asyncio.get_running_loop()
@@ -163,7 +176,6 @@ class MicroBatcher:
                         if not group.future.done():
                             group.future.set_exception(e)
                     continue
-                self._measured(sum(group.pairs for group in groups), time.perf_counter() - now)
                 start = 0
                 for group in groups:
                     if not group.future.done():  # the client may have gone away

@@ -23,7 +23,7 @@ import torch
 
 from app import metrics
 from app.auth import Auth, Caller, KeyFileError, is_loopback
-from app.batcher import MicroBatcher, QueueFull, run_on
+from app.batcher import Backlogged, MicroBatcher, QueueFull, run_on
 from app.engine import Engine
 from app.feedback import Feedback
 from app.jobs import Answer, beyond_the_store, check_limits
@@ -47,7 +47,7 @@ class Service:
         self.model_thread = ThreadPoolExecutor(1, thread_name_prefix="cmn-model")
         self.io_threads = ThreadPoolExecutor(2, thread_name_prefix="cmn-io")
         self.batcher = MicroBatcher(self.model_thread, settings.max_batch, settings.max_wait_ms,
-                                    settings.max_queue_pairs, settings.max_call_pairs)
+                                    settings.max_queue_pairs, settings.max_call_ms, settings.max_key_backlog_s)
         self.store = self.models = self.feedback = None
         # the item ids of the last lists served, for /dashboard's "most recommended" (counted when the page asks:
         # appending is all a request pays)
@@ -118,6 +118,9 @@ class Service:
         except QueueFull:
             self.auth.refund_pairs(caller, pairs)
             raise
+        except Backlogged as e:
+            self.auth.refund_pairs(caller, pairs)
+            raise self.auth.too_much_work(caller, str(e), e.wait) from None
         self.recent_lists.extend(tuple(i for i, *_ in a.items) for a in answers)
         return engine, answers
 

@@ -70,14 +70,16 @@ class LimitSettings(BaseSettings):
                                  "pairs, before 503 + Retry-After: a whole-catalogue request counts the catalogue, a "
                                  "candidate request its candidates, a fold-in its measured cost in pairs (replaces "
                                  "CMN_MAX_QUEUE, which counted requests)")
-    foldin_pairs: int = Field(30_000, ge=1, description="what fitting one `history` (fold-in) costs, counted in "
-                              "scored pairs, besides the items it then scores: measure it for your model with "
-                              "`python -m benchmarks.cost --measure` (default: the tests' synthetic model, where a "
-                              "fold-in took 4-6 ms, the time of ~30,000 pairs of whole-catalogue scoring)")
-    max_call_pairs: int = Field(200_000, ge=1, description="most work, in scored pairs, in one model call (a "
-                                "request costing more is scored alone, a batch is split): with the queue served "
-                                "round-robin by key, what a request waits for behind another key's work is bounded "
-                                "by one such call")
+    foldin_pairs: int = Field(30_000, ge=1, description="what fitting one `history` (fold-in) costs, in scored "
+                              "pairs, until the model thread has measured it (then: its seconds per fold-in times its "
+                              "pairs per second); `python -m benchmarks.cost --measure-only` measures it for a model")
+    max_call_ms: float = Field(50.0, gt=0, description="most work in one model call, in milliseconds at the model "
+                               "thread's measured rate (a request costing more is scored alone, a batch is split): "
+                               "with the queue served round-robin by key, what a request waits for behind another "
+                               "key's work is one such call")
+    max_key_backlog_s: float = Field(1.0, gt=0, description="most work one key may have waiting for the model "
+                                     "thread, in seconds at its measured rate, before 429 + Retry-After (with "
+                                     "CMN_AUTH_FILE): a key cannot fill the queue others need")
     max_total_k: int = Field(10_000, ge=1, description="largest sum of k over one request (/recommend/batch)")
     max_explain_k: int = Field(20, ge=1, description="largest k of a request with explain")
     max_body_bytes: int = Field(1_000_000, ge=1024, description="largest request body (then 413)")

@@ -26,8 +26,8 @@ import httpx
 import pytest
 
 import app.models as models_module
-from app.batcher import MicroBatcher
-from app.engine import Engine
+from app.batcher import Backlogged, MicroBatcher, QueueFull
+from app.engine import Engine, Throughput
 from model.store.checkpoint import load_checkpoint
 from tests.harness.servers import running_server, server_log
 from conftest import serving, settings_for, wait_ready
@@ -161,7 +161,8 @@ async def test_work_past_a_keys_rate_is_429_and_other_keys_are_served(api_checkp
     users, items, _ = ids
     n_items, foldin = len(items), 5_000
     keys = write_keys(tmp_path / "keys", KEYS)
-    # a token a thousand seconds: the burst is all a key has here; three fold-ins fit in it, not four
+    # a token a thousand seconds: the burst is all a key has here; three fold-ins (at CMN_FOLDIN_PAIRS, before any
+    # is measured) and one catalogue fit in it, not four fold-ins
     settings = settings_for(api_checkpoint, tmp_path, auth_file=str(tmp_path / "keys"), foldin_pairs=foldin,
                             pairs_per_s=0.001, pairs_burst=3 * (foldin + n_items) + n_items)
     fold = {"requests": [{"history": items[n:n + 50]} for n in range(0, 150, 50)]}
@@ -172,10 +173,13 @@ async def test_work_past_a_keys_rate_is_429_and_other_keys_are_served(api_checkp
         r = await c.post("/recommend/batch", json=four, headers=flooder)
         assert r.status_code == 413 and "send fewer" in r.json()["detail"]
         assert (await c.post("/recommend/batch", json=fold, headers=flooder)).status_code == 200
-        r = await c.post("/recommend", json={"history": items[:5]}, headers=flooder)
+        assert (await c.post("/recommend", json={"user_id": users[0]}, headers=flooder)).status_code == 200
+        r = await c.post("/recommend", json={"user_id": users[0]}, headers=flooder)
         assert r.status_code == 429 and "scored pairs a second" in r.json()["detail"]
         assert int(r.headers["retry-after"]) > 1000
-        assert (await c.post("/recommend", json={"user_id": users[0]}, headers=flooder)).status_code == 200
+        # until then the key is refused before its body is validated: a refusal costs the server little
+        r = await c.post("/recommend", json={"user_id": users[0], "k": 0}, headers=flooder)
+        assert r.status_code == 429 and "Retry-After" in r.json()["detail"]
         for user in users[:3]:   # the other key's tokens are its own
             assert (await c.post("/recommend", json={"user_id": user}, headers=normal)).status_code == 200
 
@@ -187,11 +191,14 @@ class Job:
 
 
 class Recorder:
-    """An engine that records which jobs each model call scored, held on a gate for the first call."""
+    """An engine that records which jobs each model call scored, held on a gate for the first call; it scores
+    1,000 pairs a second."""
 
     def __init__(self):
         self.calls: list[list[str]] = []
         self.gate = threading.Event()
+        self.throughput = Throughput(foldin_pairs=1)
+        self.throughput.pairs_per_s = 1_000
 
     def recommend(self, jobs):
         self.gate.wait(BOUND)
@@ -206,7 +213,7 @@ async def test_the_queue_takes_keys_in_turn_in_calls_of_bounded_work():
     than a call's bound goes alone."""
     engine = Recorder()
     batcher = MicroBatcher(ThreadPoolExecutor(1), max_batch=64, max_wait_ms=0, max_queue_pairs=10_000,
-                           max_call_pairs=100)
+                           max_call_ms=100, max_key_backlog_s=10)
     batcher.start()
     try:
         first = asyncio.create_task(batcher.submit(engine, [Job("a0", 10)], "a"))
@@ -223,6 +230,33 @@ async def test_the_queue_takes_keys_in_turn_in_calls_of_bounded_work():
     finally:
         await batcher.stop()
     assert engine.calls == [["a0"], ["a1", "a2"], ["b0", "b1"], ["a3", "a4"], ["a5", "a6"], ["a-huge"]]
+
+
+@anyio
+async def test_a_key_may_not_fill_the_queue_others_need():
+    """Past a second of work waiting (at 1,000 pairs a second) a key is refused (→ 429 + Retry-After), before the
+    queue is full for everyone; another key is taken meanwhile, and an owner's first request whatever its size."""
+    engine = Recorder()
+    batcher = MicroBatcher(ThreadPoolExecutor(1), max_batch=64, max_wait_ms=0, max_queue_pairs=3_000,
+                           max_call_ms=100, max_key_backlog_s=1)
+    batcher.start()
+    try:
+        held = asyncio.create_task(batcher.submit(engine, [Job("a0", 10)], "a"))
+        await asyncio.sleep(0.05)                     # the model thread holds a0
+        queued = [asyncio.create_task(batcher.submit(engine, [Job("a1", 600)], "a")),
+                  asyncio.create_task(batcher.submit(engine, [Job("b-big", 1_500)], "b"))]
+        await asyncio.sleep(0)
+        with pytest.raises(Backlogged) as refused:
+            await batcher.submit(engine, [Job("a2", 500)], "a")
+        assert refused.value.wait >= 0.5 and "CMN_MAX_KEY_BACKLOG_S" in str(refused.value)
+        queued.append(asyncio.create_task(batcher.submit(engine, [Job("c0", 400)], "c")))
+        await asyncio.sleep(0)
+        with pytest.raises(QueueFull):                # 2,500 pairs queued: the queue's own bound still holds
+            await batcher.submit(engine, [Job("d0", 600)], "d")
+        engine.gate.set()
+        assert [await t for t in [held, *queued]] == [["a0"], ["a1"], ["b-big"], ["c0"]]
+    finally:
+        await batcher.stop()
 
 
 # --------------------------------------------------------------------------- replays over real HTTP (slow lane)
