@@ -20,7 +20,7 @@ import os
 import re
 import stat
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 
 from starlette.exceptions import HTTPException
@@ -30,6 +30,7 @@ from app.settings import Settings
 SCOPES = ("recommend", "history", "feedback", "admin", "metrics")
 MAX_KEY_FILE_BYTES = 1_000_000
 MAX_ADDRESSES = 10_000            # client addresses whose failed attempts are remembered (least recent forgotten)
+MAX_TARGETS = 100_000             # (key, user) pairs whose feedback is counted (least recent forgotten)
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 DIGEST = re.compile(r"[0-9a-fA-F]{64}")
 
@@ -181,6 +182,8 @@ class Auth:
         # limit, and a client ignoring Retry-After must not make each refusal cost a parsed, resolved body
         self.held: dict[str, float] = {}
         self.events = Buckets(settings.feedback_events_per_min)
+        self.per_user = Buckets(settings.feedback_per_user_per_hour / 60, settings.feedback_per_user_per_hour,
+                                remember=MAX_TARGETS)
         self.unknown = Buckets(settings.unknown_events_per_min)
         self.failures = Buckets(settings.auth_failures_per_min, remember=MAX_ADDRESSES)
 
@@ -314,31 +317,41 @@ class Auth:
         if caller.keyed and self.pairs:
             self.pairs.get(caller.name, time.monotonic()).give(pairs)
 
-    def charge_events(self, caller: Caller, events: int, unknown: int) -> None:
+    def _event_charges(self, caller: Caller, events: int, unknown: int, users: list[str]) -> list:
+        """(buckets, bucket name, tokens, what) for a feedback request: the key's events, its events naming unknown
+        ids, and its events for each user."""
+        charges = [(b, caller.name, n, what) for b, n, what in (
+            (self.events, events, "feedback events"),
+            (self.unknown, unknown, "events naming users or items the model does not know")) if b and n]
+        if self.per_user:
+            charges += [(self.per_user, f"{caller.name}\n{user}", n, "events for one user")
+                        for user, n in Counter(users).items()]
+        return charges
+
+    def charge_events(self, caller: Caller, events: int, unknown: int, users: list[str]) -> None:
         """Take a feedback request's events from the key's quotas, all or nothing: 429 when a quota has not
-        enough left, 413 when one request holds more than a quota's whole minute."""
+        enough left, 413 when one request holds more than a quota allows at once. `users`: each event's user."""
         if not caller.keyed:
             return
         now, wait = time.monotonic(), 0.0
-        charges = [(b, n, what) for b, n, what in ((self.events, events, "feedback events"),
-                                                   (self.unknown, unknown, "events naming users or items the model "
-                                                                           "does not know")) if b and n]
-        for buckets, n, what in charges:
+        charges = self._event_charges(caller, events, unknown, users)
+        for buckets, name, n, what in charges:
             if n > buckets.capacity:
+                per = "an hour" if buckets is self.per_user else "a minute"
                 raise HTTPException(413, f"{n} {what} in one request; this key may send {buckets.capacity:g} "
-                                         "a minute: send fewer per request")
-            wait = max(wait, buckets.get(caller.name, now).wait(n, now))
+                                         f"{per}: send fewer per request")
+            wait = max(wait, buckets.get(name, now).wait(n, now))
         if wait:
-            raise too_many("past this key's feedback quota (" + ", ".join(
-                f"{b.capacity:g} {what} a minute" for b, _, what in charges) + ")", wait)
-        for buckets, n, _ in charges:
-            buckets.get(caller.name, now).take(n)
+            raise too_many("past this key's feedback quota (" + ", ".join(sorted({
+                f"{b.capacity:g} {what} {'an hour' if b is self.per_user else 'a minute'}"
+                for b, _, _, what in charges})) + ")", wait)
+        for buckets, name, n, _ in charges:
+            buckets.get(name, now).take(n)
 
-    def refund_events(self, caller: Caller, events: int, unknown: int) -> None:
+    def refund_events(self, caller: Caller, events: int, unknown: int, users: list[str]) -> None:
         """Give back what `charge_events` took for a request that stored nothing."""
         if not caller.keyed:
             return
         now = time.monotonic()
-        for buckets, n in ((self.events, events), (self.unknown, unknown)):
-            if buckets and n:
-                buckets.get(caller.name, now).give(n)
+        for buckets, name, n, _ in self._event_charges(caller, events, unknown, users):
+            buckets.get(name, now).give(n)

@@ -81,15 +81,16 @@ class Throughput:
 class Engine:
     def __init__(self, checkpoint: str, device: str = "auto", explain_top: int = 5, max_bytes: int = MAX_BYTES,
                  within: str | None = None, graph_catalogue: bool = False, max_live_users: int = 10_000,
-                 max_live_items: int = 1_000, foldin_pairs: int = 30_000):
+                 max_live_items: int = 1_000, foldin_pairs: int = 30_000, max_popularity_gain: int | None = None):
         """`max_bytes`, `within`: see `load_checkpoint` (a path a client named must lie `within` a directory).
         `max_live_users`, `max_live_items`: how many users and items feedback may create before the next training
         run (past them, events for new ones are stored and deferred to it). `foldin_pairs`: what fitting one history
-        costs the model thread, in scored pairs, until measured (CMN_FOLDIN_PAIRS)."""
+        costs the model thread, in scored pairs, until measured (CMN_FOLDIN_PAIRS). `max_popularity_gain`: see
+        `Online` (CMN_MAX_POPULARITY_GAIN)."""
         start = time.perf_counter()
         ckpt = load_checkpoint(checkpoint, max_bytes, within)
         self.recommender = Recommender.from_checkpoint(ckpt, device, graph_catalogue=graph_catalogue)
-        self.online = Online(self.recommender)   # live users and items: what feedback creates
+        self.online = Online(self.recommender, max_popularity_gain)   # live users and items: what feedback creates
         self.device = self.recommender.device
         self.path, self.version = checkpoint, served_version(ckpt.model_version, ckpt.state, checkpoint)
         self.user_ids, self.item_ids = list(ckpt.user_ids), list(ckpt.item_ids)  # live ones are appended

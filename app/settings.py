@@ -51,6 +51,10 @@ class ModelSettings(BaseSettings):
     max_live_users: int = Field(10_000, ge=0, description="users feedback may create in a process before the next "
                                 "training run; past it their events are stored and deferred to that run")
     max_live_items: int = Field(1_000, ge=0, description="items feedback may create likewise")
+    max_popularity_gain: int = Field(50, ge=0, description="how much feedback may raise an item's popularity (the "
+                                     "order of the fallback list unknown users get) over its trained count before the "
+                                     "next training run, whoever sends it; the events themselves are all stored and "
+                                     "trained on")
 
     @model_validator(mode="after")
     def _checkpoint_dir_defaults_to_the_checkpoints(self):
@@ -106,6 +110,8 @@ class AuthSettings(BaseSettings):
     pairs_burst: int = Field(10_000_000, ge=1, description="work, in scored pairs, a key may queue at once past its "
                              "rate; a request costing more is a 413")
     feedback_events_per_min: int = Field(6000, ge=0, description="feedback events per key per minute (0: no limit)")
+    feedback_per_user_per_hour: int = Field(100, ge=0, description="feedback events one key may send for one user "
+                                            "per hour (0: no limit): how fast a key can rewrite one user's list")
     unknown_events_per_min: int = Field(1000, ge=0, description="feedback events naming a user or item the model "
                                                                 "does not know, per key per minute (0: no limit)")
     auth_failures_per_min: int = Field(10, ge=0, description="wrong keys per client address per minute before "
