@@ -187,6 +187,17 @@ async def test_work_past_a_keys_rate_is_429_and_other_keys_are_served(api_checkp
             assert (await c.post("/recommend", json={"user_id": user}, headers=normal)).status_code == 200
 
 
+def test_a_fold_in_costs_the_pairs_scored_in_its_time():
+    """Until measured a fold-in costs CMN_FOLDIN_PAIRS; then its measured seconds times the measured scoring rate
+    (moving averages, the last call weighing 0.2)."""
+    t = Throughput(foldin_pairs=30_000)
+    assert t.foldin_pairs() == 30_000 and t.seconds(1_000_000) == 1.0    # DEFAULT_PAIRS_PER_S until measured
+    t.observe(scored=100_000, scoring_s=0.01, foldins=2, foldin_s=0.02)  # 10M pairs/s, 10 ms a fold-in
+    assert t.foldin_pairs() == 100_000 and t.pairs_in(0.05) == 500_000
+    t.observe(scored=50_000, scoring_s=0.01, foldins=0, foldin_s=0.0)    # 5M pairs/s: 0.2 × 5M + 0.8 × 10M
+    assert t.pairs_per_s == pytest.approx(9_000_000) and t.foldin_pairs() == 90_000
+
+
 @dataclass
 class Job:
     name: str
