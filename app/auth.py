@@ -6,9 +6,9 @@ Clients send `Authorization: Bearer <key>` (admin routes also take `X-API-Key`, 
 key). Without CMN_AUTH_FILE auth is off: every route but /admin is open, and there are no per-key quotas.
 
 Token buckets, all on the event loop (no locks): requests per key, work per key (in scored pairs, what the model
-thread spends on its requests), feedback events per key and events naming ids the model does not know per key,
-and wrong keys per client address (a guess of a key costs a token, an
-address out of tokens gets 429 whatever it sends, so a right guess cannot be told from a wrong one).
+thread spends on its requests), feedback events per key, per key and user, and naming ids the model does not know
+per key, and wrong keys per client address (a guess of a key costs a token, an address out of tokens gets 429
+whatever it sends, so a right guess cannot be told from a wrong one).
 """
 from __future__ import annotations
 
@@ -291,8 +291,9 @@ class Auth:
             raise HTTPException(403, f"this key lacks the history scope: {reason}")
 
     def charge_pairs(self, caller: Caller, pairs: int) -> None:
-        """Take a request's work (scored pairs, a fold-in at CMN_FOLDIN_PAIRS) from the key's tokens: 429 +
-        Retry-After until they are there, 413 for a request costing more than the key may queue at once."""
+        """Take a request's work (scored pairs, a fold-in at its measured cost: app/engine.py `Throughput`) from the
+        key's tokens: 429 + Retry-After until they are there, 413 for a request costing more than the key may spend
+        at once."""
         if not caller.keyed or not self.pairs:
             return
         if pairs > self.pairs.capacity:
@@ -313,7 +314,8 @@ class Auth:
         return too_many(detail, wait)
 
     def refund_pairs(self, caller: Caller, pairs: int) -> None:
-        """Give back what `charge_pairs` took for a request that was not scored (the queue was full)."""
+        """Give back what `charge_pairs` took for a request that was not queued (the queue or the key's backlog was
+        full)."""
         if caller.keyed and self.pairs:
             self.pairs.get(caller.name, time.monotonic()).give(pairs)
 
