@@ -5,9 +5,9 @@
     python -m benchmarks.cost --checkpoint artifacts/model.ckpt --measure-only
 
 1. **The cost of a fold-in** (`--measure-only` stops here), in the unit every limit counts, scored pairs: the time of
-   fold-ins of 1, 64 and 500-item histories (median of --repeats, on the model thread's setting of one fold-in
-   thread) over the time per pair of a whole-catalogue model call as large as CMN_MAX_CALL_PAIRS lets one be. The
-   500-item figure is what CMN_FOLDIN_PAIRS should be for this model on this machine.
+   fold-ins of 1, 64 and 500-item histories (median of --repeats; fold-in runs on one thread) over the time per
+   pair of a whole-catalogue call for CMN_MAX_BATCH users. The 500-item figure is what CMN_FOLDIN_PAIRS (the cost
+   assumed until the server has measured a fold-in itself) should be for this model on this machine.
 2. **The flood**, through real HTTP (`python -m app` on loopback, auth on, the default quotas): a `normal` key
    sends /recommend for known users, one at a time, at most 20 a second, for --duration seconds; meanwhile a
    `flooder` key sends, each phase on a fresh server:
@@ -59,7 +59,7 @@ def measure(checkpoint: str, repeats: int, max_batch: int) -> dict:
     import torch
 
     from app.engine import Engine
-    torch.set_num_threads(int(os.environ.get("CMN_THREADS", "0")) or torch.get_num_threads())
+    torch.set_num_threads(int(os.environ.get("CMN_THREADS", "0")) or torch.get_num_threads())   # as the server
     engine = Engine(checkpoint, device="cpu")
     rec = engine.recommender
     rec.warmup(2)
