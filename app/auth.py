@@ -297,8 +297,9 @@ class Auth:
         if not caller.keyed or not self.pairs:
             return
         if pairs > self.pairs.capacity:
-            raise HTTPException(413, f"this request costs {pairs} scored pairs; a key may queue {self.pairs.capacity:g} "
-                                     "at once (CMN_PAIRS_BURST): send fewer users, candidates or histories per request")
+            raise HTTPException(413, f"this request costs {pairs} scored pairs; a key may spend "
+                                     f"{self.pairs.capacity:g} at once (CMN_PAIRS_BURST): send fewer users, "
+                                     "candidates or histories per request")
         now = time.monotonic()
         bucket = self.pairs.get(caller.name, now)
         if wait := bucket.wait(pairs, now):

@@ -12,8 +12,9 @@ time one takes, and turned into time at the rate it scores (both measured: `Engi
   batches of 256 fold-ins made a normal request wait 17.1 s in a FIFO queue);
 - a model call holds at most `max_batch` jobs and `max_call_ms` of work (one job costing more goes alone), so the
   model thread is back at the queue, and at the next owner's work, after a bounded time;
-- an owner may have at most `max_key_backlog_s` of work waiting (`Backlogged` past it: 429 + Retry-After), so one key cannot
-  fill the queue the others need; the owner "" (no auth: no keys to tell apart) is bounded by the queue alone.
+- an owner may have at most `max_key_backlog_s` of work waiting (`Backlogged` past it: 429 + Retry-After), so
+  one key cannot fill the queue the others need; the owner "" (no auth: no keys to tell apart) is bounded by the
+  queue alone.
 """
 from __future__ import annotations
 

@@ -41,7 +41,8 @@ class Job:
     exclude_seen: bool
     explain: bool
     strategy: str
-    pairs: int                        # what it costs the model thread, in scored pairs (a fold-in: CMN_FOLDIN_PAIRS more)
+    pairs: int                        # what it costs the model thread, in scored pairs (a fold-in: its measured
+                                      # cost more, app/engine.py `Throughput`)
     history: list[int] | None = None  # an unknown user's items, folded in for this request
 
 

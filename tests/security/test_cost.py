@@ -95,7 +95,8 @@ async def test_a_batch_bounds_its_total_history(api_checkpoint, tmp_path, ids):
         r = await c.post("/recommend/batch", json=batch)
         assert r.status_code == 422, r.text
         (error,) = r.json()["detail"]
-        assert error["loc"] == ["body", "requests"] and "add up to 1001" in error["msg"] and "at most 1000" in error["msg"]
+        assert error["loc"] == ["body", "requests"]
+        assert "add up to 1001" in error["msg"] and "at most 1000" in error["msg"]
         batch["requests"].pop()
         r = await c.post("/recommend/batch", json=batch)
         assert r.status_code == 200 and [x["cold_start"] for x in r.json()["results"]] == ["fold_in"] * 2
