@@ -131,14 +131,15 @@ class Feedback:
             # verified: the model knew the user and item, or creates them live (the training run folds those in)
             stored.append(Event(user, item, e.timestamp, e.event_id, verified=engine.accepts(user, item)))
         unknown = sum(not engine.knows(e.user_id, e.item_id) for e in stored)  # each may create a user or an item
-        self.auth.charge_events(caller, len(stored), unknown)
+        users = [e.user_id for e in stored]
+        self.auth.charge_events(caller, len(stored), unknown, users)
         clicks = [None if e.impression_id is None else (e.impression_id, e.position) for e in events]
         fault = self.store.fault
         try:  # durable before we answer; events are unique per writer, the caller's key
             seqs = await run_on(self.io_threads, self.store.append, stored, caller.name,
                                 self.settings.dedup_window_s, clicks)
         except (EventIdConflict, StoreUnavailable) as e:
-            self.auth.refund_events(caller, len(stored), unknown)
+            self.auth.refund_events(caller, len(stored), unknown, users)
             if isinstance(e, StoreUnavailable) and str(e) != fault:  # logged once per fault, not once per request
                 log.error("feedback store not writable: %s", e.detail, extra={"event": "store_unwritable"})
             raise

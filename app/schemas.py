@@ -55,7 +55,8 @@ class RecommendRequest(BaseModel):
     history: list[ExternalId] | None = Field(
         None, min_length=1, max_length=10_000,
         description="items the user interacted with (at most CMN_MAX_HISTORY): an unknown or absent user_id gets a "
-                    "list personalised by fold-in (nothing is stored); a known user's list also leaves these out")
+                    "list personalised by fold-in (nothing is stored); a known user's list also leaves these out "
+                    "(counted with `exclude` against CMN_EXCLUDE_WITHOUT_HISTORY without the history scope)")
     candidates: list[ExternalId] | None = Field(
         None, min_length=1, max_length=10_000, description="score only these items; absent = whole catalogue")
     exclude_seen: bool = Field(True, description="drop the user's training and fed-back items")

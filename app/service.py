@@ -24,7 +24,7 @@ import torch
 
 from app import metrics
 from app.auth import Auth, Caller, KeyFileError, is_loopback
-from app.batcher import MicroBatcher, run_on
+from app.batcher import Backlogged, MicroBatcher, QueueFull, run_on
 from app.engine import Engine
 from app.experiments import Experiments
 from app.feedback import Feedback
@@ -56,7 +56,7 @@ class Service:
         self.model_thread = ThreadPoolExecutor(1, thread_name_prefix="cmn-model")
         self.io_threads = ThreadPoolExecutor(2, thread_name_prefix="cmn-io")
         self.batcher = MicroBatcher(self.model_thread, settings.max_batch, settings.max_wait_ms,
-                                    settings.max_queue_pairs)
+                                    settings.max_queue_pairs, settings.max_call_ms, settings.max_key_backlog_s)
         self.experiments = Experiments(settings.experiment_file, self.io_threads, settings.feedback_poll_s)
         self.store = self.models = self.feedback = self.impressions = None
         # the item ids of the last lists served, for /dashboard's "most recommended" (counted when the page asks:
@@ -118,9 +118,9 @@ class Service:
                         batch: bool) -> tuple[Engine, list[Answer], list[Shown]]:
         """The answers to /recommend (one request) or /recommend/batch, the engine that gave them, and for each
         its impression id and experiment arm. Everything that can refuse a request does so before it is queued:
-        the key's scope, the cost limits, a model to answer, the after_seq asked for (read from the store now if
-        need be). A request in an active arm is served with the arm's strategy (app/experiments.py)."""
-        self.auth.require_history(caller, reqs)
+        a model to answer, the cost limits, the after_seq asked for (read from the store now if need be), the
+        key's scope, its work rate (in scored pairs). A request in an active arm is served with the arm's strategy
+        (app/experiments.py)."""
         self.models.engine_or_503()
         check_limits(self.settings, reqs, batch)
         seq = max((r.after_seq for r in reqs if r.after_seq is not None), default=None)
@@ -129,9 +129,19 @@ class Service:
         engine = self.models.engine_or_503()
         offered = engine.recommender.strategies
         arms = [self.experiments.assign(r.user_id, r.strategy, engine.version, offered) for r in reqs]
-        answers = await self.batcher.submit(engine, [
-            engine.prepare(r if arm is None else r.model_copy(update={"strategy": arm.strategy}))
-            for r, arm in zip(reqs, arms)])
+        jobs = [engine.prepare(r if arm is None else r.model_copy(update={"strategy": arm.strategy}))
+                for r, arm in zip(reqs, arms)]
+        self.auth.require_history(caller, reqs, jobs)
+        pairs = sum(job.pairs for job in jobs)
+        self.auth.charge_pairs(caller, pairs)
+        try:
+            answers = await self.batcher.submit(engine, jobs, caller.name)
+        except QueueFull:
+            self.auth.refund_pairs(caller, pairs)
+            raise
+        except Backlogged as e:
+            self.auth.refund_pairs(caller, pairs)
+            raise self.auth.too_much_work(caller, str(e), e.wait) from None
         lists = [tuple(i for i, *_ in a.items) for a in answers]
         self.recent_lists.extend(lists)
         shown = [Shown(self.impressions.record(r.user_id, items, a.strategy or "popularity", engine.version,
