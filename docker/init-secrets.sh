@@ -22,9 +22,9 @@ umask 077
 random() { python3 -c 'import secrets; print(secrets.token_urlsafe(32))'; }
 digest() { printf %s "$1" | sha256sum | cut -d' ' -f1; }
 
-# create FILE: stdin becomes FILE, unless FILE exists (then 1, and FILE is untouched)
+# create FILE: stdin becomes FILE, unless FILE exists (then 1, and FILE is untouched; stdin is read all the same,
+# so that what writes it never meets a closed pipe)
 create() {
-    [ -e "$1" ] && return 1
     tmp=$(mktemp "$1.XXXXXX")
     cat >"$tmp"
     if ln "$tmp" "$1" 2>/dev/null; then rm -f "$tmp"; else rm -f "$tmp"; return 1; fi
