@@ -26,8 +26,11 @@ from app.settings import Settings, from_environment
 
 class ServerProtocol(HttpToolsProtocol):
     """A connection is *waiting* from its start, and again from the end of each answer, until a complete request
-    head has arrived: then a timer runs (`header_timeout_s`; closed when it fires) and the connection may be
-    closed to make room for a new one. While waiting, the head's bytes are counted before they reach the parser."""
+    head has arrived: it is closed once it has waited `header_timeout_s`, and may be closed earlier to make room
+    for a new one. While waiting, the head's bytes are counted before they reach the parser.
+
+    The waiting connections of a server are one ordered dict, longest waiting first, swept a few times per
+    timeout by one timer: a request costs a dict insert and a removal, not a timer of its own."""
 
     # set per server by `server_options`; None (worker processes, which uvicorn hands the class by reference):
     # the settings of the process's environment, read once
@@ -36,10 +39,10 @@ class ServerProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         if self.settings is None:
             type(self).settings = from_environment()
-        self._head_timer: asyncio.TimerHandle | None = None
         self._head_bytes: int | None = 0      # bytes of the head arriving now; None while no head is arriving
         self._heads = 0                       # heads completed on this connection
         super().connection_made(transport)
+        self._waiting = waiting_of(self.server_state, self.loop, self.settings.header_timeout_s)
         self._make_room()
         if not transport.is_closing():
             self._wait_for_head()
@@ -96,27 +99,14 @@ class ServerProtocol(HttpToolsProtocol):
 
     # ---------------------------------------------------------------- waiting connections: deadline, room
 
-    def _waiting(self) -> OrderedDict:
-        """This server's waiting connections, longest waiting first."""
-        state = self.server_state
-        if not hasattr(state, "cmn_waiting"):
-            state.cmn_waiting = OrderedDict()
-        return state.cmn_waiting
-
     def _wait_for_head(self) -> None:
-        self._stop_waiting()
-        self._head_timer = self.loop.call_later(self.settings.header_timeout_s, self._head_timed_out)
-        self._waiting()[self] = None
+        self._waiting.pop(self, None)
+        self._waiting[self] = self.loop.time()
 
     def _stop_waiting(self) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
-            self._waiting().pop(self, None)
+        self._waiting.pop(self, None)
 
     def _head_timed_out(self) -> None:
-        self._head_timer = None
-        self._waiting().pop(self, None)
         if not self._serving() and not self.transport.is_closing():
             self.logger.info("closing a connection that sent no complete request head in %g s",
                              self.settings.header_timeout_s)
@@ -127,13 +117,33 @@ class ServerProtocol(HttpToolsProtocol):
         connection has a request in progress, this new one is closed instead."""
         if len(self.connections) <= self.settings.max_connections:
             return
-        waiting = self._waiting()
-        if waiting:
-            oldest, _ = waiting.popitem(last=False)
-            oldest._stop_waiting()
+        if self._waiting:
+            oldest, _ = self._waiting.popitem(last=False)
             oldest.transport.close()
         else:
             self.transport.close()
+
+
+def waiting_of(state, loop: asyncio.AbstractEventLoop, timeout: float) -> OrderedDict:
+    """The server's waiting connections (connection → when it began waiting), and the timer that closes those
+    that waited `timeout`: it runs every quarter of the timeout (at most every second), so a connection is
+    closed between `timeout` and 1.25 × `timeout` after it began to wait."""
+    waiting = getattr(state, "cmn_waiting", None)
+    if waiting is None:
+        waiting = state.cmn_waiting = OrderedDict()
+        every = min(1.0, timeout / 4)
+
+        def sweep() -> None:
+            deadline = loop.time() - timeout
+            while waiting:
+                connection, since = next(iter(waiting.items()))
+                if since > deadline:
+                    break
+                del waiting[connection]
+                connection._head_timed_out()
+            loop.call_later(every, sweep)
+        loop.call_later(every, sweep)
+    return waiting
 
 
 def server_options(settings: Settings) -> dict:

@@ -12,7 +12,9 @@ For each request kind (100 candidates; full catalogue; `probe`: GET /livez, no b
 layer alone: parser, connection limits, middleware) and concurrency (1, 8, 32, 64 connections), wrk
 (`--wrk-threads`, default 1; `--latency`, a short warm-up first) hits bare then real, alternately, so both see the
 same machine. With --baseline-tree a third server, `python -m app` of another checkout, joins them (e.g. the
-revision before a change to the HTTP layer: issue 23 compared h11 with httptools this way).
+revision before a change to the HTTP layer: issue 23 compared h11 with httptools this way); with --plain, the
+same app under `uvicorn app.main:app` (uvicorn's defaults: httptools without app/protocol.py's head deadline,
+head limit and connection cap, the limits a deployment would then leave to its proxy).
 Requests cycle through 512 bodies of random known users (benchmarks/wrk_post.lua). Reported: req/s, p50, p99,
 non-2xx responses and socket errors, real/bare throughput, and the server's CPU time per request (whole process
 and its main thread, from /proc: robust to other jobs on a shared machine), and the share of the machine's cores
@@ -106,13 +108,16 @@ def serve_bare(port: int) -> None:
 
 def start_server(kind: str, checkpoint: Path, workdir: Path, extra_env: dict,
                  cwd: Path = ROOT) -> tuple[str, subprocess.Popen]:
-    """`real` (and `baseline`: the same from another checkout, `cwd`) or `bare`."""
+    """`real` (and `baseline`: the same from another checkout, `cwd`; `plain`: the same app on uvicorn's
+    defaults) or `bare`."""
     port = free_port()
     env = {**os.environ, **extra_env}
-    if kind in ("real", "baseline"):
+    if kind in ("real", "baseline", "plain"):
         env.update(CMN_CHECKPOINT=str(checkpoint), CMN_PORT=str(port), CMN_HOST="127.0.0.1",
                    CMN_FEEDBACK_PATH=str(workdir / f"feedback-{port}.sqlite3"))
-        cmd = [sys.executable, "-m", "app"]
+        cmd = [sys.executable, "-m", "app"] if kind != "plain" else [
+            sys.executable, "-m", "uvicorn", "app.main:app", "--port", str(port), "--no-access-log", "--log-level",
+            "warning"]
     else:
         cmd = [sys.executable, "-m", "benchmarks.http_load", "--serve-bare", str(port)]
     log = open(workdir / f"server-{kind}-{port}.log", "wb")
@@ -205,6 +210,8 @@ def main(argv=None) -> int:
     ap.add_argument("--baseline-tree", type=Path, metavar="DIR",
                     help="also serve `python -m app` from this checkout of another revision (e.g. `git worktree add "
                          "/tmp/before REV`), interleaved with the others, and report real/baseline")
+    ap.add_argument("--plain", action="store_true", help="also serve the app under `uvicorn app.main:app` "
+                    "(uvicorn's defaults, without app/protocol.py), interleaved with the others")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     if args.serve_bare:
@@ -240,9 +247,10 @@ def main(argv=None) -> int:
     del ckpt
     servers = {}
     try:
-        names = ("bare", "real") + (("baseline",) if args.baseline_tree else ())
+        names = ("bare", "real") + (("plain",) if args.plain else ()) + (("baseline",) if args.baseline_tree else ())
         for kind in names:
-            servers[kind] = start_server(kind, checkpoint, workdir, extra_env, args.baseline_tree or ROOT)
+            servers[kind] = start_server(kind, checkpoint, workdir, extra_env,
+                                         args.baseline_tree if kind == "baseline" else ROOT)
         rows = []
         header = f"{'kind':>10} {'conc':>4} {'server':>6} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'non2xx':>6} " \
                  f"{'sockerr':>7} {'real/bare':>9} {'CPU ms/req':>10} {'main thr':>8} {'idle':>5}"
