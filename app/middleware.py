@@ -42,6 +42,10 @@ def configure_logging(level: str = "info") -> None:
     root.propagate = False
 
 
+class ClientGone(Exception):
+    """The connection closed before the whole body arrived (the client left, or app/protocol.py made room)."""
+
+
 class RequestContext:
     """Reads every request body here, whole, before the app sees it: at most `max_body_bytes` (413), within
     `body_timeout_s` seconds from the first read to the last (408; a client trickling its body cannot hold a
@@ -85,6 +89,9 @@ class RequestContext:
             except asyncio.TimeoutError:
                 return await self._refuse(send_with_id, 408, f"request body not received within "
                                                              f"{s.body_timeout_s:g} s", close=True)
+            except ClientGone:   # nothing to answer, and a part of a body is no request (logged as nginx does)
+                status = 499
+                return
             if body is None:
                 return await self._refuse(send_with_id, 413, f"request body exceeds {s.max_body_bytes} bytes")
             if self.in_flight >= s.limit_concurrency and route not in PROBES:
@@ -110,7 +117,7 @@ class RequestContext:
         while more:
             message = await receive()
             if message["type"] == "http.disconnect":
-                break
+                raise ClientGone
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.settings.max_body_bytes:

@@ -9,8 +9,9 @@ requests: a few hundred idle connections made every route answer 503. Here:
 - `ServerProtocol` gives each head a deadline that bytes do not extend, refuses a head longer than
   CMN_MAX_HEADER_BYTES before the parser has buffered more than that (431, connection closed), and keeps at most
   CMN_MAX_CONNECTIONS connections open: past it, the connection that has waited longest for a request head is
-  closed to make room (idle connections are what an attacker can open cheaply; a connection whose request is
-  being answered is never closed for another).
+  closed to make room, else the one that has been sending its body longest (idle connections and trickling
+  bodies are what an attacker can hold cheaply; a connection whose request is being answered is never closed for
+  another).
 - Requests in progress are bounded by CMN_LIMIT_CONCURRENCY in `app.middleware.RequestContext`, which also times
   body reads; idle connections do not count, and /health and /livez are never refused.
 """
@@ -30,7 +31,8 @@ class ServerProtocol(HttpToolsProtocol):
     for a new one. While waiting, the head's bytes are counted before they reach the parser.
 
     The waiting connections of a server are one ordered dict, longest waiting first, swept a few times per
-    timeout by one timer: a request costs a dict insert and a removal, not a timer of its own."""
+    timeout by one timer: a request costs a dict insert and a removal, not a timer of its own. Connections
+    receiving a request body are a second one, in the order their heads arrived."""
 
     # set per server by `server_options`; None (worker processes, which uvicorn hands the class by reference):
     # the settings of the process's environment, read once
@@ -43,6 +45,7 @@ class ServerProtocol(HttpToolsProtocol):
         self._heads = 0                       # heads completed on this connection
         super().connection_made(transport)
         self._waiting = waiting_of(self.server_state, self.loop, self.settings.header_timeout_s)
+        self._receiving = receiving_of(self.server_state)
         self._make_room()
         if not transport.is_closing():
             self._wait_for_head()
@@ -68,10 +71,12 @@ class ServerProtocol(HttpToolsProtocol):
         self._heads += 1
         self._head_bytes = None
         self._stop_waiting()
+        self._receiving[self] = None          # until its body has arrived (at once, for a request without one)
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
+        self._receiving.pop(self, None)
         self._head_bytes = 0                  # what follows is the next request's head
 
     def on_response_complete(self) -> None:
@@ -81,6 +86,7 @@ class ServerProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_waiting()
+        self._receiving.pop(self, None)
         super().connection_lost(exc)
 
     def _serving(self) -> bool:
@@ -113,15 +119,24 @@ class ServerProtocol(HttpToolsProtocol):
             self.transport.close()
 
     def _make_room(self) -> None:
-        """Past CMN_MAX_CONNECTIONS, close the connection that has waited longest for a head; when every other
-        connection has a request in progress, this new one is closed instead."""
+        """Past CMN_MAX_CONNECTIONS, close the connection that has waited longest for a head, else the one that
+        has been receiving its body longest; when every other connection has a request being answered, this new
+        one is closed instead."""
         if len(self.connections) <= self.settings.max_connections:
             return
-        if self._waiting:
-            oldest, _ = self._waiting.popitem(last=False)
-            oldest.transport.close()
-        else:
-            self.transport.close()
+        for held in (self._waiting, self._receiving):
+            if held:
+                oldest, _ = held.popitem(last=False)
+                oldest.transport.close()
+                return
+        self.transport.close()
+
+
+def receiving_of(state) -> OrderedDict:
+    """The server's connections receiving a request body (connection → None), oldest head first."""
+    if not hasattr(state, "cmn_receiving"):
+        state.cmn_receiving = OrderedDict()
+    return state.cmn_receiving
 
 
 def waiting_of(state, loop: asyncio.AbstractEventLoop, timeout: float) -> OrderedDict:

@@ -389,3 +389,31 @@ def test_past_the_connection_cap_the_longest_idle_connection_makes_room():
             assert read_response(reader) == (200, b"ok")
         for s in (busy, oldest, newer):
             s.close()
+
+
+def test_past_the_connection_cap_a_trickling_body_makes_room_when_none_is_idle():
+    """With 2 connections allowed: one answering a request, one sending its body slowly (behind nginx bodies
+    arrive whole; without it such clients are cheap to hold open). A third connection closes the trickling one,
+    and is served."""
+    with uvicorn_on_loopback(max_connections=2, keep_alive_s=BOUND, header_timeout_s=BOUND,
+                             body_timeout_s=BOUND) as port:
+        busy = connect(port)
+        busy.sendall(b"GET /hold HTTP/1.1\r\nHost: t\r\n\r\n")
+        deadline = time.monotonic() + BOUND
+        while ok_app.calls < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        trickling = connect(port)
+        trickling.sendall(b"POST /x HTTP/1.1\r\nHost: t\r\nContent-Length: 1000\r\nExpect: 100-continue\r\n\r\n")
+        # the server asks for the body once its head has arrived and the body is being read
+        assert trickling.recv(65536).startswith(b"HTTP/1.1 100")
+        trickling.sendall(b"x" * 10)
+        try:
+            with connect(port) as s:
+                assert exchange(s) == (200, b"ok")
+            assert closed_by_server(trickling, trickle=b"x")
+        finally:
+            ok_app.gate.set()
+        with busy.makefile("rb") as reader:
+            assert read_response(reader) == (200, b"ok")
+        for s in (busy, trickling):
+            s.close()
