@@ -166,7 +166,8 @@ def shuffle_weights(path: str, seed: int = 0) -> None:
     model with the same shapes and statistics, under a new version."""
     ckpt = load_checkpoint(path)
     g = np.random.default_rng(seed)
-    ckpt.state = {k: v.flatten()[g.permutation(v.numel())].reshape(v.shape) for k, v in ckpt.state.items()}
+    ckpt.state = {k: ckpt.state[k].flatten()[g.permutation(ckpt.state[k].numel())].reshape(ckpt.state[k].shape)
+                  for k in sorted(ckpt.state)}   # in a fixed order: the same seed, the same permutations
     ckpt.model_version = ""
     save_checkpoint(ckpt, path)
 
@@ -273,11 +274,12 @@ def ab_verdict(served: dict[str, list[Served]]) -> dict:
 
 
 def table(result: LoopResult) -> str:
-    lines = [f"{'round':>5s}  {'model':14s}{'CTR':>8s}  {'95% interval':17s}{'true pref':>10s}  retrain"]
+    lines = [f"{'round':>5s}  {'model':8s}{'CTR':>8s}  {'95% interval':17s}{'true pref':>10s}  retrain (before the round)"]
     for n, s in enumerate(result.rounds):
         lo, hi = s.rate.interval
         how = "" if n == 0 else f"{result.retrains[n - 1].status} ({result.retrains[n - 1].seconds:.1f} s)"
-        lines.append(f"{n:5d}  {s.version[:12]:14s}{s.rate.ctr:8.4f}  [{lo:.4f}, {hi:.4f}]  {s.preference:9.4f}  {how}")
+        lines.append(f"{n:5d}  {s.version.rsplit('-', 1)[-1]:8s}{s.rate.ctr:8.4f}  [{lo:.4f}, {hi:.4f}]  "
+                     f"{s.preference:9.4f}  {how}")
     if result.broken is not None:
         lines.append(f"broken candidate (shuffled weights) {result.broken.version}: {result.broken.status}; "
                      f"serving afterwards: {result.serving_after_broken}")
