@@ -198,7 +198,8 @@ def with_retrieval(store_url: str, path: str, out_dir: Path) -> str:
     ckpt = load_checkpoint(path)
     ckpt.retrieval, params = fit_retrieval("itemknn", ckpt.seen, ckpt.config.n_users, ckpt.config.n_items)
     ckpt.two_stage = TwoStage("itemknn", candidates=100, weight=0.5, params=params)
-    ckpt.model_version = ""
+    # the weights are the same, so the version derived from them would be too: name the addition
+    ckpt.model_version = f"{ckpt.model_version}+itemknn"
     out = str(out_dir / "model-with-retrieval.ckpt")
     version = save_checkpoint(ckpt, out)
     store = open_store(store_url)
