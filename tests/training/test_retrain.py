@@ -115,10 +115,17 @@ def test_the_gate_publishes_within_the_tolerance_and_refuses_below_it_or_below_p
     assert Verdict({}, None).publish   # nothing serving: nothing to compare with
 
 
-def publish_versions(tmp_path, n):
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request, tmp_path):
+    if request.param == "sqlite":
+        return str(tmp_path / "f.sqlite3")
+    return request.getfixturevalue("postgres_url")
+
+
+def publish_versions(tmp_path, n, url=None):
     """n checkpoints of different versions in tmp/models, each published in turn; their (version, path)."""
     (tmp_path / "models").mkdir(exist_ok=True)
-    store = open_store(str(tmp_path / "f.sqlite3"))
+    store = open_store(url or str(tmp_path / "f.sqlite3"))
     published = []
     for seed in range(n):
         path = small_checkpoint(tmp_path / "models" / f"model-{seed}.ckpt", seed=seed)
@@ -130,9 +137,9 @@ def publish_versions(tmp_path, n):
     return published
 
 
-def test_rollback_publishes_the_version_before_the_active_one_or_the_one_named(cli, tmp_path):
-    (v0, p0), (v1, p1), (v2, p2) = publish_versions(tmp_path, 3)
-    url = str(tmp_path / "f.sqlite3")
+def test_rollback_publishes_the_version_before_the_active_one_or_the_one_named(cli, tmp_path, store_url):
+    url = store_url
+    (v0, p0), (v1, p1), (v2, p2) = publish_versions(tmp_path, 3, url)
     rc, out, _ = cli("rollback", "--feedback", url)
     assert rc == 0 and f"rolled back: version {v1}" in out
     store = open_store(url)
