@@ -291,14 +291,16 @@ def cmd_compare(args) -> int:
 
 def cmd_retrain(args) -> int:
     from model.device import resolve_device
-    from training.retrain import Retrainer, duration, stop_on_sigterm
+    from training.retrain import Retrainer, duration, stop_on_sigterm, summary
     every = None if args.once else duration(args.every)
     cfg = RetrainConfig(args.feedback, args.out_dir, args.checkpoint, args.holdout_fraction, args.min_events,
                         args.tolerance, args.list_size, args.keep, str(resolve_device(args.device)), train_config(args))
     retrainer = Retrainer(cfg)
     try:
         if args.once:
-            return 4 if retrainer.run_once().status == "refused" else 0
+            done = retrainer.run_once()
+            print(summary([done]))
+            return 4 if done.status == "refused" else 0
         retrainer.run(every, stop=stop_on_sigterm())
         print("retrain: stopped")
         return 0
@@ -330,6 +332,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 3
     except KeyboardInterrupt:
-        print({"export": "interrupted; the same command continues the export from its last complete part"}.get(
+        print({"export": "interrupted; the same command continues the export from its last complete part",
+               "retrain": "interrupted; the unfinished round published nothing"}.get(
             args.command, "interrupted; `--resume` with the same command continues a training run"), file=sys.stderr)
         return 130

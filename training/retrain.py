@@ -314,7 +314,7 @@ def rollback(url: str, version: str | None = None, checkpoint: str | None = None
 
 class Retrainer:
     """Rounds of retraining against one store. The steps are methods so that a caller (the simulation,
-    training/simulate.py) can put a candidate of its own through the same gate."""
+    tests/harness/loop.py) can put a candidate of its own through the same gate."""
 
     def __init__(self, cfg: RetrainConfig, log: Callable[[str], None] = print):
         self.cfg, self.log = cfg, log
@@ -404,7 +404,7 @@ class Retrainer:
 def summary(rounds: list[Round]) -> str:
     counts = {s: sum(r.status == s for r in rounds) for s in ("published", "refused", "waiting", "failed")}
     last = rounds[-1]
-    return (f"retrain: {len(rounds)} rounds ({', '.join(f'{n} {s}' for s, n in counts.items() if n)}); last: "
+    return (f"retrain: {len(rounds)} round{'' if len(rounds) == 1 else 's'} ({', '.join(f'{n} {s}' for s, n in counts.items() if n)}); last: "
             f"{last.status}{f' in {last.seconds:.1f} s' if last.seconds else ''}")
 
 
