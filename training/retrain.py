@@ -116,7 +116,8 @@ class Verdict:
 
 @dataclass
 class Round:
-    """What one round did: `status` is published, refused or waiting (too few new events)."""
+    """What one round did: `status` is published, refused, waiting (too few new events), superseded (another
+    model was published during the round) or failed."""
     status: str
     message: str
     version: str | None = None           # the candidate's
@@ -365,6 +366,7 @@ class Retrainer:
             self.log(planned)
             return Round("waiting", planned, seconds=time.perf_counter() - start)
         serving, cut, held, applied = planned
+        rollout = self.store.active_checkpoint()   # what the round compares against, checked again before publishing
         self.log(f"retrain: {len(applied):,} new events to train on (through seq {cut}), the newest {len(held):,} "
                  f"held out; serving {serving.version if serving else '(none)'}")
         path, candidate = self.train_candidate(cut)
@@ -374,14 +376,22 @@ class Retrainer:
         verdict = judge(candidate, serving, held, applied, self.cfg.tolerance, self.cfg.list_size, self.cfg.device)
         line = verdict.line(candidate.model_version, serving.version if serving else None)
         self.log(line)
-        if verdict.publish:
+        status = "published" if verdict.publish else "refused"
+        now = self.store.active_checkpoint()
+        if verdict.publish and (now and now.id) != (rollout and rollout.id):
+            # a rollback or a reload during the round: it stands, and the next round compares against it
+            status = "superseded"
+            line = (f"retrain: not publishing {candidate.model_version}: the serving model changed during the round "
+                    f"(rollout {now.id}: {now.version}); the next round compares against it")
+            self.log(line)
+        if status == "published":
             publish(self.store, self.cfg.out_dir, path, candidate.model_version, self.cfg.keep, self.log)
         else:
             for suffix in ("",) + REPORTS:
                 if os.path.exists(path + suffix):
                     os.remove(path + suffix)
-        return Round("published" if verdict.publish else "refused", line, candidate.model_version,
-                     serving.version if serving else None, verdict, time.perf_counter() - start)
+        return Round(status, line, candidate.model_version, serving.version if serving else None, verdict,
+                     time.perf_counter() - start)
 
     def run(self, every: float, rounds: int | None = None, stop: threading.Event | None = None) -> list[Round]:
         """A round every `every` seconds (from the start of one to the next) until `stop` is set or `rounds` ran.
@@ -402,7 +412,8 @@ class Retrainer:
 
 
 def summary(rounds: list[Round]) -> str:
-    counts = {s: sum(r.status == s for r in rounds) for s in ("published", "refused", "waiting", "failed")}
+    counts = {s: sum(r.status == s for r in rounds)
+              for s in ("published", "refused", "waiting", "superseded", "failed")}
     last = rounds[-1]
     return (f"retrain: {len(rounds)} round{'' if len(rounds) == 1 else 's'} ({', '.join(f'{n} {s}' for s, n in counts.items() if n)}); last: "
             f"{last.status}{f' in {last.seconds:.1f} s' if last.seconds else ''}")

@@ -1,9 +1,10 @@
-"""`python -m training retrain` and `rollback` without training: the schedule's arguments, the gate's figures
-(checked against rankings computed here), rollouts, rollback and the versions kept. The whole loop, trained and
-served for real, is tests/training/test_loop_simulation.py."""
+"""`python -m training retrain` and `rollback`: the schedule's arguments, the gate's figures (checked against
+rankings computed here), rollouts, rollback and the versions kept; rounds on a tiny simulated world (seconds of
+training). The whole loop, served over HTTP, is tests/training/test_loop_simulation.py."""
 import math
 import os
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -157,3 +158,58 @@ def test_prune_keeps_the_newest_versions_and_the_active_one(tmp_path):
     published = publish_versions(tmp_path, 4)
     prune(str(tmp_path / "models"), keep=2, active=published[0][1], log=lambda line: None)
     assert sorted(os.listdir(tmp_path / "models")) == ["model-0.ckpt", "model-2.ckpt", "model-3.ckpt"]
+
+
+@pytest.fixture
+def tiny_loop(tmp_path):
+    """A first model of a small simulated world (tests/harness/loop.py) and 120 stored clicks after it."""
+    from tests.harness.loop import World, first_model, train_config
+    from training.retrain import RetrainConfig
+    world = World(n_users=40, n_items=60, n_clusters=3)
+    checkpoint = first_model(world, tmp_path)
+    store = open_store(str(tmp_path / "f.sqlite3"))
+    rng = np.random.default_rng(0)
+    store.append([Event(world.user_id(int(u)), world.item_id(int(rng.choice(60, p=world.click[u] / world.click[u].sum()))),
+                        None) for u in rng.integers(0, 40, 120)])
+    store.close()
+    cfg = RetrainConfig(str(tmp_path / "f.sqlite3"), out_dir=str(tmp_path / "models"), checkpoint=str(checkpoint),
+                        min_events=20, train=train_config(tmp_path / "base.csv", epochs=1, pretrain_epochs=2))
+    return cfg, checkpoint
+
+
+def test_a_round_publishes_through_the_store_and_the_next_one_waits(tiny_loop, tmp_path):
+    from training.retrain import Retrainer
+    cfg, checkpoint = tiny_loop
+    retrainer = Retrainer(replace(cfg, tolerance=1.0, min_events=25), log=lambda line: None)   # the floor alone
+    try:
+        done = retrainer.run_once()
+        assert done.status == "published", done.message
+        active = retrainer.store.active_checkpoint()
+        assert active.version == done.version == load_checkpoint(active.path).model_version
+        assert active.path == str(tmp_path / "models" / f"model-{done.version}.ckpt")
+        # trained through the events before the newest fifth: 120 − ⌈0.2·120⌉
+        assert load_checkpoint(active.path).meta["feedback_seq"] == 96
+        # the 24 it held out are new to it, fewer than --min-events: the next round waits
+        waiting = retrainer.run_once()
+        assert waiting.status == "waiting" and "24 events since the serving model's (seq > 96)" in waiting.message
+    finally:
+        retrainer.close()
+
+
+def test_a_rollback_during_a_round_is_not_overwritten(tiny_loop, tmp_path):
+    """The round's candidate passes the gate, but an operator published another model while it trained: the
+    candidate is not published over it."""
+    from training.retrain import Retrainer
+    cfg, checkpoint = tiny_loop
+    other = small_checkpoint(tmp_path / "other.ckpt")
+    retrainer = Retrainer(replace(cfg, tolerance=1.0), log=lambda line: None)
+
+    def operator_publishes(path):
+        retrainer.store.publish_checkpoint(os.path.abspath(other), load_checkpoint(other).model_version)
+    try:
+        done = retrainer.run_once(corrupt=operator_publishes)
+        assert done.status == "superseded" and done.verdict.publish, done.message
+        assert retrainer.store.active_checkpoint().path == os.path.abspath(other)
+        assert not (tmp_path / "models" / f"model-{done.version}.ckpt").exists()
+    finally:
+        retrainer.close()
