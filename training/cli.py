@@ -1,6 +1,6 @@
-"""`python -m training {train,evaluate,coldstart,baselines,compare,export}`: the offline side of the service.
-Arguments in, results printed; the work is done by training/train.py, evaluate.py, coldstart.py, baselines.py,
-compare.py and export.py."""
+"""`python -m training {train,evaluate,coldstart,baselines,compare,export,retrain,rollback}`: the offline side of
+the service. Arguments in, results printed; the work is done by training/train.py, evaluate.py, coldstart.py,
+baselines.py, compare.py, export.py and retrain.py."""
 from __future__ import annotations
 
 import argparse
