@@ -1,6 +1,6 @@
-"""`python -m training {train,evaluate,coldstart,baselines,compare,export,retrain,rollback}`: the offline side of
-the service. Arguments in, results printed; the work is done by training/train.py, evaluate.py, coldstart.py,
-baselines.py, compare.py, export.py and retrain.py."""
+"""`python -m training {train,evaluate,coldstart,baselines,compare,export,online-report,retrain,rollback}`: the
+offline side of the service. Arguments in, results printed; the work is done by training/train.py, evaluate.py,
+coldstart.py, baselines.py, compare.py, export.py, online.py and retrain.py."""
 from __future__ import annotations
 
 import argparse
@@ -182,6 +182,19 @@ def build_parser() -> argparse.ArgumentParser:
                                      "the active one)")
     b.add_argument("--checkpoint", default=os.environ.get("CMN_CHECKPOINT"),
                    help="the servers' configured checkpoint, also a version to restore (default: $CMN_CHECKPOINT)")
+
+    o = sub.add_parser("online-report", help="online CTR and hit rate per arm, strategy and model version from the "
+                                             "server's impressions and feedback, with intervals; a PNG over time")
+    o.add_argument("--feedback", metavar="URL", required=True,
+                   help="the server's feedback store (its CMN_FEEDBACK_URL: sqlite:///PATH, postgresql://... or a "
+                        "file path), opened read-only")
+    o.add_argument("--since", help="only impressions shown since: a duration back from now (24h, 7d), unix "
+                                   "seconds or an ISO 8601 time; default: all the store keeps")
+    o.add_argument("--control", help="the arm the others are compared with (default: the first by name)")
+    o.add_argument("--alpha", type=float, default=0.05, help="significance level and 1 - interval confidence "
+                                                             "(default 0.05)")
+    o.add_argument("--plot", default="online-report.png", help="the PNG of CTR over time (default %(default)s)")
+    o.add_argument("--json", action="store_true", help="print the report as JSON")
     return parser
 
 
@@ -314,16 +327,31 @@ def cmd_rollback(args) -> int:
     return 0
 
 
+def cmd_online_report(args) -> int:
+    from training.online import online_metrics, parse_since, plot, read_store, table
+    if not 0 < args.alpha < 1:
+        raise ValueError(f"--alpha {args.alpha}: between 0 and 1")
+    impressions, clicks = read_store(args.feedback, parse_since(args.since) if args.since else 0.0)
+    report = online_metrics(impressions, clicks, args.control, args.alpha)
+    if impressions:
+        plot(report, args.plot)
+    print(json.dumps(report) if args.json else table(report))
+    if not args.json:
+        print(f"wrote {args.plot}" if impressions else "no impressions: no plot written")
+    return 0
+
+
 def main(argv=None) -> int:
     from model.store.checkpoint import CheckpointError
-    from training.data import DataError
     from model.store.events import StoreUnavailable
+    from training.data import DataError
     from training.export import ExportError
     from training.train import TrainingCollapsed
     args = build_parser().parse_args(argv)
     try:
         return {"train": cmd_train, "evaluate": cmd_evaluate, "coldstart": cmd_coldstart,
-                "baselines": cmd_baselines, "compare": cmd_compare, "export": cmd_export, "retrain": cmd_retrain,
+                "baselines": cmd_baselines, "compare": cmd_compare, "export": cmd_export,
+                "online-report": cmd_online_report, "retrain": cmd_retrain,
                 "rollback": cmd_rollback}[args.command](args)
     except (DataError, CheckpointError, ExportError, ValueError, StoreUnavailable, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -415,7 +415,8 @@ def summary(rounds: list[Round]) -> str:
     counts = {s: sum(r.status == s for r in rounds)
               for s in ("published", "refused", "waiting", "superseded", "failed")}
     last = rounds[-1]
-    return (f"retrain: {len(rounds)} round{'' if len(rounds) == 1 else 's'} ({', '.join(f'{n} {s}' for s, n in counts.items() if n)}); last: "
+    counted = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
+    return (f"retrain: {len(rounds)} round{'' if len(rounds) == 1 else 's'} ({counted}); last: "
             f"{last.status}{f' in {last.seconds:.1f} s' if last.seconds else ''}")
 
 

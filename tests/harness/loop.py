@@ -275,7 +275,8 @@ def ab_verdict(served: dict[str, list[Served]]) -> dict:
 
 
 def table(result: LoopResult) -> str:
-    lines = [f"{'round':>5s}  {'model':8s}{'CTR':>8s}  {'95% interval':17s}{'true pref':>10s}  retrain (before the round)"]
+    lines = [f"{'round':>5s}  {'model':8s}{'CTR':>8s}  {'95% interval':17s}{'true pref':>10s}  "
+             "retrain (before the round)"]
     for n, s in enumerate(result.rounds):
         lo, hi = s.rate.interval
         how = "" if n == 0 else f"{result.retrains[n - 1].status} ({result.retrains[n - 1].seconds:.1f} s)"

@@ -169,8 +169,8 @@ def tiny_loop(tmp_path):
     checkpoint = first_model(world, tmp_path)
     store = open_store(str(tmp_path / "f.sqlite3"))
     rng = np.random.default_rng(0)
-    store.append([Event(world.user_id(int(u)), world.item_id(int(rng.choice(60, p=world.click[u] / world.click[u].sum()))),
-                        None) for u in rng.integers(0, 40, 120)])
+    liked = lambda u: int(rng.choice(60, p=world.click[u] / world.click[u].sum()))
+    store.append([Event(world.user_id(int(u)), world.item_id(liked(u)), None) for u in rng.integers(0, 40, 120)])
     store.close()
     cfg = RetrainConfig(str(tmp_path / "f.sqlite3"), out_dir=str(tmp_path / "models"), checkpoint=str(checkpoint),
                         min_events=20, train=train_config(tmp_path / "base.csv", epochs=1, pretrain_epochs=2))
