@@ -8,9 +8,10 @@ Simulated users with hidden preferences (tests/harness/loop.py: latent clusters,
 item) ask a real server (`python -m app` on a loopback port) for 10 items each round and click according to those
 preferences; the clicks go back through /feedback. Between rounds `training.retrain.Retrainer` trains on the
 stored events and publishes through its gate; the server follows the rollout. Then a candidate with shuffled
-weights goes through the same gate, and an A/B test assigns users by id parity to two strategies (the request's
-`strategy`: CMN over the catalogue vs an ItemKNN retrieval stage added to the final model). Deterministic for a
-seed (up to floating-point ties). Training runs on one thread in this process; the server uses the rest.
+weights goes through the same gate, and an A/B test (the server's experiment: two arms, users assigned by a hash
+of their id) compares two strategies, CMN over the catalogue (`full`, the control) and an ItemKNN retrieval stage
+added to the final model (`retrieval`), judged by `python -m training online-report`'s numbers. Deterministic for
+a seed. Training runs on one thread in this process; the server uses the rest.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.harness.loop import World, first_model, run_loop, table
+from tests.harness.loop import World, experiment, first_model, run_loop, table
 from tests.harness.servers import running_server
 
 
@@ -38,7 +39,7 @@ def main(argv=None) -> int:
         tmp = Path(scratch)
         checkpoint = first_model(world, tmp)
         env = {"feedback_url": args.feedback_url} if args.feedback_url else {}
-        with running_server(checkpoint, tmp, **env) as (url, _):
+        with running_server(checkpoint, tmp, experiment_file=experiment(tmp, stopped=True), **env) as (url, _):
             result = run_loop(url, world, tmp, args.rounds, args.ab_rounds, feedback_url=args.feedback_url,
                               log=lambda line: print(line, flush=True) if line.startswith(("gate:", "retrain:"))
                               else None)

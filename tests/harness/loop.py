@@ -10,6 +10,7 @@ first model is weak and the clicks carry what it lacks. Everything is drawn from
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -26,6 +27,7 @@ from model.retrieval import TwoStage
 from model.store.checkpoint import load_checkpoint, save_checkpoint
 from model.store.events import open_store
 from training.two_stage import fit_retrieval
+from training.online import online_metrics, read_store
 from training.retrain import RetrainConfig, Retrainer, Round
 from training.train import TrainConfig, train
 
@@ -115,6 +117,7 @@ class Served:
     rate: Rate
     preference: float         # true expected CTR of what was shown
     version: str
+    arms: dict[str, "Served"] = field(default_factory=dict)   # the lists each experiment arm served
 
 
 class Client:
@@ -127,29 +130,45 @@ class Client:
     def close(self) -> None:
         self.http.close()
 
-    def serve(self, users: list[int] | None = None, strategy: str | None = None) -> Served:
+    def serve(self, users: list[int] | None = None) -> Served:
         """Each user (default: all), in a random order, gets one list and clicks on it; the clicks are sent as
-        feedback in that order (so the newest events, which retraining holds out, are a random set of users')."""
-        w, lists, version = self.world, [], None
+        feedback naming the list's impression_id and the item's position, in that order (so the newest events,
+        which retraining holds out, are a random set of users')."""
+        w, lists, answers, version = self.world, [], [], None
         users = [int(u) for u in w.rng.permutation(w.n_users if users is None else users)]
         for start in range(0, len(users), 200):
-            chunk = users[start:start + 200]
-            body = {"requests": [{"user_id": w.user_id(u), "k": self.k, **({"strategy": strategy} if strategy else {})}
-                                 for u in chunk]}
+            body = {"requests": [{"user_id": w.user_id(u), "k": self.k} for u in users[start:start + 200]]}
             r = self.http.post("/recommend/batch", json=body)
             r.raise_for_status()
-            answer = r.json()
-            version = answer["model_version"]
-            lists += [[int(it["item_id"][1:]) for it in res["items"]] for res in answer["results"]]
+            version = r.json()["model_version"]
+            answers += r.json()["results"]
+        lists = [[int(it["item_id"][1:]) for it in a["items"]] for a in answers]
         clicked = w.clicks(users, lists)
-        events = [{"user_id": w.user_id(u), "item_id": w.item_id(i), "event_id": f"e{self.events + n}"}
-                  for n, (u, i) in enumerate((u, i) for u, items, cs in zip(users, lists, clicked)
-                                             for i, c in zip(items, cs) if c)]
+        events = [{"user_id": w.user_id(u), "item_id": w.item_id(i), "impression_id": a["impression_id"],
+                   "position": p + 1}
+                  for u, items, a, cs in zip(users, lists, answers, clicked) for p, (i, c) in enumerate(zip(items, cs))
+                  if c]
+        for n, e in enumerate(events):
+            e["event_id"] = f"e{self.events + n}"
         for start in range(0, len(events), 1000):
             self.http.post("/feedback", json={"events": events[start:start + 1000]}).raise_for_status()
         self.events += len(events)
-        shown = sum(len(items) for items in lists)
-        return Served(Rate(len(events), shown), w.preference(users, lists), version)
+        arms = {}
+        for arm in sorted({a.get("arm") for a in answers} - {None}):
+            rows = [n for n, a in enumerate(answers) if a.get("arm") == arm]
+            arms[arm] = Served(Rate(sum(sum(clicked[n]) for n in rows), sum(len(lists[n]) for n in rows)),
+                               w.preference([users[n] for n in rows], [lists[n] for n in rows]), version)
+        return Served(Rate(len(events), sum(len(items) for items in lists)), w.preference(users, lists), version, arms)
+
+    def wait_for_arms(self, timeout: float = 60) -> None:
+        """Until the server assigns users to the experiment's arms (it re-reads the file at its poll)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            body = {"requests": [{"user_id": self.world.user_id(u), "k": 1} for u in range(20)]}
+            if any(r.get("arm") for r in self.http.post("/recommend/batch", json=body).json()["results"]):
+                return
+            time.sleep(0.2)
+        raise TimeoutError(f"the server did not start the experiment within {timeout} s")
 
     def wait_for(self, version: str, timeout: float = 120) -> None:
         """Until the server serves `version` (it follows the store's rollouts at its poll)."""
@@ -226,14 +245,28 @@ def first_model(world: World, tmp: Path, log=lambda line: None) -> Path:
     return out
 
 
+AB_ARMS = {"full": "full", "retrieval": "retrieval"}   # arm name → strategy; the first is the control
+
+
+def experiment(tmp: Path, stopped: bool) -> Path:
+    """The A/B test's experiment file (app/experiments.py): half the users in each arm; written stopped before
+    the server starts (the rounds before the A/B are served outside it), and started for the A/B."""
+    path = tmp / "experiment.json"
+    arms = [{"name": name, "strategy": strategy, "share": 0.5, "stopped": stopped}
+            for name, strategy in AB_ARMS.items()]
+    path.write_text(json.dumps({"name": "strategies", "arms": arms}))
+    return path
+
+
 def run_loop(url: str, world: World, tmp: Path, rounds: int = 3, ab_rounds: int = 4,
-             ab_arms: tuple[str, str] = ("full", "retrieval"), log: Callable[[str], None] = lambda line: None,
-             feedback_url: str | None = None) -> LoopResult:
+             log: Callable[[str], None] = lambda line: None, feedback_url: str | None = None) -> LoopResult:
     """Round 0 serves the first model; after each round a retrain (published through the gate) and the next round
     on what the server rolled out. Then a deliberately broken candidate through the same gate, and an A/B of two
-    strategies (users assigned by id parity, through the request's `strategy`) over `ab_rounds` more rounds of the
-    final model with a retrieval stage added (`with_retrieval`). `tmp` holds the first model (`first_model`) and is
-    the server's checkpoint directory; `feedback_url` is the server's store (default: the harness's SQLite file)."""
+    strategies (the server's experiment, `experiment(tmp, ...)`: users assigned by a hash of their id) over
+    `ab_rounds` more rounds of the final model with a retrieval stage added (`with_retrieval`), judged by
+    `python -m training online-report`'s numbers from the store's impressions and clicks. `tmp` holds the first
+    model (`first_model`) and is the server's checkpoint directory, the server runs with `experiment(tmp,
+    stopped=True)`; `feedback_url` is the server's store (default: the harness's SQLite file)."""
     feedback_url = feedback_url or str(tmp / "feedback.sqlite3")
     cfg = RetrainConfig(feedback_url, out_dir=str(tmp / "models"), checkpoint=str(tmp / "model.ckpt"), min_events=20,
                         train=train_config(tmp / "base.csv"))
@@ -253,24 +286,29 @@ def run_loop(url: str, world: World, tmp: Path, rounds: int = 3, ab_rounds: int 
             result.serving_after_broken = client.http.get("/health").json()["model_version"]
             serving = retrainer.store.active_checkpoint()
             client.wait_for(with_retrieval(feedback_url, serving.path, tmp / "models"))
-        users = range(world.n_users)
-        arms = {arm: [u for u in users if u % 2 == n] for n, arm in enumerate(ab_arms)}
-        served = {arm: [client.serve(members, arm) for _ in range(ab_rounds)] for arm, members in arms.items()}
-        result.ab = ab_verdict(served)
+        experiment(tmp, stopped=False)
+        client.wait_for_arms()
+        began = time.time()
+        served = [client.serve() for _ in range(ab_rounds)]
+        time.sleep(2)   # the server writes impressions every CMN_IMPRESSION_FLUSH_S (0.5 s)
+        report = online_metrics(*read_store(feedback_url, began), control=next(iter(AB_ARMS)))
+        result.ab = ab_verdict(served, report)
     finally:
         client.close()
         retrainer.close()
     return result
 
 
-def ab_verdict(served: dict[str, list[Served]]) -> dict:
-    rates = {arm: Rate(sum(s.rate.clicks for s in ss), sum(s.rate.shown for s in ss)) for arm, ss in served.items()}
-    truth = {arm: float(np.average([s.preference for s in ss], weights=[s.rate.shown for s in ss]))
-             for arm, ss in served.items()}
-    a, b = rates
-    d, lo, hi = difference(rates[a], rates[b])
-    winner = a if lo > 0 else b if hi < 0 else None
-    return {"rates": rates, "truth": truth, "difference": (d, lo, hi), "winner": winner,
+def ab_verdict(served: list[Served], report: dict) -> dict:
+    """The report's verdict (`training.online`: per-arm CTR = impressions clicked, the difference to the control
+    with its interval and z-test) next to what the simulation knows: each arm's true preference."""
+    arms = {arm for s in served for arm in s.arms}
+    truth = {arm: float(np.average([s.arms[arm].preference for s in served if arm in s.arms],
+                                   weights=[s.arms[arm].rate.shown for s in served if arm in s.arms]))
+             for arm in arms}
+    c = report["comparisons"][0]
+    winner = None if not c["significant"] else c["arm"] if c["diff"] > 0 else c["control"]
+    return {"arms": {r["arm"]: r for r in report["arms"]}, "comparison": c, "truth": truth, "winner": winner,
             "true_winner": max(truth, key=truth.get)}
 
 
@@ -287,14 +325,12 @@ def table(result: LoopResult) -> str:
                      f"serving afterwards: {result.serving_after_broken}")
         lines.append(f"  {result.broken.message}")
     if result.ab is not None:
-        ab = result.ab
-        for arm, rate in ab["rates"].items():
-            lo, hi = rate.interval
-            lines.append(f"A/B {arm:10s} CTR {rate.ctr:.4f} [{lo:.4f}, {hi:.4f}] ({rate.clicks:,} clicks of "
-                         f"{rate.shown:,} shown); true preference {ab['truth'][arm]:.4f}")
-        d, lo, hi = ab["difference"]
-        a, b = ab["rates"]
-        lines.append(f"A/B {a} − {b}: {d:+.4f} [{lo:+.4f}, {hi:+.4f}] → "
-                     f"{'winner ' + ab['winner'] if ab['winner'] else 'no significant difference'}; "
-                     f"true winner {ab['true_winner']}")
+        ab, c = result.ab, result.ab["comparison"]
+        for arm, r in ab["arms"].items():
+            lines.append(f"A/B {arm:10s} CTR {r['ctr']:.4f} [{r['ctr_low']:.4f}, {r['ctr_high']:.4f}] "
+                         f"({r['clicked']:,} of {r['impressions']:,} lists clicked, {r['clicks']:,} clicks); "
+                         f"true preference {ab['truth'].get(arm, float('nan')):.4f}")
+        verdict = f"winner {ab['winner']}" if ab["winner"] else "no significant difference"
+        lines.append(f"A/B {c['arm']} − {c['control']}: {c['diff']:+.4f} [{c['low']:+.4f}, {c['high']:+.4f}], "
+                     f"p {c['p_value']:.2g} → {verdict}; true winner {ab['true_winner']}")
     return "\n".join(lines)

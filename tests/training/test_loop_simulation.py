@@ -4,7 +4,7 @@ real server shows them, their clicks come back as feedback, and `Retrainer` roun
 One run (about a minute on 2 shared cores: four trainings, a server), several assertions on it."""
 import pytest
 
-from tests.harness.loop import World, difference, first_model, run_loop, table
+from tests.harness.loop import World, difference, experiment, first_model, run_loop, table
 from tests.harness.servers import running_server
 
 pytestmark = pytest.mark.slow
@@ -15,7 +15,7 @@ def loop(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("loop")
     world = World(seed=0)
     checkpoint = first_model(world, tmp)
-    with running_server(checkpoint, tmp) as (url, _):
+    with running_server(checkpoint, tmp, experiment_file=experiment(tmp, stopped=True)) as (url, _):
         result = run_loop(url, world, tmp, rounds=3, ab_rounds=4)
     print(table(result))
     return result
@@ -39,6 +39,8 @@ def test_a_broken_candidate_is_refused_and_the_serving_model_stays(loop):
 
 
 def test_the_ab_test_picks_the_strategy_users_truly_prefer(loop):
+    """The experiment's arms, judged by the online report's numbers (impressions joined with feedback)."""
     ab = loop.ab
-    assert ab["winner"] is not None, ab["difference"]
+    assert set(ab["arms"]) == {"full", "retrieval"} and all(r["impressions"] > 0 for r in ab["arms"].values())
+    assert ab["winner"] is not None, ab["comparison"]
     assert ab["winner"] == ab["true_winner"]
