@@ -1,26 +1,31 @@
-"""`python -m training {train,evaluate,coldstart,baselines,compare,export,online-report}`: the offline side of the
-service. Arguments in, results printed; the work is done by training/train.py, evaluate.py, coldstart.py,
-baselines.py, compare.py, export.py and online.py."""
+"""`python -m training {train,evaluate,coldstart,baselines,compare,export,online-report,retrain,rollback}`: the
+offline side of the service. Arguments in, results printed; the work is done by training/train.py, evaluate.py,
+coldstart.py, baselines.py, compare.py, export.py, online.py and retrain.py."""
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import fields
 
+from training.retrain import RetrainConfig
 from training.train import TrainConfig
 
 DEFAULTS = TrainConfig()
+RETRAIN = RetrainConfig(feedback="")
 TRUST_PICKLE = ("an original-format .npz's test_data is a pickle: by default only plain data (dicts, lists, "
                 "numbers, numpy arrays) is rebuilt from it and any other pickle is refused; this flag unpickles it "
                 "as it is, which runs whatever code the file holds (only for a file you trust)")
 
 
-def add_train_arguments(t: argparse.ArgumentParser) -> None:
-    """The training flags, shared by `train` and `coldstart` (which trains on the warm users)."""
+def add_train_arguments(t: argparse.ArgumentParser, retrain: bool = False) -> None:
+    """The training flags, shared by `train`, `coldstart` (which trains on the warm users) and `retrain` (which
+    chooses the output, the holdout and the feedback itself)."""
     t.add_argument("--data", default=DEFAULTS.data,
                    help="'synthetic' (built in, the default), an original-format .npz, or a CSV/TSV of interactions")
-    t.add_argument("--out", default=DEFAULTS.out, help="checkpoint path; metrics JSON and PNG go next to it")
+    if not retrain:
+        t.add_argument("--out", default=DEFAULTS.out, help="checkpoint path; metrics JSON and PNG go next to it")
     for name, kind, text in (
             ("epochs", int, "CMN epochs"),
             ("pretrain-epochs", int, "GMF pretraining epochs (0 skips it; default: auto, 15)"),
@@ -51,8 +56,9 @@ def add_train_arguments(t: argparse.ArgumentParser) -> None:
                         "launch-bound (--optimizer rmsprop only; on a CPU it runs uncaptured, and slower)")
     t.add_argument("--exclude-self", action="store_true",
                    help="leave the user out of its positive item's neighbourhood in training (not the paper's)")
-    t.add_argument("--holdout", choices=("loo", "none"), default=DEFAULTS.holdout,
-                   help="loo: keep the leave-one-out test split for evaluation; none: train on everything")
+    if not retrain:
+        t.add_argument("--holdout", choices=("loo", "none"), default=DEFAULTS.holdout,
+                       help="loo: keep the leave-one-out test split for evaluation; none: train on everything")
     t.add_argument("--validation", action="store_true",
                    help="cut a leave-one-out validation split from training; the best validation epoch is kept, and "
                         "the served strategy and its retrieval stage (method, R, blend weight) are chosen on it "
@@ -61,10 +67,11 @@ def add_train_arguments(t: argparse.ArgumentParser) -> None:
                    help="train on every training pair, choose nothing (the checkpoint serves full-catalogue CMN)")
     t.add_argument("--no-two-stage", dest="two_stage", action="store_false",
                    help="with --validation: fit no retrieval stage (the checkpoint then serves full-catalogue CMN)")
-    t.add_argument("--resume", action="store_true", help="continue an interrupted run of the same command")
-    t.add_argument("--feedback", metavar="URL",
-                   help="fold the server's feedback store (its CMN_FEEDBACK_URL: sqlite:///PATH, postgresql://... "
-                        "or a file path) into the data")
+    if not retrain:
+        t.add_argument("--resume", action="store_true", help="continue an interrupted run of the same command")
+        t.add_argument("--feedback", metavar="URL",
+                       help="fold the server's feedback store (its CMN_FEEDBACK_URL: sqlite:///PATH, "
+                            "postgresql://... or a file path) into the data")
     t.add_argument("--feedback-unverified", action="store_true",
                    help="with --feedback: also fold in events the server stored as unverified (their user or item "
                         "was unknown to the serving model); each new id becomes a new embedding row. Without it "
@@ -139,6 +146,43 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--device", default="cpu")
     k.add_argument("--json", action="store_true", help="print one JSON object (the tuning log goes to stderr)")
     k.add_argument("--trust-pickle", action="store_true", help=TRUST_PICKLE)
+
+    r = sub.add_parser("retrain", help="train on the stored events on a schedule; publish a candidate only when it "
+                                       "is not worse than the serving model on the newest interactions")
+    r.add_argument("--feedback", required=True, metavar="URL",
+                   help="the servers' feedback store (CMN_FEEDBACK_URL): events in, rollouts out")
+    when = r.add_mutually_exclusive_group(required=True)
+    when.add_argument("--every", metavar="DURATION", help="a round every DURATION (90s, 15m, 1h, 1d), until stopped")
+    when.add_argument("--once", action="store_true", help="one round, then exit (0: published or waiting, "
+                                                          "4: the gate refused the candidate)")
+    r.add_argument("--out-dir", default=RETRAIN.out_dir,
+                   help="where candidates are trained and published versions kept; the servers load published "
+                        f"files only inside their CMN_CHECKPOINT_DIR (default {RETRAIN.out_dir})")
+    r.add_argument("--checkpoint", default=os.environ.get("CMN_CHECKPOINT"),
+                   help="the model the servers serve while the store has published none (default: $CMN_CHECKPOINT)")
+    r.add_argument("--holdout-fraction", dest="holdout_fraction", type=float, default=RETRAIN.holdout,
+                   help="the newest fraction of the events new to the serving model, held out to compare the "
+                        f"two models on (default {RETRAIN.holdout})")
+    r.add_argument("--min-events", type=int, default=RETRAIN.min_events,
+                   help=f"new events needed before a round trains (default {RETRAIN.min_events})")
+    r.add_argument("--tolerance", type=float, default=RETRAIN.tolerance,
+                   help="publish when the candidate ranks the held-out clicks within their lists (NDCG) at least as "
+                        f"well as the serving model less this (default {RETRAIN.tolerance})")
+    r.add_argument("--list-size", type=int, default=RETRAIN.list_size,
+                   help="the length of the served lists the held-out clicks are re-ranked in (default "
+                        f"{RETRAIN.list_size}, /recommend's k)")
+    r.add_argument("--keep", type=int, default=RETRAIN.keep,
+                   help=f"published versions kept in --out-dir, older ones deleted (default {RETRAIN.keep})")
+    add_train_arguments(r, retrain=True)
+    r.set_defaults(validation=True)
+
+    b = sub.add_parser("rollback", help="publish an earlier version again; every server loads it at its next poll")
+    b.add_argument("--feedback", required=True, metavar="URL", help="the servers' feedback store (CMN_FEEDBACK_URL)")
+    b.add_argument("--version", help="the model_version to restore (default: the newest published one before "
+                                     "the active one)")
+    b.add_argument("--checkpoint", default=os.environ.get("CMN_CHECKPOINT"),
+                   help="the servers' configured checkpoint, also a version to restore (default: $CMN_CHECKPOINT)")
+
     o = sub.add_parser("online-report", help="online CTR and hit rate per arm, strategy and model version from the "
                                              "server's impressions and feedback, with intervals; a PNG over time")
     o.add_argument("--feedback", metavar="URL", required=True,
@@ -258,6 +302,31 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_retrain(args) -> int:
+    from model.device import resolve_device
+    from training.retrain import Retrainer, duration, stop_on_sigterm, summary
+    every = None if args.once else duration(args.every)
+    cfg = RetrainConfig(args.feedback, args.out_dir, args.checkpoint, args.holdout_fraction, args.min_events,
+                        args.tolerance, args.list_size, args.keep, str(resolve_device(args.device)), train_config(args))
+    retrainer = Retrainer(cfg)
+    try:
+        if args.once:
+            done = retrainer.run_once()
+            print(summary([done]))
+            return 4 if done.status == "refused" else 0
+        retrainer.run(every, stop=stop_on_sigterm())
+        print("retrain: stopped")
+        return 0
+    finally:
+        retrainer.close()
+
+
+def cmd_rollback(args) -> int:
+    from training.retrain import rollback
+    rollback(args.feedback, args.version, args.checkpoint)
+    return 0
+
+
 def cmd_online_report(args) -> int:
     from training.online import online_metrics, parse_since, plot, read_store, table
     if not 0 < args.alpha < 1:
@@ -274,6 +343,7 @@ def cmd_online_report(args) -> int:
 
 def main(argv=None) -> int:
     from model.store.checkpoint import CheckpointError
+    from model.store.events import StoreUnavailable
     from training.data import DataError
     from training.export import ExportError
     from training.train import TrainingCollapsed
@@ -281,14 +351,16 @@ def main(argv=None) -> int:
     try:
         return {"train": cmd_train, "evaluate": cmd_evaluate, "coldstart": cmd_coldstart,
                 "baselines": cmd_baselines, "compare": cmd_compare, "export": cmd_export,
-                "online-report": cmd_online_report}[args.command](args)
-    except (DataError, CheckpointError, ExportError, ValueError) as e:
+                "online-report": cmd_online_report, "retrain": cmd_retrain,
+                "rollback": cmd_rollback}[args.command](args)
+    except (DataError, CheckpointError, ExportError, ValueError, StoreUnavailable, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except TrainingCollapsed as e:  # the settings were valid; the run failed
         print(f"error: {e}", file=sys.stderr)
         return 3
     except KeyboardInterrupt:
-        print({"export": "interrupted; the same command continues the export from its last complete part"}.get(
+        print({"export": "interrupted; the same command continues the export from its last complete part",
+               "retrain": "interrupted; the unfinished round published nothing"}.get(
             args.command, "interrupted; `--resume` with the same command continues a training run"), file=sys.stderr)
         return 130

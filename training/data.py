@@ -48,6 +48,7 @@ class Dataset:
     name: str = "data"
     # when each known pair happened, where the data says: (sorted pair keys, their timestamps)
     timeline: tuple[np.ndarray, np.ndarray] | None = None
+    feedback_seq: int = 0     # the last feedback store event folded in (training/feedback.py); 0: none
 
     def __post_init__(self):
         if len(self.train) == 0:

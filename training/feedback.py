@@ -11,13 +11,15 @@ PAGE = 50_000   # events read at a time: a store of any size is folded in bounde
 
 
 def fold_feedback(data: Dataset, url: str, log=print, unverified: bool = False, progress: bool = True,
-                  page: int = PAGE) -> Dataset:
+                  page: int = PAGE, through: int | None = None) -> Dataset:
     """Add the events of the store at `url` (a sqlite:/// or postgresql:// URL, or a file path) as training pairs;
     users and items the data has never seen get new ids.
 
     Events the server marked unverified (their user or item was unknown to the serving model: anyone with a
     feedback key can invent ids) get no new ids unless `unverified`: those naming a user or item the data lacks
-    are left out. An event equal to a held-out test positive is left out, so the test split stays unseen."""
+    are left out. An event equal to a held-out test positive is left out, so the test split stays unseen.
+    `through`: fold in the events up to this seq only (retraining holds the newer ones out, training/retrain.py);
+    the last seq folded in is the result's `feedback_seq`."""
     shown = masked(url)
     user_ids, item_ids = list(data.user_ids), list(data.item_ids)
     users = {u: n for n, u in enumerate(user_ids)}
@@ -37,6 +39,9 @@ def fold_feedback(data: Dataset, url: str, log=print, unverified: bool = False, 
                       mininterval=1.0) as bar:
                 last = 0
                 while rows := store.events(after=last, limit=page):
+                    rows = [r for r in rows if through is None or r[0] <= through]
+                    if not rows:
+                        break
                     last = rows[-1][0]
                     kept = [e for _, e in rows if unverified or e.verified or (
                         users.get(e.user_id, data.n_users) < data.n_users
@@ -64,4 +69,5 @@ def fold_feedback(data: Dataset, url: str, log=print, unverified: bool = False, 
     train = np.unique(np.concatenate([data.train, pairs]), axis=0)
     log(f"feedback: {folded:,} events from {shown}, {len(train) - len(data.train):,} new training pairs, "
         f"{len(user_ids) - data.n_users} new users, {len(item_ids) - data.n_items} new items")
-    return Dataset(len(user_ids), len(item_ids), train, data.test, user_ids, item_ids, name=data.name + "+feedback")
+    return Dataset(len(user_ids), len(item_ids), train, data.test, user_ids, item_ids, name=data.name + "+feedback",
+                   feedback_seq=last)

@@ -274,14 +274,16 @@ def prepare_data(cfg: TrainConfig) -> data_mod.Dataset:
     return data
 
 
-def train(cfg: TrainConfig, log=print, hooks: TrainHooks = TrainHooks()) -> dict:
-    """Runs the whole job; returns the metrics that are also written next to the checkpoint."""
+def train(cfg: TrainConfig, log=print, hooks: TrainHooks = TrainHooks(),
+          data: data_mod.Dataset | None = None) -> dict:
+    """Runs the whole job; returns the metrics that are also written next to the checkpoint. `data`: train on this
+    data set instead of the one `cfg` names (retraining builds its own, training/retrain.py)."""
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
     if os.path.isdir(cfg.out):
         raise ValueError(f"--out {cfg.out} is a directory; give a file path such as {cfg.out}/model.ckpt")
     os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
-    data = prepare_data(cfg)
+    data = prepare_data(cfg) if data is None else data
     log(f"{data.summary()}; {threads.describe()}")
     fit = data_mod.holdout_validation(data, cfg.seed) if cfg.validation else data
     cap = neighbour_cap_for(cfg, data, log)
@@ -386,7 +388,8 @@ def write_checkpoint(cfg: TrainConfig, data: data_mod.Dataset, model: CMN, metri
     # oldest first: the order a neighbourhood cap reads (model/neighbours.py)
     ckpt = Checkpoint(model.cfg, model.state_dict(), data.user_ids, data.item_ids,
                       train=data_mod.by_recency(data, data.train, cfg.seed),
-                      seen=data.all_pairs(), metrics=metrics, meta={"train_config": asdict(cfg), "data": data.name},
+                      seen=data.all_pairs(), metrics=metrics, meta={"train_config": asdict(cfg), "data": data.name,
+                                                                  "feedback_seq": data.feedback_seq},
                       **({} if data.test is None else dict(test_users=data.test.users,
                                                           test_positives=data.test.positives,
                                                           test_negatives=data.test.negatives)))

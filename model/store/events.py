@@ -330,8 +330,14 @@ class FeedbackStore(ABC):
 
     def active_checkpoint(self) -> Rollout | None:
         """The newest published checkpoint; None before any."""
-        rows = self._query("SELECT id, path, version, published FROM rollouts ORDER BY id DESC LIMIT 1")
-        return Rollout(*rows[0]) if rows else None
+        rows = self.rollouts(limit=1)
+        return rows[0] if rows else None
+
+    def rollouts(self, limit: int | None = None) -> list[Rollout]:
+        """The published checkpoints, newest first (a rollback publishes an older one again, as a new record)."""
+        rows = self._query("SELECT id, path, version, published FROM rollouts ORDER BY id DESC LIMIT ?",
+                           (self.NO_LIMIT if limit is None else limit,))
+        return [Rollout(*r) for r in rows]
 
 
 class FeedbackLog(FeedbackStore):

@@ -8,6 +8,7 @@ import hashlib
 import os
 import re
 import shutil
+import shlex
 import stat
 import subprocess
 import sys
@@ -201,11 +202,34 @@ def test_the_trainer_waits_for_postgres_and_folds_its_feedback():
     assert trainer["depends_on"]["postgres"]["condition"] == "service_healthy"
     script = trainer["command"][-1]
     assert '--feedback "$$CMN_FEEDBACK_URL"' in script
+    # the api replicas start once the first model exists (the trainer is healthy), not when the trainer exits:
+    # it never does
+    assert trainer["healthcheck"]["test"] == ["CMD-SHELL", 'test -f "$$CMN_CHECKPOINT"']
+    assert trainer["restart"] == "unless-stopped"
     for name in ("api", "api-gpu"):
-        assert SERVICES[name]["depends_on"] == {"trainer": {"condition": "service_completed_successfully"},
+        assert SERVICES[name]["depends_on"] == {"trainer": {"condition": "service_healthy"},
                                                 "postgres": {"condition": "service_healthy"}}
         # the checkpoint (feedback and rollouts are in postgres) and the secrets, read-only
         assert SERVICES[name]["volumes"] == ["cmn-data:/data:ro", "cmn-secrets:/secrets:ro"]
+
+
+def test_the_trainer_retrains_on_a_schedule_into_the_apis_checkpoint_directory():
+    """The long-running part of the trainer's script is a valid `python -m training retrain` command line whose
+    published versions the api may load (inside the directory of its CMN_CHECKPOINT, its CMN_CHECKPOINT_DIR)."""
+    from training.cli import build_parser
+    trainer = SERVICES["trainer"]
+    script = trainer["command"][-1]
+    line = script[script.index("set -- --feedback"):script.index("--quiet", script.index("set -- --feedback"))]
+    env = {**trainer["environment"], "CMN_RETRAIN_EVERY": default(trainer["environment"]["CMN_RETRAIN_EVERY"]),
+           "CMN_DATA": default(trainer["environment"]["CMN_DATA"])}
+    for name, value in env.items():
+        line = line.replace(f"$${name}", value)
+    args = build_parser().parse_args(["retrain", *shlex.split(line.replace("\\\n", " "))[2:]])
+    assert (args.every, args.data, args.checkpoint) == ("1h", "synthetic", "/data/model.ckpt")
+    api = SERVICES["api"]["environment"]
+    assert args.checkpoint == api["CMN_CHECKPOINT"]
+    assert os.path.dirname(os.path.abspath(args.out_dir)).startswith(os.path.dirname(api["CMN_CHECKPOINT"]))
+    assert "CMN_CHECKPOINT_DIR" not in api   # the api's default: the directory of its checkpoint
 
 
 def check_store(url: str) -> subprocess.CompletedProcess:
