@@ -43,13 +43,15 @@ def stable_seed(external_id: str) -> int:
 class Engine:
     def __init__(self, checkpoint: str, device: str = "auto", explain_top: int = 5, max_bytes: int = MAX_BYTES,
                  within: str | None = None, graph_catalogue: bool = False, max_live_users: int = 10_000,
-                 max_live_items: int = 1_000):
+                 max_live_items: int = 1_000, feedback_cap: int | None = None):
         """`max_bytes`, `within`: see `load_checkpoint` (a path a client named must lie `within` a directory).
         `max_live_users`, `max_live_items`: how many users and items feedback may create before the next training
-        run (past them, events for new ones are stored and deferred to it)."""
+        run (past them, events for new ones are stored and deferred to it). `feedback_cap`: how far feedback grows
+        N(i) of a model trained without a cap (model/neighbours.py)."""
         start = time.perf_counter()
         ckpt = load_checkpoint(checkpoint, max_bytes, within)
-        self.recommender = Recommender.from_checkpoint(ckpt, device, graph_catalogue=graph_catalogue)
+        self.recommender = Recommender.from_checkpoint(ckpt, device, graph_catalogue=graph_catalogue,
+                                                       feedback_cap=feedback_cap)
         self.online = Online(self.recommender)   # live users and items: what feedback creates
         self.device = self.recommender.device
         self.path, self.version = checkpoint, served_version(ckpt.model_version, ckpt.state, checkpoint)
@@ -179,10 +181,11 @@ class Engine:
                  if self.knows(e.user_id, e.item_id)]
         if known:
             users, items = zip(*known)
-            online.add_interactions(users, items)
-            for u in sorted({u for u in users if online.is_live_user(u)} - created_users):
+            # refitted only when their interactions grew: a repeated pair changes nothing
+            new = online.add_interactions(users, items)
+            for u in sorted({u for u, _ in new if online.is_live_user(u)} - created_users):
                 online.refit_user(u, seed=stable_seed(self.user_ids[u]))
-            for i in sorted({i for i in items if online.is_live_item(i)} - created_items):
+            for i in sorted({i for _, i in new if online.is_live_item(i)} - created_items):
                 online.refit_item(i, seed=stable_seed(self.item_ids[i]))
         metrics.LIVE_USERS.set(online.live_users)
         metrics.LIVE_ITEMS.set(online.live_items)

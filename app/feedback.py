@@ -132,8 +132,7 @@ class Feedback:
         self.auth.charge_events(caller, len(stored), unknown)
         fault = self.store.fault
         try:  # durable before we answer; events are unique per writer, the caller's key
-            seqs = await run_on(self.io_threads, self.store.append, stored, caller.name,
-                                self.settings.dedup_window_s)
+            seqs = await run_on(self.io_threads, self.store.append, stored, caller.name)
         except (EventIdConflict, StoreUnavailable) as e:
             self.auth.refund_events(caller, len(stored), unknown)
             if isinstance(e, StoreUnavailable) and str(e) != fault:  # logged once per fault, not once per request

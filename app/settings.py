@@ -51,6 +51,10 @@ class ModelSettings(BaseSettings):
     max_live_users: int = Field(10_000, ge=0, description="users feedback may create in a process before the next "
                                 "training run; past it their events are stored and deferred to that run")
     max_live_items: int = Field(1_000, ge=0, description="items feedback may create likewise")
+    feedback_neighbours_cap: int = Field(200, ge=1, description="users feedback may put into an item's "
+                                         "neighbourhood N(i) (or its trained size, if larger) before its oldest drop, "
+                                         "for a model trained without --max-neighbours (one trained with a cap keeps "
+                                         "its own)")
 
     @model_validator(mode="after")
     def _checkpoint_dir_defaults_to_the_checkpoints(self):
@@ -115,8 +119,6 @@ class StoreSettings(BaseSettings):
                                    "processes stored, and the active checkpoint")
     max_lag_s: float = Field(5.0, gt=0, description="/health is degraded when this process has not read the store "
                              "to its end for this long")
-    dedup_window_s: float = Field(3600.0, ge=0, description="an event without event_id repeating the same key, "
-                                                            "user and item within this window is a duplicate")
 
     @field_validator("feedback_url", mode="before")
     @classmethod

@@ -42,11 +42,12 @@ class Online:
         return self.trained_items <= item < self.recommender.n_items
 
     @torch.no_grad()
-    def add_interactions(self, users: Sequence[int], items: Sequence[int]) -> int:
+    def add_interactions(self, users: Sequence[int], items: Sequence[int]) -> list[tuple[int, int]]:
         """Known (trained or live) users interacted with known items: never re-recommended from now on, counted in
-        popularity, and each user joins its item's neighbourhood. Returns how many pairs were new to the seen-sets.
-        A live user's or item's rows stay as fitted until `refit_user` / `refit_item`; a live item's retrieval mix
-        follows at once."""
+        popularity, and each user joins its item's neighbourhood. Returns the pairs new to the seen-sets: a pair
+        takes effect once, so one already seen changes nothing (a repeat in the feedback store is a no-op, and a
+        store compacted of its repeats replays to the same state). A live user's or item's rows stay as fitted until
+        `refit_user` / `refit_item`; a live item's retrieval mix follows at once."""
         rec = self.recommender
         users, items = [int(u) for u in users], [int(i) for i in items]
         bad = [(u, i) for u, i in zip(users, items) if not (0 <= u < rec.n_users and 0 <= i < rec.n_items)]
@@ -57,7 +58,7 @@ class Online:
         for u, i in zip(users, items):
             if i not in rec.seen_sets[u]:
                 rec.seen_sets[u].add(i)
-                new.append(i)
+                new.append((u, i))
                 if i >= self.trained_items:
                     self._item_users[i].append(u)
                 if rec.retrieval is not None and self.live_items:  # a live item's mix reads its users' seen-sets
@@ -66,10 +67,10 @@ class Online:
             self._retrieval_mix(i)
         rec.interactions += len(new)
         if new:
-            rec.popularity.index_add_(0, torch.tensor(new, device=rec.device), torch.ones(len(new), device=rec.device))
-        if users:
-            rec.scorer.add_interactions(torch.tensor(users), torch.tensor(items))
-        return len(new)
+            fresh_users, fresh_items = torch.tensor(new).T
+            rec.popularity.index_add_(0, fresh_items.to(rec.device), torch.ones(len(new), device=rec.device))
+            rec.scorer.add_interactions(fresh_users, fresh_items)
+        return new
 
     @torch.no_grad()
     def add_user(self, items: Sequence[int], seed: int | None = None) -> int:

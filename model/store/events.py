@@ -11,10 +11,15 @@ number (`seq`) and commits in seq order, so a reader that has seen seq N and ask
 misses one that commits later.
 
 Event ids are unique per writer (a name the caller chooses; "" by default): a retry with the same id and payload
-is a duplicate, another payload under a used id is an `EventIdConflict`. Events without an id are duplicates of an
-event with the same writer, user and item received within the dedup window. Who the writers are is the caller's
+is a duplicate, another payload under a used id is an `EventIdConflict`. Who the writers are is the caller's
 business (the server names each API key, app/feedback.py); the column that holds the writer is `key_name`, the name
 it had when only the server wrote.
+
+A pair is stored once per writer: an event whose writer already stored its (user, item) with the same `verified`
+flag is a repeat. It changes nothing that reads the log (seen-sets and N(i) are sets; training folds unique pairs),
+so it gets no seq and is not replayed; its event id alone is recorded (table `repeats`), so that a retry of it is
+still a duplicate and another payload under it still a conflict. `compact` moves the repeats of stores written
+before this rule (or by `bulk_append`) out of the log, and forgets repeats' ids past a retention age.
 
 `verified` records whether the serving model knew the event's user and item when it was written; training folds
 unverified events into new embedding rows only when asked to (`--feedback-unverified`).
@@ -33,7 +38,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 # one statement each: sqlite3's executescript() commits the open transaction first, and creating or migrating the
 # schema must be one transaction
 SCHEMA = (
@@ -47,7 +52,6 @@ SCHEMA = (
         received REAL NOT NULL,
         verified INTEGER NOT NULL DEFAULT 0,
         UNIQUE (key_name, event_id))""",
-    "CREATE INDEX events_content ON events (key_name, user_id, item_id, received)",
 )
 # Schema 1 (event_id unique across all writers, no key_name and no verified flag) is rebuilt into schema 2 on the
 # first open for writing: SQLite cannot change a UNIQUE constraint in place. Its rows keep their seq, belong to the
@@ -66,7 +70,23 @@ ROLLOUTS = """CREATE TABLE IF NOT EXISTS rollouts (
     path TEXT NOT NULL,
     version TEXT NOT NULL,
     published REAL NOT NULL)"""
+# schema 4: the pair index (a writer's pair is looked up on every append, and compaction finds earlier copies
+# by it: SQLite keeps the rowid, seq, in the index) and the repeats' ids; created on every open for writing
+PAIRS = (
+    "DROP INDEX IF EXISTS events_content",
+    "CREATE INDEX IF NOT EXISTS events_pair ON events (key_name, user_id, item_id, verified)",
+    """CREATE TABLE IF NOT EXISTS repeats (
+        key_name TEXT NOT NULL,
+        event_id TEXT NOT NULL,
+        user_id TEXT NOT NULL,
+        item_id TEXT NOT NULL,
+        timestamp REAL NOT NULL,
+        received REAL NOT NULL,
+        PRIMARY KEY (key_name, event_id))""",
+    "CREATE INDEX IF NOT EXISTS repeats_received ON repeats (received)",
+)
 CONFLICTS_LISTED = 10
+COMPACT_PAGE = 50_000   # seq numbers per compaction transaction: appends wait for one page, never for the whole log
 
 # The statements both backends run, with SQLite's "?" placeholders (the PostgreSQL store turns them into "%s").
 INSERT_EVENT = ("INSERT INTO events (key_name, event_id, user_id, item_id, timestamp, received, verified) "
@@ -74,11 +94,24 @@ INSERT_EVENT = ("INSERT INTO events (key_name, event_id, user_id, item_id, times
 INSERT_ROLLOUT = "INSERT INTO rollouts (path, version, published) VALUES (?, ?, ?)"
 SELECT_EVENTS = ("SELECT seq, user_id, item_id, timestamp, event_id, {verified}, received FROM events "
                  "WHERE seq > ? ORDER BY seq LIMIT ?")
-SELECT_ID = "SELECT user_id, item_id, timestamp FROM events WHERE key_name = ? AND event_id = ?"
-SELECT_RECENT = "SELECT 1 FROM events WHERE key_name = ? AND user_id = ? AND item_id = ? AND received >= ? LIMIT 1"
+INSERT_REPEAT = ("INSERT INTO repeats (key_name, event_id, user_id, item_id, timestamp, received) "
+                 "VALUES (?, ?, ?, ?, ?, ?)")
+SELECT_ID = ("SELECT user_id, item_id, timestamp FROM events WHERE key_name = ? AND event_id = ? UNION ALL "
+             "SELECT user_id, item_id, timestamp FROM repeats WHERE key_name = ? AND event_id = ?")
+SELECT_PAIR = "SELECT 1 FROM events WHERE key_name = ? AND user_id = ? AND item_id = ? AND verified = ? LIMIT 1"
+# compaction, per page of seq numbers (lo, hi]: an event is a repeat when an earlier one has its writer, pair and flag
+REPEATED = ("seq > ? AND seq <= ? AND EXISTS (SELECT 1 FROM events f WHERE f.key_name = events.key_name AND "
+            "f.user_id = events.user_id AND f.item_id = events.item_id AND f.verified = events.verified AND "
+            "f.seq < events.seq)")
+KEEP_REPEAT_IDS = ("INSERT INTO repeats (key_name, event_id, user_id, item_id, timestamp, received) "
+                   "SELECT key_name, event_id, user_id, item_id, timestamp, received FROM events "
+                   f"WHERE event_id IS NOT NULL AND received >= ? AND {REPEATED} ON CONFLICT DO NOTHING")
+DROP_REPEATS = f"DELETE FROM events WHERE {REPEATED}"
+FORGET_IDS = "DELETE FROM repeats WHERE received < ?"
 
 T = TypeVar("T")
 Row = tuple  # (key_name, event_id, user_id, item_id, timestamp, received, verified): INSERT_EVENT's parameters
+Pair = tuple  # (user_id, item_id, verified)
 
 
 @dataclass(frozen=True)
@@ -98,6 +131,17 @@ class Rollout:
     path: str
     version: str
     published: float
+
+
+@dataclass(frozen=True)
+class Compaction:
+    """What `compact` did: the log's events before and after, the repeats it moved out of the log, of which
+    `ids_kept` keep their event id, and the recorded repeat ids it forgot (received before the retention age)."""
+    events_before: int
+    events_after: int
+    moved: int
+    ids_kept: int
+    ids_forgotten: int
 
 
 class EventIdConflict(ValueError):
@@ -140,17 +184,19 @@ def masked(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
-def plan_append(events: list[Event], writer: str, now: float, dedup_window_s: float,
-                stored: dict[str, tuple], recent: set[tuple[str, str]]) -> tuple[list[Row], list[int], list[str]]:
+def plan_append(events: list[Event], writer: str, now: float, stored: dict[str, tuple],
+                pairs: set[Pair]) -> tuple[list[Row], list[int], list[Row], list[str]]:
     """What an append stores, given what the store holds: `stored` maps the writer's used event ids (among the
-    events') to their (user_id, item_id, timestamp), `recent` holds the (user_id, item_id) pairs the writer stored
-    within the dedup window. Returns the rows to insert, for each the index of its event, and the conflicting ids.
+    events') to their (user_id, item_id, timestamp), `pairs` holds the (user_id, item_id, verified) the writer has
+    in the log (among the events'). Returns the rows to insert, for each the index of its event, the repeats' ids
+    to record (INSERT_REPEAT's parameters) and the conflicting ids.
 
     Events earlier in the same append count as stored: a repeated id is a duplicate (or a conflict), a repeated
-    id-less pair a duplicate within the window."""
-    stored, recent = dict(stored), set(recent)
+    pair a repeat."""
+    stored, pairs = dict(stored), set(pairs)
     rows: list[Row] = []
     slots: list[int] = []
+    repeats: list[Row] = []
     conflicts: list[str] = []
     for n, e in enumerate(events):
         if e.event_id is not None:
@@ -160,15 +206,18 @@ def plan_append(events: list[Event], writer: str, now: float, dedup_window_s: fl
                 if old[:2] != (e.user_id, e.item_id) or (e.timestamp is not None and old[2] != e.timestamp):
                     conflicts.append(e.event_id)
                 continue
-        elif dedup_window_s > 0 and (e.user_id, e.item_id) in recent:
-            continue
         timestamp = now if e.timestamp is None else e.timestamp
-        rows.append((writer, e.event_id, e.user_id, e.item_id, timestamp, now, bool(e.verified)))
-        slots.append(n)
         if e.event_id is not None:
             stored[e.event_id] = (e.user_id, e.item_id, timestamp)
-        recent.add((e.user_id, e.item_id))
-    return rows, slots, conflicts
+        pair = (e.user_id, e.item_id, bool(e.verified))
+        if pair in pairs:
+            if e.event_id is not None:
+                repeats.append((writer, e.event_id, e.user_id, e.item_id, timestamp, now))
+            continue
+        pairs.add(pair)
+        rows.append((writer, e.event_id, e.user_id, e.item_id, timestamp, now, bool(e.verified)))
+        slots.append(n)
+    return rows, slots, repeats, conflicts
 
 
 class FeedbackStore(ABC):
@@ -198,12 +247,16 @@ class FeedbackStore(ABC):
         """event id → (user_id, item_id, timestamp) of those of `ids` the writer has used."""
 
     @abstractmethod
-    def _recent_pairs(self, conn, writer: str, pairs: list[tuple[str, str]], since: float) -> set[tuple[str, str]]:
-        """Those of `pairs` the writer stored with `received >= since`."""
+    def _stored_pairs(self, conn, writer: str, pairs: list[Pair]) -> set[Pair]:
+        """Those of `pairs` the writer has in the log."""
 
     @abstractmethod
     def _insert(self, conn, sql: str, rows: list[tuple]) -> list[int]:
         """Run INSERT_EVENT or INSERT_ROLLOUT for each row, in order; the new ids (seq or rollout id)."""
+
+    @abstractmethod
+    def _execute(self, conn, sql: str, params: tuple = ()) -> int:
+        """Run one statement (SQLite placeholders) inside a `_write`; the rows it changed (INSERT_REPEAT: many)."""
 
     @abstractmethod
     def bulk_append(self, events: Iterable[Event], writer: str = "") -> int:
@@ -216,24 +269,55 @@ class FeedbackStore(ABC):
 
     # ------------------------------------------------------------------ writes
 
-    def append(self, events: list[Event], writer: str = "", dedup_window_s: float = 0.0) -> list[int | None]:
-        """Store events durably, all or none; returns, per event, its seq, or None for a duplicate.
+    def append(self, events: list[Event], writer: str = "") -> list[int | None]:
+        """Store events durably, all or none; returns, per event, its seq, or None for a duplicate (a retried id)
+        or a repeat (a pair the writer has stored: its id is recorded, the log unchanged).
 
         Raises EventIdConflict (a used id with another payload) or StoreUnavailable (the write failed); either
         way nothing was stored."""
         def work(conn, now: float) -> list[int | None]:
             ids = list({e.event_id for e in events if e.event_id is not None})
-            pairs = list({(e.user_id, e.item_id) for e in events if e.event_id is None}) if dedup_window_s > 0 else []
             stored = self._stored_ids(conn, writer, ids) if ids else {}
-            recent = self._recent_pairs(conn, writer, pairs, now - dedup_window_s) if pairs else set()
-            rows, slots, conflicts = plan_append(events, writer, now, dedup_window_s, stored, recent)
+            pairs = list({(e.user_id, e.item_id, bool(e.verified)) for e in events})
+            pairs = self._stored_pairs(conn, writer, pairs) if pairs else set()
+            rows, slots, repeats, conflicts = plan_append(events, writer, now, stored, pairs)
             if conflicts:
                 raise EventIdConflict(conflicts)
+            if repeats:
+                self._execute(conn, INSERT_REPEAT, repeats)
             seqs: list[int | None] = [None] * len(events)
             for slot, seq in zip(slots, self._insert(conn, INSERT_EVENT, rows) if rows else []):
                 seqs[slot] = seq
             return seqs
         return self._write(work)
+
+    def compact(self, forget_ids_before: float | None = None,
+                progress: Callable[[int], None] = lambda seqs: None) -> Compaction:
+        """Move the repeats out of the log: every event whose writer stored its (user, item, verified) at a lower
+        seq, except the last event (the store's last seq never goes back), a page of COMPACT_PAGE seq numbers per
+        transaction. Their ids are recorded as appends record a repeat's, unless received before
+        `forget_ids_before` (a time.time()); recorded ids received before it are forgotten. `progress(n)`: n more
+        seq numbers done.
+
+        What the log replays is unchanged (a repeat changes nothing: model/store/events.py), so a process starting
+        after it reaches the state of one that applied every event. Appends, readers and followers carry on
+        meanwhile: each page holds the append lock for one transaction, and a follower past a removed repeat only
+        misses a no-op."""
+        cutoff = float("-inf") if forget_ids_before is None else forget_ids_before
+        last, before = self.last_seq(), self.count()
+        moved = kept = 0
+        for lo in range(0, last, COMPACT_PAGE):
+            hi = min(lo + COMPACT_PAGE, last - 1)
+            def page(conn, now: float) -> tuple[int, int]:
+                return (self._execute(conn, KEEP_REPEAT_IDS, (cutoff, lo, hi)),
+                        self._execute(conn, DROP_REPEATS, (lo, hi)))
+            if lo < hi:
+                ids, dropped = self._write(page)
+                kept, moved = kept + ids, moved + dropped
+            progress(min(lo + COMPACT_PAGE, last) - lo)
+        forgotten = self._write(lambda conn, now: self._execute(conn, FORGET_IDS, (cutoff,))) \
+            if forget_ids_before is not None else 0
+        return Compaction(before, self.count(), moved, kept, forgotten)
 
     def publish_checkpoint(self, path: str, version: str) -> int:
         """Record `path` (at `version`) as the checkpoint every serving process should run; returns its id."""
@@ -255,7 +339,12 @@ class FeedbackStore(ABC):
         return self._query("SELECT COALESCE(MAX(seq), 0) FROM events")[0][0]
 
     def count(self) -> int:
+        """The events in the log (repeats are not)."""
         return self._query("SELECT COUNT(*) FROM events")[0][0]
+
+    def repeat_ids(self) -> int:
+        """The repeats' event ids recorded (what `compact` forgets past a retention age)."""
+        return self._query("SELECT COUNT(*) FROM repeats")[0][0]
 
     def ping(self) -> None:
         """Returns when the store can be read; raises StoreUnavailable otherwise."""
@@ -300,7 +389,7 @@ class FeedbackLog(FeedbackStore):
             columns = self._columns()
             statements = SCHEMA if not columns else MIGRATE_FROM_1 if "key_name" not in columns else ()
             self._db.execute("BEGIN IMMEDIATE")
-            for statement in statements + (ROLLOUTS,):
+            for statement in statements + (ROLLOUTS,) + PAIRS:
                 self._db.execute(statement)
             # written on every open: a write that must commit, so a store that cannot be written is known at once
             self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
@@ -356,14 +445,19 @@ class FeedbackLog(FeedbackStore):
                 raise StoreUnavailable(reason(e)) from e
 
     def _stored_ids(self, conn, writer, ids):
-        found = {i: conn.execute(SELECT_ID, (writer, i)).fetchone() for i in ids}
+        found = {i: conn.execute(SELECT_ID, (writer, i, writer, i)).fetchone() for i in ids}
         return {i: row for i, row in found.items() if row is not None}
 
-    def _recent_pairs(self, conn, writer, pairs, since):
-        return {p for p in pairs if conn.execute(SELECT_RECENT, (writer, *p, since)).fetchone()}
+    def _stored_pairs(self, conn, writer, pairs):
+        return {p for p in pairs if conn.execute(SELECT_PAIR, (writer, *p)).fetchone()}
 
     def _insert(self, conn, sql, rows):
         return [conn.execute(sql, row).lastrowid for row in rows]
+
+    def _execute(self, conn, sql, params=()):
+        if sql == INSERT_REPEAT:
+            return conn.executemany(sql, params).rowcount
+        return conn.execute(sql, params).rowcount
 
     def _verified_column(self) -> str:
         # a store of schema 1 (opened read-only, or not yet migrated) has no verified column: its events count as
