@@ -1,11 +1,12 @@
-"""`python -m training {train,evaluate,coldstart,baselines,compare,export}`: the offline side of the service.
+"""`python -m training {train,evaluate,coldstart,baselines,compare,export,compact}`: the offline side of the service.
 Arguments in, results printed; the work is done by training/train.py, evaluate.py, coldstart.py, baselines.py,
-compare.py and export.py."""
+compare.py, export.py and feedback.py."""
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+import time
 from dataclasses import fields
 
 from training.train import TrainConfig
@@ -139,6 +140,18 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--device", default="cpu")
     k.add_argument("--json", action="store_true", help="print one JSON object (the tuning log goes to stderr)")
     k.add_argument("--trust-pickle", action="store_true", help=TRUST_PICKLE)
+
+    f = sub.add_parser("compact", help="move repeated (key, user, item) events out of the feedback store's log and "
+                                       "forget old repeat ids; safe while servers write and follow it")
+    f.add_argument("--feedback", required=True, metavar="URL",
+                   help="the store: sqlite:///PATH, postgresql://... or a file path (as the server's "
+                        "CMN_FEEDBACK_URL)")
+    f.add_argument("--forget-ids-after", type=float, metavar="DAYS",
+                   help="forget the event ids of repeats received more than DAYS ago (a retry with such an id and "
+                        "the same payload is still a duplicate; another payload under it is no longer a conflict); "
+                        "default: keep them all")
+    f.add_argument("--json", action="store_true", help="print one JSON object")
+    f.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
 
@@ -246,6 +259,22 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_compact(args) -> int:
+    from dataclasses import asdict
+    from model.store.events import masked
+    from training.feedback import compact_store
+    start = time.perf_counter()
+    r = compact_store(args.feedback, args.forget_ids_after, progress=not args.quiet)
+    seconds = time.perf_counter() - start
+    if args.json:
+        print(json.dumps(asdict(r) | {"seconds": round(seconds, 3)}))
+        return 0
+    print(f"compacted {masked(args.feedback)} in {seconds:.1f} s: {r.events_before:,} → {r.events_after:,} events in "
+          f"the log ({r.moved:,} repeats moved out, {r.ids_kept:,} of them keep their event id); "
+          f"{r.ids_forgotten:,} repeat ids forgotten")
+    return 0
+
+
 def main(argv=None) -> int:
     from model.store.checkpoint import CheckpointError
     from training.data import DataError
@@ -254,7 +283,8 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return {"train": cmd_train, "evaluate": cmd_evaluate, "coldstart": cmd_coldstart,
-                "baselines": cmd_baselines, "compare": cmd_compare, "export": cmd_export}[args.command](args)
+                "baselines": cmd_baselines, "compare": cmd_compare, "export": cmd_export,
+                "compact": cmd_compact}[args.command](args)
     except (DataError, CheckpointError, ExportError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -369,42 +369,76 @@ class FeedbackLog(FeedbackStore):
         if readonly:
             if not os.path.exists(path):
                 raise FileNotFoundError(f"feedback store not found: {path}")
-            self._db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
+            self._db = self._reader()
         else:
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            try:
+                os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            except OSError:
+                pass  # a directory that cannot be made is a store that cannot be written: `_open` says why
             self._open()
-            if self.fault and not self._columns():
-                raise StoreUnavailable(f"cannot create the feedback store: {self.fault}")
 
     # ------------------------------------------------------------------ opening, schema
 
     def _open(self) -> None:
-        """Connect and bring the schema up to date. A store that cannot be written (read-only file, full disk)
-        still opens for reading, with `fault` saying why; the next write reopens it."""
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self.fault = None
+        """Connect and bring the schema up to date. A store that cannot be written (read-only file or directory,
+        full disk) is still served for reading, with `fault` saying why; the next write reopens it."""
+        self.fault, db = None, None
         try:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            columns = self._columns()
+            db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            columns = self._columns(db=db)
             statements = SCHEMA if not columns else MIGRATE_FROM_1 if "key_name" not in columns else ()
-            self._db.execute("BEGIN IMMEDIATE")
+            db.execute("BEGIN IMMEDIATE")
             for statement in statements + (ROLLOUTS,) + PAIRS:
-                self._db.execute(statement)
+                db.execute(statement)
             # written on every open: a write that must commit, so a store that cannot be written is known at once
-            self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-            self._db.execute("COMMIT")
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            db.execute("COMMIT")
         except (sqlite3.Error, OSError) as e:
-            self._rollback()
+            if db is not None:
+                self._rollback(db)
             self.fault = reason(e)
+            if db is None or not self._readable(db):
+                if db is not None:
+                    db.close()
+                db = self._reader() if os.path.exists(self.path) else self._empty()
+        self._db = db
 
-    def _columns(self, table: str = "events") -> set[str]:
-        return {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
+    def _reader(self) -> sqlite3.Connection:
+        """A read-only connection. In a directory nobody may write, SQLite cannot make the WAL's shared-memory
+        file: the store is then read as it is on disk (immutable), which is what it stays while nobody may write
+        there."""
+        db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False)
+        if self._readable(db):
+            return db
+        db.close()
+        return sqlite3.connect(f"file:{self.path}?mode=ro&immutable=1", uri=True, check_same_thread=False)
 
-    def _rollback(self) -> None:
+    @staticmethod
+    def _readable(db: sqlite3.Connection) -> bool:
         try:
-            if self._db.in_transaction:  # SQLite rolls back by itself after some errors (SQLITE_FULL, I/O errors)
-                self._db.execute("ROLLBACK")
+            db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+            return True
+        except sqlite3.Error:
+            return False
+
+    @staticmethod
+    def _empty() -> sqlite3.Connection:
+        """What a store that could not be created reads as: no events, no rollouts."""
+        db = sqlite3.connect(":memory:", check_same_thread=False, isolation_level=None)
+        for statement in SCHEMA + (ROLLOUTS,) + PAIRS:
+            db.execute(statement)
+        return db
+
+    def _columns(self, table: str = "events", db: sqlite3.Connection | None = None) -> set[str]:
+        return {row[1] for row in (db or self._db).execute(f"PRAGMA table_info({table})")}
+
+    def _rollback(self, db: sqlite3.Connection | None = None) -> None:
+        db = db or self._db
+        try:
+            if db.in_transaction:  # SQLite rolls back by itself after some errors (SQLITE_FULL, I/O errors)
+                db.execute("ROLLBACK")
         except sqlite3.Error:
             pass  # the error that made us roll back is the one to report; the next write starts with a reopen
 
