@@ -8,6 +8,9 @@ real server (conftest: `postgres_url`, `stoppable_postgres`; skipped without one
 """
 from __future__ import annotations
 
+import itertools
+import json
+import os
 import random
 import socket
 import sys
@@ -18,11 +21,16 @@ import time
 import numpy as np
 import psycopg
 import pytest
+import torch
+
+from app.engine import Engine
+from model.store.checkpoint import load_checkpoint
 
 from model.store.events import (SCHEMA_VERSION, Event, EventIdConflict, FeedbackLog, FeedbackStore, Rollout,
                                 StoreUnavailable, masked, open_store)
 from model.store import events as events_mod, events_pg
 from model.store.events_pg import NOTIFY_CHANNEL, PostgresFeedbackStore
+from training import cli
 from training.data import DataError, Dataset
 from training.feedback import fold_feedback
 
@@ -141,6 +149,40 @@ def test_compaction_moves_repeats_out_keeps_their_ids_and_forgets_old_ones(store
     assert store.compact(forget_ids_before=time.time() + 1).ids_forgotten == 5
     assert store.repeat_ids() == 0 and [e.event_id for _, e in store.events()] == [e.event_id for _, e in after]
     assert store.compact() == type(result)(7, 7, 0, 0, 0)                      # nothing left to do
+
+
+def test_replay_after_compaction_reaches_the_same_live_state(store, api_checkpoint):
+    """What compaction guarantees the serving processes: replaying the compacted store reaches the state that
+    replaying every repeat reached (the same batches of seq numbers, less the repeats: a follower applies what
+    arrived since its last read). The events repeat a known pair, and a live user's and a live item's pairs after
+    other users joined their neighbourhoods (a repeat that refitted them would change their rows)."""
+    ckpt = load_checkpoint(api_checkpoint)
+    users, items = ckpt.user_ids, ckpt.item_ids
+    events = [Event(users[n % 7], items[n % 5], None, f"k{n}") for n in range(20)]
+    events += [Event("live-user", items[0], None, "l0"), Event("live-user", items[1], None, "l1"),
+               Event(users[3], "live-item", None, "m0"), Event(users[4], "live-item", None, "m1")]
+    events += [Event(users[10 + n], items[n % 2], None, f"j{n}") for n in range(6)]
+    events += [Event("live-user", items[0], None, "l0-again"), Event(users[3], "live-item", None, "m0-again"),
+               Event(users[0], items[0], None, "k0-again")]
+    store.bulk_append(events)
+
+    def replayed() -> Engine:
+        engine = Engine(api_checkpoint, device="cpu")
+        for _, batch in itertools.groupby(store.events(), key=lambda row: (row[0] - 1) // 8):
+            engine.apply_rows(list(batch))
+        return engine
+    everything = replayed()
+    assert store.compact().moved == 2           # the live user's and item's repeats (the last event is kept)
+    compacted = replayed()
+    a, b = everything.recommender, compacted.recommender
+    assert (compacted.user_ids, compacted.item_ids) == (everything.user_ids, everything.item_ids)
+    assert b.seen_sets == a.seen_sets and b.interactions == a.interactions
+    assert torch.equal(b.popularity, a.popularity)
+    assert torch.equal(b.scorer.indptr, a.scorer.indptr) and torch.equal(b.scorer.indices, a.scorer.indices)
+    for table in ("user_memory", "user_output", "item_memory"):
+        rows = a.n_users if table.startswith("user") else a.n_items
+        assert torch.equal(getattr(b.scorer.model, table)[:rows], getattr(a.scorer.model, table)[:rows]), table
+    assert torch.equal(b.score(list(range(b.n_users))), a.score(list(range(a.n_users))))
 
 
 def test_appends_during_a_compaction_are_kept_in_order(url):
@@ -489,3 +531,20 @@ def test_postgresql_without_psycopg_names_the_extra_to_install(monkeypatch):
     with pytest.raises(ImportError, match=r"cmn-service\[pg\]") as e:
         open_store("postgresql://cmn:secret@127.0.0.1:1/cmn")
     assert "secret" not in str(e.value)
+
+
+def test_the_compact_command_reports_what_it_did_and_explains_bad_input(store, url, capsys):
+    store.bulk_append(Event("u", f"i{n % 3}", None, f"e{n}") for n in range(10))
+    assert cli.main(["compact", "--feedback", url, "--quiet", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) | {"seconds": 0} == {
+        "events_before": 10, "events_after": 4, "moved": 6, "ids_kept": 6, "ids_forgotten": 0, "seconds": 0}
+    assert cli.main(["compact", "--feedback", url, "--quiet", "--forget-ids-after", "0"]) == 0
+    assert "4 → 4 events" in capsys.readouterr().out and store.repeat_ids() == 0
+    assert cli.main(["compact", "--feedback", url, "--forget-ids-after", "-1"]) == 2
+    assert "--forget-ids-after must be" in capsys.readouterr().err
+    missing = url.rsplit("/", 1)[0] + "/missing.sqlite3" if url.startswith("sqlite") else \
+        f"postgresql://cmn:s3cret@127.0.0.1:{closed_port()}/feedback"
+    assert cli.main(["compact", "--feedback", missing, "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot compact feedback store" in err and "s3cret" not in err and "Traceback" not in err
+    assert not url.startswith("sqlite") or not os.path.exists(missing[len("sqlite:///"):])   # not created
