@@ -177,8 +177,9 @@ class Engine:
             if not any(grew.values()):
                 break
         created_users, created_items = created["user_id"], created["item_id"]
-        known = [(self.user_index[e.user_id], self.item_index[e.item_id]) for e in events
-                 if self.knows(e.user_id, e.item_id)]
+        users_of, items_of = self.user_index.get, self.item_index.get   # a replay passes here once per event
+        known = [(u, i) for u, i in ((users_of(e.user_id), items_of(e.item_id)) for e in events)
+                 if u is not None and i is not None]
         if known:
             users, items = zip(*known)
             # refitted only when their interactions grew: a repeated pair changes nothing
@@ -220,9 +221,11 @@ class Engine:
         index[external_id] = internal
         return internal
 
-    def apply_rows(self, rows: list[tuple[int, Event]]) -> None:
+    def apply_rows(self, rows: list[tuple[int, Event]], fresh: bool = True) -> None:
         """Apply the store's next events, in sequence order: every process, the writer included, applies each
-        event through here exactly once, so all of them reach the same state."""
+        event through here exactly once, so all of them reach the same state. `fresh`: the events were stored
+        since this engine last read the store, and their apply lag is observed (a replay's events are as old as
+        the store: their lag would measure its age, one histogram observation per event)."""
         if not rows or rows[0][0] <= self.feedback_seq:
             rows = [(seq, e) for seq, e in rows if seq > self.feedback_seq]
         if not rows:
@@ -232,16 +235,17 @@ class Engine:
         metrics.FEEDBACK_APPLIED.labels("applied").inc(applied)
         metrics.FEEDBACK_APPLIED.labels("deferred").inc(deferred)
         metrics.APPLIED_SEQ.set(self.feedback_seq)
-        now = time.time()
-        for _, e in rows:
-            if e.received is not None:
-                metrics.APPLY_LAG.observe(max(0.0, now - e.received))
+        if fresh:
+            now = time.time()
+            for _, e in rows:
+                if e.received is not None:
+                    metrics.APPLY_LAG.observe(max(0.0, now - e.received))
 
     def catch_up(self, store: FeedbackStore) -> int:
         """Apply the store's events this engine has not seen (start-up replay, and after a reload), a page at a
         time: a store of millions of events is never all in memory."""
         replayed = 0
         while rows := store.events(after=self.feedback_seq, limit=CATCH_UP_PAGE):
-            self.apply_rows(rows)
+            self.apply_rows(rows, fresh=False)
             replayed += len(rows)
         return replayed

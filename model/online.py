@@ -50,7 +50,8 @@ class Online:
         `refit_user` / `refit_item`; a live item's retrieval mix follows at once."""
         rec = self.recommender
         users, items = [int(u) for u in users], [int(i) for i in items]
-        bad = [(u, i) for u, i in zip(users, items) if not (0 <= u < rec.n_users and 0 <= i < rec.n_items)]
+        n_users, n_items = rec.n_users, rec.n_items
+        bad = [(u, i) for u, i in zip(users, items) if not (0 <= u < n_users and 0 <= i < n_items)]
         if bad:
             raise ValueError(f"interactions {bad[:3]} name users or items the model does not hold "
                              f"({rec.n_users} users, {rec.n_items} items)")

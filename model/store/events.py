@@ -346,6 +346,11 @@ class FeedbackStore(ABC):
         """The repeats' event ids recorded (what `compact` forgets past a retention age)."""
         return self._query("SELECT COUNT(*) FROM repeats")[0][0]
 
+    def repeats(self) -> list[Event]:
+        """The repeats whose ids are recorded, oldest first: acknowledged events that are not in the log."""
+        rows = self._query("SELECT user_id, item_id, timestamp, event_id, received FROM repeats ORDER BY received")
+        return [Event(r[0], r[1], r[2], r[3], received=r[4]) for r in rows]
+
     def ping(self) -> None:
         """Returns when the store can be read; raises StoreUnavailable otherwise."""
         self._query("SELECT 1 FROM events LIMIT 1")
