@@ -23,6 +23,7 @@ import tempfile
 
 import uvicorn
 
+from app.experiments import ExperimentFileError, read_experiment
 from app.main import app
 from app.protocol import server_options
 from model.store.checkpoint import CheckpointError, load_checkpoint
@@ -36,6 +37,12 @@ def main() -> int:
         print(f"error: {e} (set CMN_CHECKPOINT, or train one: python -m training train --out "
               f"{settings.checkpoint})", file=sys.stderr)
         return 2
+    if settings.experiment_file:  # likewise an experiment file that cannot be used (each worker reads it again)
+        try:
+            read_experiment(settings.experiment_file)
+        except ExperimentFileError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     if "CMN_MAX_QUEUE" in os.environ:  # the setting it replaces: ignoring it silently would lift an operator's limit
         print("warning: CMN_MAX_QUEUE (requests) is no longer read; the queue is bounded by CMN_MAX_QUEUE_PAIRS "
               f"((user, item) pairs waiting to be scored, now {settings.max_queue_pairs})", file=sys.stderr)

@@ -5,9 +5,10 @@ comma-separated subset of SCOPES. The file holds hashes only; it is re-read on S
 Clients send `Authorization: Bearer <key>` (admin routes also take `X-API-Key`, and CMN_API_KEY is one more admin
 key). Without CMN_AUTH_FILE auth is off: every route but /admin is open, and there are no per-key quotas.
 
-Token buckets, all on the event loop (no locks): requests per key, feedback events per key and events naming
-ids the model does not know per key, and wrong keys per client address (a guess of a key costs a token, an
-address out of tokens gets 429 whatever it sends, so a right guess cannot be told from a wrong one).
+Token buckets, all on the event loop (no locks): requests per key, work per key (in scored pairs, what the model
+thread spends on its requests), feedback events per key, per key and user, and naming ids the model does not know
+per key, and wrong keys per client address (a guess of a key costs a token, an address out of tokens gets 429
+whatever it sends, so a right guess cannot be told from a wrong one).
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import os
 import re
 import stat
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 
 from starlette.exceptions import HTTPException
@@ -29,6 +30,7 @@ from app.settings import Settings
 SCOPES = ("recommend", "history", "feedback", "admin", "metrics")
 MAX_KEY_FILE_BYTES = 1_000_000
 MAX_ADDRESSES = 10_000            # client addresses whose failed attempts are remembered (least recent forgotten)
+MAX_TARGETS = 100_000             # (key, user) pairs whose feedback is counted (least recent forgotten)
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 DIGEST = re.compile(r"[0-9a-fA-F]{64}")
 
@@ -175,7 +177,13 @@ class Auth:
         self.keys: list[Key] | None = read_key_file(settings.auth_file) if settings.auth_file else None
         self.admin_digest = digest_of(settings.api_key.get_secret_value()) if settings.api_key else None
         self.requests = Buckets(settings.rate_per_s * 60, settings.rate_burst)
+        self.pairs = Buckets(settings.pairs_per_s * 60, settings.pairs_burst)
+        # key name → until when its recommendations are refused before the body is validated: its work went past a
+        # limit, and a client ignoring Retry-After must not make each refusal cost a parsed, resolved body
+        self.held: dict[str, float] = {}
         self.events = Buckets(settings.feedback_events_per_min)
+        self.per_user = Buckets(settings.feedback_per_user_per_hour / 60, settings.feedback_per_user_per_hour,
+                                remember=MAX_TARGETS)
         self.unknown = Buckets(settings.unknown_events_per_min)
         self.failures = Buckets(settings.auth_failures_per_min, remember=MAX_ADDRESSES)
 
@@ -211,6 +219,11 @@ class Auth:
     def _admitted(self, key: Key, scope: str) -> Caller:
         if scope not in key.scopes:
             raise HTTPException(403, f"this key lacks the {scope} scope")
+        if scope == "recommend" and key.name in self.held:
+            if (wait := self.held[key.name] - time.monotonic()) > 0:
+                raise too_many("this key's work went past its limits (work rate or backlog); retry after "
+                               "Retry-After", wait)
+            del self.held[key.name]
         if self.requests:
             now = time.monotonic()
             bucket = self.requests.get(key.name, now)
@@ -251,13 +264,16 @@ class Auth:
 
     # ------------------------------------------------------------------ what the caller may ask
 
-    def require_history(self, caller: Caller, reqs) -> None:
+    def require_history(self, caller: Caller, reqs, jobs) -> None:
         """403 unless the caller has the history scope, for any request whose answer reveals the user's
-        interactions: the items it lists or leaves out, or the users behind an item."""
+        interactions: the items it lists or leaves out, or the users behind an item. `jobs`: the requests with ids
+        resolved (app/jobs.py), where a known user's `history` has joined `exclude`: its items are left out as
+        seen, so they count against the same bound (issue 23: 500 `history` ids and 100 `exclude` ids hid all but
+        one user's items from a recommend-only key)."""
         if "history" in caller.scopes:
             return
         limit = self.settings.exclude_without_history
-        for r in reqs:
+        for r, job in zip(reqs, jobs):
             if not r.exclude_seen:
                 reason = "exclude_seen false lists the user's own items"
             elif r.explain:
@@ -267,35 +283,78 @@ class Auth:
             elif len(r.exclude) > limit:
                 reason = (f"more than {limit} exclude ids page through the catalogue, and what never comes back is "
                           "the user's history")
+            elif len(job.exclude) > limit:
+                reason = (f"a known user's history items are left out like exclude ids, and with them more than "
+                          f"{limit} ids page through the catalogue, and what never comes back is the user's history")
             else:
                 continue
             raise HTTPException(403, f"this key lacks the history scope: {reason}")
 
-    def charge_events(self, caller: Caller, events: int, unknown: int) -> None:
+    def charge_pairs(self, caller: Caller, pairs: int) -> None:
+        """Take a request's work (scored pairs, a fold-in at its measured cost: app/engine.py `Throughput`) from the
+        key's tokens: 429 + Retry-After until they are there, 413 for a request costing more than the key may spend
+        at once."""
+        if not caller.keyed or not self.pairs:
+            return
+        if pairs > self.pairs.capacity:
+            raise HTTPException(413, f"this request costs {pairs} scored pairs; a key may spend "
+                                     f"{self.pairs.capacity:g} at once (CMN_PAIRS_BURST): send fewer users, "
+                                     "candidates or histories per request")
+        now = time.monotonic()
+        bucket = self.pairs.get(caller.name, now)
+        if wait := bucket.wait(pairs, now):
+            raise self.too_much_work(caller, f"past this key's work rate ({self.settings.pairs_per_s:g} scored pairs "
+                                             f"a second; this request costs {pairs})", wait)
+        bucket.take(pairs)
+
+    def too_much_work(self, caller: Caller, detail: str, wait: float) -> HTTPException:
+        """429 + Retry-After for a key whose work went past a limit; until then its recommendation requests are
+        refused before their body is validated (`_admitted`)."""
+        if caller.keyed:
+            self.held[caller.name] = time.monotonic() + wait
+        return too_many(detail, wait)
+
+    def refund_pairs(self, caller: Caller, pairs: int) -> None:
+        """Give back what `charge_pairs` took for a request that was not queued (the queue or the key's backlog was
+        full)."""
+        if caller.keyed and self.pairs:
+            self.pairs.get(caller.name, time.monotonic()).give(pairs)
+
+    def _event_charges(self, caller: Caller, events: int, unknown: int, users: list[str]) -> list:
+        """(buckets, bucket name, tokens, what) for a feedback request: the key's events, its events naming unknown
+        ids, and its events for each user."""
+        charges = [(b, caller.name, n, what) for b, n, what in (
+            (self.events, events, "feedback events"),
+            (self.unknown, unknown, "events naming users or items the model does not know")) if b and n]
+        if self.per_user:
+            charges += [(self.per_user, f"{caller.name}\n{user}", n, "events for one user")
+                        for user, n in Counter(users).items()]
+        return charges
+
+    def charge_events(self, caller: Caller, events: int, unknown: int, users: list[str]) -> None:
         """Take a feedback request's events from the key's quotas, all or nothing: 429 when a quota has not
-        enough left, 413 when one request holds more than a quota's whole minute."""
+        enough left, 413 when one request holds more than a quota allows at once. `users`: each event's user."""
         if not caller.keyed:
             return
         now, wait = time.monotonic(), 0.0
-        charges = [(b, n, what) for b, n, what in ((self.events, events, "feedback events"),
-                                                   (self.unknown, unknown, "events naming users or items the model "
-                                                                           "does not know")) if b and n]
-        for buckets, n, what in charges:
+        charges = self._event_charges(caller, events, unknown, users)
+        for buckets, name, n, what in charges:
             if n > buckets.capacity:
+                per = "an hour" if buckets is self.per_user else "a minute"
                 raise HTTPException(413, f"{n} {what} in one request; this key may send {buckets.capacity:g} "
-                                         "a minute: send fewer per request")
-            wait = max(wait, buckets.get(caller.name, now).wait(n, now))
+                                         f"{per}: send fewer per request")
+            wait = max(wait, buckets.get(name, now).wait(n, now))
         if wait:
-            raise too_many("past this key's feedback quota (" + ", ".join(
-                f"{b.capacity:g} {what} a minute" for b, _, what in charges) + ")", wait)
-        for buckets, n, _ in charges:
-            buckets.get(caller.name, now).take(n)
+            raise too_many("past this key's feedback quota (" + ", ".join(sorted({
+                f"{b.capacity:g} {what} {'an hour' if b is self.per_user else 'a minute'}"
+                for b, _, _, what in charges})) + ")", wait)
+        for buckets, name, n, _ in charges:
+            buckets.get(name, now).take(n)
 
-    def refund_events(self, caller: Caller, events: int, unknown: int) -> None:
+    def refund_events(self, caller: Caller, events: int, unknown: int, users: list[str]) -> None:
         """Give back what `charge_events` took for a request that stored nothing."""
         if not caller.keyed:
             return
         now = time.monotonic()
-        for buckets, n in ((self.events, events), (self.unknown, unknown)):
-            if buckets and n:
-                buckets.get(caller.name, now).give(n)
+        for buckets, name, n, _ in self._event_charges(caller, events, unknown, users):
+            buckets.get(name, now).give(n)

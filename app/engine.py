@@ -25,6 +25,8 @@ from model.recommender import Recommender
 
 
 CATCH_UP_PAGE = 50_000
+DEFAULT_PAIRS_PER_S = 1_000_000   # the scoring rate assumed until the model thread has measured one
+SMOOTHING = 0.2                   # weight of the last call in the measured rates
 # what a checkpoint's model_version may be: it is echoed in every answer, log line and metric label
 VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:+-]{0,63}")
 
@@ -40,19 +42,58 @@ def stable_seed(external_id: str) -> int:
     return zlib.crc32(external_id.encode())
 
 
+class Throughput:
+    """What the model thread's work costs on this engine, measured on its own calls (moving averages): scored
+    pairs per second, and seconds per fold-in. Every limit on that work counts scored pairs (app/batcher.py,
+    app/auth.py); a fold-in counts as the pairs the thread scores in the time it takes (issue 23: it was counted as
+    ~len(history) pairs, a thirtieth of its cost). Until measured, `foldin_pairs` and DEFAULT_PAIRS_PER_S stand in."""
+
+    def __init__(self, foldin_pairs: int):
+        self.assumed_foldin_pairs = foldin_pairs
+        self.pairs_per_s: float | None = None
+        self.foldin_s: float | None = None
+
+    @property
+    def rate(self) -> float:
+        return self.pairs_per_s or DEFAULT_PAIRS_PER_S
+
+    def foldin_pairs(self) -> int:
+        if self.foldin_s is None or self.pairs_per_s is None:
+            return self.assumed_foldin_pairs
+        return max(1, round(self.foldin_s * self.pairs_per_s))
+
+    def pairs_in(self, seconds: float) -> float:
+        return seconds * self.rate
+
+    def seconds(self, pairs: float) -> float:
+        return pairs / self.rate
+
+    def observe(self, scored: int, scoring_s: float, foldins: int, foldin_s: float) -> None:
+        """One model call: `scored` pairs in `scoring_s` seconds, `foldins` histories fitted in `foldin_s`."""
+        def smooth(old: float | None, new: float) -> float:
+            return new if old is None else SMOOTHING * new + (1 - SMOOTHING) * old
+        if scored and scoring_s > 0:
+            self.pairs_per_s = smooth(self.pairs_per_s, scored / scoring_s)
+        if foldins:
+            self.foldin_s = smooth(self.foldin_s, foldin_s / foldins)
+
+
 class Engine:
     def __init__(self, checkpoint: str, device: str = "auto", explain_top: int = 5, max_bytes: int = MAX_BYTES,
                  within: str | None = None, graph_catalogue: bool = False, max_live_users: int = 10_000,
-                 max_live_items: int = 1_000, feedback_cap: int | None = None):
+                 max_live_items: int = 1_000, foldin_pairs: int = 30_000, max_popularity_gain: int | None = None,
+                 feedback_cap: int | None = None):
         """`max_bytes`, `within`: see `load_checkpoint` (a path a client named must lie `within` a directory).
         `max_live_users`, `max_live_items`: how many users and items feedback may create before the next training
-        run (past them, events for new ones are stored and deferred to it). `feedback_cap`: how far feedback grows
-        N(i) of a model trained without a cap (model/neighbours.py)."""
+        run (past them, events for new ones are stored and deferred to it). `foldin_pairs`: what fitting one history
+        costs the model thread, in scored pairs, until measured (CMN_FOLDIN_PAIRS). `max_popularity_gain`: see
+        `Online` (CMN_MAX_POPULARITY_GAIN). `feedback_cap`: how far feedback grows N(i) of a model trained without a
+        cap (model/neighbours.py, CMN_FEEDBACK_NEIGHBOURS_CAP)."""
         start = time.perf_counter()
         ckpt = load_checkpoint(checkpoint, max_bytes, within)
         self.recommender = Recommender.from_checkpoint(ckpt, device, graph_catalogue=graph_catalogue,
                                                        feedback_cap=feedback_cap)
-        self.online = Online(self.recommender)   # live users and items: what feedback creates
+        self.online = Online(self.recommender, max_popularity_gain)   # live users and items: what feedback creates
         self.device = self.recommender.device
         self.path, self.version = checkpoint, served_version(ckpt.model_version, ckpt.state, checkpoint)
         self.user_ids, self.item_ids = list(ckpt.user_ids), list(ckpt.item_ids)  # live ones are appended
@@ -60,6 +101,7 @@ class Engine:
         self.user_index = {u: n for n, u in enumerate(self.user_ids)}
         self.item_index = {i: n for n, i in enumerate(self.item_ids)}
         self.explain_top = explain_top
+        self.throughput = Throughput(foldin_pairs)
         self.feedback_seq = 0
         self.warnings = checkpoint_warnings(ckpt.metrics)  # /health and the load log repeat them
         self.load_seconds = time.perf_counter() - start
@@ -98,18 +140,21 @@ class Engine:
         user = None if req.user_id is None else self.user_index.get(req.user_id)
         if user is not None and history and req.exclude_seen:  # a known user's extra items: seen, for this call
             exclude = list(dict.fromkeys(exclude + history))
-        # a retrieval-only request scores no CMN pair but is still work: it counts as one; a fold-in touches each
-        # history item's neighbourhood a few times, roughly a pair each
+        # a retrieval-only request scores no CMN pair but is still work: it counts as one
         pairs = max(1, self.scored_per_user(strategy) if candidates is None else len(candidates))
         history = history if user is None and history else None
-        return Job(req.user_id, user, req.k, candidates, exclude, req.exclude_seen, req.explain, strategy,
-                   pairs + len(history or ()), history)
+        if history:
+            pairs += self.throughput.foldin_pairs()
+        return Job(req.user_id, user, req.k, candidates, exclude, req.exclude_seen, req.explain, strategy, pairs,
+                   history)
 
     def recommend(self, jobs: list[Job]) -> list[Answer]:
         """Answers for a batch: one recommender call per kind of user (known; folded in from a history), strategy,
         and whole catalogue or candidate lists; the popularity fallback for unknown users without a history."""
+        start = time.perf_counter()
         answers: list[Answer | None] = [None] * len(jobs)
         rec = self.recommender
+        scored, foldins, foldin_s = 0, 0, 0.0
         groups: dict[tuple[bool, bool, str], list[int]] = {}
         for n, j in enumerate(jobs):
             if j.user is not None or j.history:
@@ -117,10 +162,15 @@ class Engine:
         for (folded, whole, strategy), group in groups.items():
             listed = [jobs[n] for n in group]
             candidates = None if whole else [j.candidates for j in listed]
-            metrics.SCORED_ITEMS.labels(strategy).inc(
-                sum(map(len, candidates)) if candidates else len(listed) * self.scored_per_user(strategy))
-            who = ({"histories": [j.history for j in listed], "seed": 0} if folded else
-                   {"users": [j.user for j in listed]})
+            pairs = sum(map(len, candidates)) if candidates else len(listed) * self.scored_per_user(strategy)
+            metrics.SCORED_ITEMS.labels(strategy).inc(pairs)
+            scored += pairs
+            if folded:   # fitted here, timed apart from the scoring: the two rates a job's cost is made of
+                fitting = time.perf_counter()
+                who = {"histories": [rec.fold_in(j.history, seed=0) for j in listed]}
+                foldins, foldin_s = foldins + len(listed), foldin_s + time.perf_counter() - fitting
+            else:
+                who = {"users": [j.user for j in listed]}
             items, scores = rec.recommend(k=[j.k for j in listed], exclude_seen=[j.exclude_seen for j in listed],
                                           exclude=[j.exclude for j in listed], candidates=candidates,
                                           strategy=strategy, **who)
@@ -131,6 +181,7 @@ class Engine:
             if answers[n] is None:
                 items, scores = rec.popular(job.k, job.exclude, job.candidates)
                 answers[n] = self._answer(job, items.tolist(), scores.tolist(), "unknown_user")
+        self.throughput.observe(scored, time.perf_counter() - start - foldin_s, foldins, foldin_s)
         return answers
 
     def _answer(self, job: Job, items: list[int], scores: list[float], fallback: str | None,

@@ -15,6 +15,7 @@ from concurrent.futures import Executor
 from app import metrics
 from app.auth import Auth, Caller
 from app.batcher import run_on
+from app.impressions import Impressions
 from app.engine import CATCH_UP_PAGE
 from app.models import Models, NotReady
 from app.schemas import FeedbackEvent, FeedbackResponse, as_str
@@ -38,8 +39,9 @@ class Feedback:
     process last read it to its end (`synced_at`)."""
 
     def __init__(self, settings: Settings, store: FeedbackStore, auth: Auth, models: Models, model_thread: Executor,
-                 io_threads: Executor):
+                 io_threads: Executor, impressions: Impressions):
         self.settings, self.store, self.auth, self.models = settings, store, auth, models
+        self.impressions = impressions
         self.model_thread, self.io_threads = model_thread, io_threads
         self.events = 0
         self._counted_seq = 0                     # `events` counts every event up to this seq,
@@ -129,12 +131,14 @@ class Feedback:
             # verified: the model knew the user and item, or creates them live (the training run folds those in)
             stored.append(Event(user, item, e.timestamp, e.event_id, verified=engine.accepts(user, item)))
         unknown = sum(not engine.knows(e.user_id, e.item_id) for e in stored)  # each may create a user or an item
-        self.auth.charge_events(caller, len(stored), unknown)
+        users = [e.user_id for e in stored]
+        self.auth.charge_events(caller, len(stored), unknown, users)
+        clicks = [None if e.impression_id is None else (e.impression_id, e.position) for e in events]
         fault = self.store.fault
         try:  # durable before we answer; events are unique per writer, the caller's key
-            seqs = await run_on(self.io_threads, self.store.append, stored, caller.name)
+            seqs = await run_on(self.io_threads, self.store.append, stored, caller.name, clicks)
         except (EventIdConflict, StoreUnavailable) as e:
-            self.auth.refund_events(caller, len(stored), unknown)
+            self.auth.refund_events(caller, len(stored), unknown, users)
             if isinstance(e, StoreUnavailable) and str(e) != fault:  # logged once per fault, not once per request
                 log.error("feedback store not writable: %s", e.detail, extra={"event": "store_unwritable"})
             raise
@@ -144,6 +148,9 @@ class Feedback:
         self.events += len(new)
         self._own_seqs.update(seq for seq in seqs if seq is not None and seq > self._counted_seq)
         duplicates = len(stored) - len(new)
+        unjoined = await self.impressions.count_clicks([(e.impression_id, s.user_id, s.item_id)
+                                                        for e, s, seq in zip(events, stored, seqs)
+                                                        if seq is not None and e.impression_id is not None])
         note = None
         if new:
             last = max(seq for seq in seqs if seq is not None)
@@ -162,8 +169,8 @@ class Feedback:
         metrics.FEEDBACK.labels("applied").inc(applied)
         metrics.FEEDBACK.labels("deferred").inc(deferred)
         metrics.FEEDBACK.labels("duplicate").inc(duplicates)
-        return FeedbackResponse(stored=len(new), duplicates=duplicates, applied=applied, deferred=deferred, note=note,
-                                seq=seq)
+        return FeedbackResponse(stored=len(new), duplicates=duplicates, applied=applied, deferred=deferred,
+                                unjoined=unjoined, note=note, seq=seq)
 
     async def caught_up(self, seq: int | None) -> bool:
         """Whether this process has applied the store's events up to `seq`, reading them now if needed (False: the

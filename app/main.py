@@ -77,7 +77,7 @@ def register_errors(app: FastAPI) -> None:
 
     @app.exception_handler(QueueFull)
     async def queue_full(request: Request, e: QueueFull):
-        return JSONResponse({"detail": str(e)}, status_code=503, headers={"Retry-After": "1"})
+        return JSONResponse({"detail": str(e)}, status_code=503, headers={"Retry-After": str(e.retry_after)})
 
     @app.exception_handler(ReloadFailed)
     async def reload_failed(request: Request, e: ReloadFailed):

@@ -33,6 +33,15 @@ APPLY_LAG = Histogram("cmn_feedback_apply_lag_seconds", "from an event's durable
                       "application here", buckets=(.01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30))
 STORE_UP = Gauge("cmn_feedback_store_up", "1 while the feedback store can be read and written, 0 while it cannot "
                  "(the worker in the worst state)", multiprocess_mode="livemin")
+IMPRESSIONS = Counter("cmn_impressions_total", "lists recorded as impressions (sampled by "
+                      "CMN_IMPRESSION_SAMPLE)", ["strategy", "model_version", "arm"])
+IMPRESSIONS_DROPPED = Counter("cmn_impressions_dropped_total", "impressions dropped unwritten: the buffer was full "
+                              "while the store could not be written")
+ONLINE_CLICKS = Counter("cmn_online_clicks_total", "feedback events joined to the impression they name, by the "
+                        "impression's strategy, model version and arm", ["strategy", "model_version", "arm"])
+FEEDBACK_IMPRESSIONS = Counter("cmn_feedback_impressions_total", "feedback events naming an impression: joined, or "
+                               "unjoined (not recorded or not written yet, pruned, another user's or item)",
+                               ["outcome"])
 RELOADS = Counter("cmn_reloads_total", "model reloads", ["outcome"])
 LIVE_USERS = Gauge("cmn_live_users", "users created from feedback since the model was trained (fold-in)",
                    multiprocess_mode="livemax")

@@ -7,6 +7,7 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StrictInt, S
                       model_validator)
 
 ID_MAX_CHARS = 256
+IMPRESSION_ID = r"^[A-Za-z0-9_-]{1,64}$"
 
 
 def _short_int(value: int) -> int:
@@ -54,7 +55,8 @@ class RecommendRequest(BaseModel):
     history: list[ExternalId] | None = Field(
         None, min_length=1, max_length=10_000,
         description="items the user interacted with (at most CMN_MAX_HISTORY): an unknown or absent user_id gets a "
-                    "list personalised by fold-in (nothing is stored); a known user's list also leaves these out")
+                    "list personalised by fold-in (nothing is stored); a known user's list also leaves these out "
+                    "(counted with `exclude` against CMN_EXCLUDE_WITHOUT_HISTORY without the history scope)")
     candidates: list[ExternalId] | None = Field(
         None, min_length=1, max_length=10_000, description="score only these items; absent = whole catalogue")
     exclude_seen: bool = Field(True, description="drop the user's training and fed-back items")
@@ -120,6 +122,9 @@ class RecommendResponse(BaseModel):
                           "it (nothing stored); live_user: a user created from feedback since the last training run")
     strategy: Literal["full", "two_stage", "retrieval"] | None = Field(
         None, description="how a personalised list was ranked (absent for a fallback)")
+    impression_id: str = Field(description="names this list: send it (and the item's position) with the feedback "
+                                           "it leads to, for the online metrics")
+    arm: str | None = Field(None, description="the experiment arm that served the list (absent: none)")
     took_ms: float
 
 
@@ -142,6 +147,17 @@ class FeedbackEvent(BaseModel):
     event_id: Annotated[str, Field(min_length=1, max_length=128)] | None = Field(
         None, description="client id that makes retries idempotent: unique per API key; the same id with another "
                           "user, item or timestamp is a 409")
+    impression_id: Annotated[str, Field(pattern=IMPRESSION_ID)] | None = Field(
+        None, description="the /recommend answer's impression_id this event responds to (online metrics); an id "
+                          "the service has not recorded is stored all the same, unjoined")
+    position: int | None = Field(None, ge=1, le=1000, description="the item's position in that list, 1 first "
+                                                                  "(needs impression_id)")
+
+    @model_validator(mode="after")
+    def _position_names_a_list(self):
+        if self.position is not None and self.impression_id is None:
+            raise ValueError("position needs the impression_id of the list it is a position in")
+        return self
 
 
 class FeedbackRequest(BaseModel):
@@ -156,6 +172,9 @@ class FeedbackResponse(BaseModel):
     applied: int = Field(description="events now visible to recommendations (known user and item)")
     deferred: int = Field(description="events this process could not apply (live-user or live-item bound reached): "
                                       "stored, folded in by the next training run")
+    unjoined: int = Field(0, description="events naming an impression_id that does not join (yet): not recorded "
+                                         "(sampling), not written yet by another process, pruned, or a list without "
+                                         "that user or item; stored all the same")
     seq: int | None = Field(None, description="the store's sequence number once these events are in it: a "
                                               "/recommend with this `after_seq` is answered only from a state that "
                                               "includes them, by any process")
@@ -248,3 +267,16 @@ class UnknownIdsDetail(BaseModel):
 class UnknownIdsError(BaseModel):
     """422 for candidate or exclude ids the model does not know (unless ignore_unknown)."""
     detail: UnknownIdsDetail
+
+
+class ArmStatus(BaseModel):
+    name: str
+    strategy: str
+    share: float
+    model_version: str | None = None
+    stopped: bool
+
+
+class ExperimentStatus(BaseModel):
+    name: str | None = Field(description="the experiment running; null: none (CMN_EXPERIMENT_FILE unset)")
+    arms: list[ArmStatus] = Field(default_factory=list)

@@ -18,17 +18,21 @@ import socket
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
 
 import torch
 
 from app import metrics
 from app.auth import Auth, Caller, KeyFileError, is_loopback
-from app.batcher import MicroBatcher, run_on
+from app.batcher import Backlogged, MicroBatcher, QueueFull, run_on
 from app.engine import Engine
+from app.experiments import Experiments
 from app.feedback import Feedback
+from app.impressions import Impressions
 from app.jobs import Answer, beyond_the_store, check_limits
 from app.models import Models, ReloadFailed
-from app.schemas import FeedbackEvent, FeedbackResponse, Health, RecommendRequest, ReloadResponse
+from app.schemas import (ExperimentStatus, FeedbackEvent, FeedbackResponse, Health, RecommendRequest,
+                         ReloadResponse)
 from app.settings import Settings
 from model.store.events import open_store
 
@@ -36,6 +40,11 @@ log = logging.getLogger("cmn.service")
 
 WORKER = f"{socket.gethostname()}:{os.getpid()}"
 RECENT_LISTS = 10_000
+
+
+class Shown(NamedTuple):
+    impression_id: str
+    arm: str | None
 
 
 class Service:
@@ -47,8 +56,9 @@ class Service:
         self.model_thread = ThreadPoolExecutor(1, thread_name_prefix="cmn-model")
         self.io_threads = ThreadPoolExecutor(2, thread_name_prefix="cmn-io")
         self.batcher = MicroBatcher(self.model_thread, settings.max_batch, settings.max_wait_ms,
-                                    settings.max_queue_pairs)
-        self.store = self.models = self.feedback = None
+                                    settings.max_queue_pairs, settings.max_call_ms, settings.max_key_backlog_s)
+        self.experiments = Experiments(settings.experiment_file, self.io_threads, settings.feedback_poll_s)
+        self.store = self.models = self.feedback = self.impressions = None
         # the item ids of the last lists served, for /dashboard's "most recommended" (counted when the page asks:
         # appending is all a request pays)
         self.recent_lists: deque[tuple[str, ...]] = deque(maxlen=RECENT_LISTS)
@@ -64,10 +74,15 @@ class Service:
         if self.store.fault:
             log.error("feedback store not writable: %s", self.store.fault, extra={"event": "store_unwritable"})
         self.models = Models(self.settings, self.store, self.io_threads, sync=lambda: self.feedback.sync())
+        self.impressions = Impressions(self.settings, self.store, self.io_threads)
         self.feedback = Feedback(self.settings, self.store, self.auth, self.models, self.model_thread,
-                                 self.io_threads)
+                                 self.io_threads, self.impressions)
         await self.feedback.count()
+        self.experiments.store = self.store
+        await self.experiments.refresh()
         self.batcher.start()
+        self._spawn(self.impressions.follow())
+        self._spawn(self.experiments.follow())
         self._spawn(self._serve())
 
     async def _serve(self) -> None:
@@ -87,6 +102,7 @@ class Service:
         self.model_thread.shutdown(wait=True)
         self.io_threads.shutdown(wait=True)
         if self.store:
+            self.impressions.flush_now()
             self.store.close()
         metrics.process_exited()
         log.info("stopped", extra={"event": "shutdown"})
@@ -99,23 +115,47 @@ class Service:
     # ------------------------------------------------------------------ what the routes call
 
     async def recommend(self, reqs: list[RecommendRequest], caller: Caller,
-                        batch: bool) -> tuple[Engine, list[Answer]]:
-        """The answers to /recommend (one request) or /recommend/batch, and the engine that gave them. Everything
-        that can refuse a request does so before it is queued: the key's scope, the cost limits, a model to
-        answer, the after_seq asked for (read from the store now if need be)."""
-        self.auth.require_history(caller, reqs)
+                        batch: bool) -> tuple[Engine, list[Answer], list[Shown]]:
+        """The answers to /recommend (one request) or /recommend/batch, the engine that gave them, and for each
+        its impression id and experiment arm. Everything that can refuse a request does so before it is queued:
+        a model to answer, the cost limits, the after_seq asked for (read from the store now if need be), the
+        key's scope, its work rate (in scored pairs). A request in an active arm is served with the arm's strategy
+        (app/experiments.py)."""
         self.models.engine_or_503()
         check_limits(self.settings, reqs, batch)
         seq = max((r.after_seq for r in reqs if r.after_seq is not None), default=None)
         if not await self.feedback.caught_up(seq):
             raise beyond_the_store(seq, self.models.engine.feedback_seq, batch)
         engine = self.models.engine_or_503()
-        answers = await self.batcher.submit(engine, [engine.prepare(r) for r in reqs])
-        self.recent_lists.extend(tuple(i for i, *_ in a.items) for a in answers)
-        return engine, answers
+        offered = engine.recommender.strategies
+        arms = [self.experiments.assign(r.user_id, r.strategy, engine.version, offered) for r in reqs]
+        jobs = [engine.prepare(r if arm is None else r.model_copy(update={"strategy": arm.strategy}))
+                for r, arm in zip(reqs, arms)]
+        self.auth.require_history(caller, reqs, jobs)
+        pairs = sum(job.pairs for job in jobs)
+        self.auth.charge_pairs(caller, pairs)
+        try:
+            answers = await self.batcher.submit(engine, jobs, caller.name)
+        except QueueFull:
+            self.auth.refund_pairs(caller, pairs)
+            raise
+        except Backlogged as e:
+            self.auth.refund_pairs(caller, pairs)
+            raise self.auth.too_much_work(caller, str(e), e.wait) from None
+        lists = [tuple(i for i, *_ in a.items) for a in answers]
+        self.recent_lists.extend(lists)
+        shown = [Shown(self.impressions.record(r.user_id, items, a.strategy or "popularity", engine.version,
+                                               arm and arm.name), arm and arm.name)
+                 for r, a, items, arm in zip(reqs, answers, lists, arms)]
+        return engine, answers, shown
 
     async def write_feedback(self, events: list[FeedbackEvent], caller: Caller) -> FeedbackResponse:
         return await self.feedback.write(events, caller)
+
+    async def stop_arm(self, arm: str, stopped: bool) -> ExperimentStatus:
+        """Stop (or resume) an experiment's arm in every process sharing the store; KeyError: no such arm."""
+        await self.experiments.set_stopped(arm, stopped)
+        return self.experiments.status()
 
     async def reload(self, path: str | None, publish: bool = True) -> ReloadResponse:
         """Re-read CMN_AUTH_FILE, then load, warm and swap `path` (app/models.py)."""

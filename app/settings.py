@@ -51,6 +51,10 @@ class ModelSettings(BaseSettings):
     max_live_users: int = Field(10_000, ge=0, description="users feedback may create in a process before the next "
                                 "training run; past it their events are stored and deferred to that run")
     max_live_items: int = Field(1_000, ge=0, description="items feedback may create likewise")
+    max_popularity_gain: int = Field(50, ge=0, description="how much feedback may raise an item's popularity (the "
+                                     "order of the fallback list unknown users get) over its trained count before the "
+                                     "next training run, whoever sends it; the events themselves are all stored and "
+                                     "trained on")
     feedback_neighbours_cap: int = Field(200, ge=1, description="users feedback may put into an item's "
                                          "neighbourhood N(i) (or its trained size, if larger) before its oldest drop, "
                                          "for a model trained without --max-neighbours (one trained with a cap keeps "
@@ -70,14 +74,27 @@ class LimitSettings(BaseSettings):
     max_batch: int = Field(64, ge=1, description="most requests scored in one model call: concurrent requests are "
                                                    "batched up to this, and a larger /recommend/batch is split")
     max_wait_ms: float = Field(0.0, ge=0, description="extra wait to fill a batch when the device is idle")
-    max_queue_pairs: int = Field(20_000_000, ge=1, description="(user, item) pairs waiting to be scored before "
-                                 "503 + Retry-After: a whole-catalogue request counts the catalogue, a candidate "
-                                 "request its candidates (replaces CMN_MAX_QUEUE, which counted requests)")
+    max_queue_pairs: int = Field(20_000_000, ge=1, description="work waiting for the model thread, in scored "
+                                 "pairs, before 503 + Retry-After: a whole-catalogue request counts the catalogue, a "
+                                 "candidate request its candidates, a fold-in its measured cost in pairs (replaces "
+                                 "CMN_MAX_QUEUE, which counted requests)")
+    foldin_pairs: int = Field(30_000, ge=1, description="what fitting one `history` (fold-in) costs, in scored "
+                              "pairs, until the model thread has measured it (then: its seconds per fold-in times its "
+                              "pairs per second); `python -m benchmarks.cost --measure-only` measures it for a model")
+    max_call_ms: float = Field(50.0, gt=0, description="most work in one model call, in milliseconds at the model "
+                               "thread's measured rate (a request costing more is scored alone, a batch is split): "
+                               "with the queue served round-robin by key, what a request waits for behind another "
+                               "key's work is one such call")
+    max_key_backlog_s: float = Field(1.0, gt=0, description="most work one key may have waiting for the model "
+                                     "thread, in seconds at its measured rate, before 429 + Retry-After (with "
+                                     "CMN_AUTH_FILE): a key cannot fill the queue others need")
     max_total_k: int = Field(10_000, ge=1, description="largest sum of k over one request (/recommend/batch)")
     max_explain_k: int = Field(20, ge=1, description="largest k of a request with explain")
     max_body_bytes: int = Field(1_000_000, ge=1024, description="largest request body (then 413)")
     max_history: int = Field(500, ge=1, le=10_000, description="most items in a request's `history` (each is "
                              "folded in: its cost grows with the history)")
+    max_batch_history: int = Field(5_000, ge=1, description="most `history` items over one /recommend/batch (then "
+                                   "422): every history is folded in on the model thread")
 
 
 class AuthSettings(BaseSettings):
@@ -92,7 +109,13 @@ class AuthSettings(BaseSettings):
     metrics_open: bool = Field(False, description="/metrics needs no key even with CMN_AUTH_FILE")
     rate_per_s: float = Field(50.0, ge=0, description="requests per second per key (token bucket; 0: no limit)")
     rate_burst: int = Field(100, ge=1, description="requests a key may send at once, past its rate")
+    pairs_per_s: float = Field(2_000_000, ge=0, description="work per key per second, in scored pairs (a fold-in "
+                               "at its measured cost), before 429 + Retry-After (token bucket; 0: no limit)")
+    pairs_burst: int = Field(10_000_000, ge=1, description="work, in scored pairs, a key may queue at once past its "
+                             "rate; a request costing more is a 413")
     feedback_events_per_min: int = Field(6000, ge=0, description="feedback events per key per minute (0: no limit)")
+    feedback_per_user_per_hour: int = Field(100, ge=0, description="feedback events one key may send for one user "
+                                            "per hour (0: no limit): how fast a key can rewrite one user's list")
     unknown_events_per_min: int = Field(1000, ge=0, description="feedback events naming a user or item the model "
                                                                 "does not know, per key per minute (0: no limit)")
     auth_failures_per_min: int = Field(10, ge=0, description="wrong keys per client address per minute before "
@@ -135,11 +158,36 @@ class StoreSettings(BaseSettings):
         return self.feedback_url or self.feedback_path
 
 
+class OnlineSettings(BaseSettings):
+    """Impressions (what was shown, joined with feedback for online metrics) and experiments (app/impressions.py,
+    app/experiments.py, docs/api.md#impressions-and-experiments)."""
+    model_config = CONFIG
+
+    impression_sample: float = Field(1.0, ge=0, le=1, description="fraction of answers recorded as impressions "
+                                     "(0: none). Every answer carries an impression_id; feedback naming one that "
+                                     "was not recorded is stored, unjoined")
+    impression_flush_s: float = Field(0.5, gt=0, le=60, description="how often each process writes the "
+                                      "impressions it recorded to the store (one transaction, off the request path)")
+    impression_buffer: int = Field(100_000, ge=1, description="impressions waiting to be written, per process; "
+                                   "past it (the store cannot be written) the oldest are dropped and counted")
+    impression_retention_days: float = Field(30.0, gt=0, description="impressions older than this are removed "
+                                             "from the store (with the clicks on them)")
+    impression_max_rows: int = Field(10_000_000, ge=1, description="most impressions the store keeps; the oldest "
+                                     "go first")
+    experiment_file: str | None = Field(None, description="a JSON experiment (arms: strategy, share, optional "
+                                        "model_version); re-read when it changes; unset: no experiment")
+
+    @field_validator("experiment_file", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, v):
+        return None if v is None or (isinstance(v, str) and not v.strip()) else v
+
+
 GROUPS = {"server": ServerSettings, "model": ModelSettings, "limits": LimitSettings, "auth": AuthSettings,
-          "store": StoreSettings}
+          "store": StoreSettings, "online": OnlineSettings}
 
 
-class Settings(ServerSettings, ModelSettings, LimitSettings, AuthSettings, StoreSettings):
+class Settings(ServerSettings, ModelSettings, LimitSettings, AuthSettings, StoreSettings, OnlineSettings):
     """Every group's fields, flat."""
     model_config = CONFIG
 

@@ -22,9 +22,13 @@ from model.recommender import Recommender
 
 
 class Online:
-    def __init__(self, recommender: Recommender):
+    def __init__(self, recommender: Recommender, max_popularity_gain: int | None = None):
+        """`max_popularity_gain`: how much fed-back pairs may raise an item's popularity (the fallback's order) over
+        its trained count before the next training run (None: no bound)."""
         self.recommender = recommender
         self.trained_users, self.trained_items = recommender.n_users, recommender.n_items
+        self.max_popularity_gain = max_popularity_gain
+        self._trained_popularity = recommender.popularity.clone()
         self._item_users: dict[int, list[int]] = {}     # each live item's users, in order: what it is fitted from
 
     @property
@@ -68,10 +72,23 @@ class Online:
             self._retrieval_mix(i)
         rec.interactions += len(new)
         if new:
+            self._count([i for _, i in new])
             fresh_users, fresh_items = torch.tensor(new).T
-            rec.popularity.index_add_(0, fresh_items.to(rec.device), torch.ones(len(new), device=rec.device))
             rec.scorer.add_interactions(fresh_users, fresh_items)
         return new
+
+    def _count(self, items: list[int]) -> None:
+        """Popularity counts fed-back pairs, each item gaining at most `max_popularity_gain` over its trained count
+        until the next training run: feedback cannot put an item first in every fallback list (issue 23: 800 events
+        from one key did). Every process applies the same events in the same order, so they agree on the counts."""
+        rec = self.recommender
+        index = torch.tensor(items, device=rec.device)
+        rec.popularity.index_add_(0, index, torch.ones(len(items), device=rec.device))
+        if self.max_popularity_gain is not None:
+            touched = index.unique()
+            trained = self._trained_popularity
+            base = torch.where(touched < len(trained), trained[touched.clamp(max=len(trained) - 1)], 0.0)
+            rec.popularity[touched] = torch.minimum(rec.popularity[touched], base + self.max_popularity_gain)
 
     @torch.no_grad()
     def add_user(self, items: Sequence[int], seed: int | None = None) -> int:

@@ -1,6 +1,6 @@
-"""`python -m training {train,evaluate,coldstart,baselines,compare,export,compact}`: the offline side of the service.
-Arguments in, results printed; the work is done by training/train.py, evaluate.py, coldstart.py, baselines.py,
-compare.py, export.py and feedback.py."""
+"""`python -m training {train,evaluate,coldstart,baselines,compare,export,online-report,compact}`: the offline side
+of the service. Arguments in, results printed; the work is done by training/train.py, evaluate.py, coldstart.py,
+baselines.py, compare.py, export.py, online.py and feedback.py."""
 from __future__ import annotations
 
 import argparse
@@ -140,6 +140,18 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--device", default="cpu")
     k.add_argument("--json", action="store_true", help="print one JSON object (the tuning log goes to stderr)")
     k.add_argument("--trust-pickle", action="store_true", help=TRUST_PICKLE)
+    o = sub.add_parser("online-report", help="online CTR and hit rate per arm, strategy and model version from the "
+                                             "server's impressions and feedback, with intervals; a PNG over time")
+    o.add_argument("--feedback", metavar="URL", required=True,
+                   help="the server's feedback store (its CMN_FEEDBACK_URL: sqlite:///PATH, postgresql://... or a "
+                        "file path), opened read-only")
+    o.add_argument("--since", help="only impressions shown since: a duration back from now (24h, 7d), unix "
+                                   "seconds or an ISO 8601 time; default: all the store keeps")
+    o.add_argument("--control", help="the arm the others are compared with (default: the first by name)")
+    o.add_argument("--alpha", type=float, default=0.05, help="significance level and 1 - interval confidence "
+                                                             "(default 0.05)")
+    o.add_argument("--plot", default="online-report.png", help="the PNG of CTR over time (default %(default)s)")
+    o.add_argument("--json", action="store_true", help="print the report as JSON")
 
     f = sub.add_parser("compact", help="move repeated (key, user, item) events out of the feedback store's log and "
                                        "forget old repeat ids; safe while servers write and follow it")
@@ -259,6 +271,20 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_online_report(args) -> int:
+    from training.online import online_metrics, parse_since, plot, read_store, table
+    if not 0 < args.alpha < 1:
+        raise ValueError(f"--alpha {args.alpha}: between 0 and 1")
+    impressions, clicks = read_store(args.feedback, parse_since(args.since) if args.since else 0.0)
+    report = online_metrics(impressions, clicks, args.control, args.alpha)
+    if impressions:
+        plot(report, args.plot)
+    print(json.dumps(report) if args.json else table(report))
+    if not args.json:
+        print(f"wrote {args.plot}" if impressions else "no impressions: no plot written")
+    return 0
+
+
 def cmd_compact(args) -> int:
     from dataclasses import asdict
     from model.store.events import masked
@@ -284,7 +310,7 @@ def main(argv=None) -> int:
     try:
         return {"train": cmd_train, "evaluate": cmd_evaluate, "coldstart": cmd_coldstart,
                 "baselines": cmd_baselines, "compare": cmd_compare, "export": cmd_export,
-                "compact": cmd_compact}[args.command](args)
+                "online-report": cmd_online_report, "compact": cmd_compact}[args.command](args)
     except (DataError, CheckpointError, ExportError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

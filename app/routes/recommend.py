@@ -17,6 +17,7 @@ from app import metrics
 from app.auth import AUTH_RESPONSES
 from app.deps import RecommendCaller, ServiceDep
 from app.jobs import Answer
+from app.service import Shown
 from app.schemas import (BatchRequest, BatchResponse, InvalidRequest, RecommendRequest, RecommendResponse,
                          UnknownIdsError)
 
@@ -38,16 +39,16 @@ INLINE_ENTRIES = 2_000
 @router.post("/recommend", response_model=RecommendResponse, responses=ERRORS)
 async def recommend(req: RecommendRequest, service: ServiceDep, caller: RecommendCaller):
     start = time.perf_counter()
-    engine, (answer,) = await service.recommend([req], caller, batch=False)
-    return await render(lambda: response(req.user_id, answer, engine.version, start), entries([answer]))
+    engine, (answer,), (shown,) = await service.recommend([req], caller, batch=False)
+    return await render(lambda: response(req.user_id, answer, shown, engine.version, start), entries([answer]))
 
 
 @router.post("/recommend/batch", response_model=BatchResponse, responses=ERRORS)
 async def recommend_batch(batch: BatchRequest, service: ServiceDep, caller: RecommendCaller):
     start = time.perf_counter()
-    engine, answers = await service.recommend(batch.requests, caller, batch=True)
-    return await render(lambda: {"results": [response(r.user_id, a, engine.version, start)
-                                             for r, a in zip(batch.requests, answers)],
+    engine, answers, shown = await service.recommend(batch.requests, caller, batch=True)
+    return await render(lambda: {"results": [response(r.user_id, a, s, engine.version, start)
+                                             for r, a, s in zip(batch.requests, answers, shown)],
                                  "model_version": engine.version, "took_ms": elapsed_ms(start)}, entries(answers))
 
 
@@ -67,7 +68,7 @@ def elapsed_ms(start: float) -> float:
     return round((time.perf_counter() - start) * 1000, 3)
 
 
-def response(user_id: str | None, answer: Answer, version: str, start: float) -> dict:
+def response(user_id: str | None, answer: Answer, shown: Shown, version: str, start: float) -> dict:
     """One RecommendResponse as plain JSON data (absent rather than null where the schema says so): building
     256 pydantic models of 1,000 items each cost more than scoring them."""
     kind = "fallback" if answer.fallback else answer.cold_start or "personalised"
@@ -90,5 +91,8 @@ def response(user_id: str | None, answer: Answer, version: str, start: float) ->
         body["strategy"] = answer.strategy
     if answer.cold_start:
         body["cold_start"] = answer.cold_start
+    body["impression_id"] = shown.impression_id
+    if shown.arm:
+        body["arm"] = shown.arm
     body["took_ms"] = elapsed_ms(start)
     return body

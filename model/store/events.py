@@ -38,6 +38,9 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+from model.store.impressions import (INSERT_CLICK, INSERT_IMPRESSION, SELECT_CLICKS, SELECT_IMPRESSIONS, SET_ARM,
+                                     TABLES, Click, Impression)
+
 SCHEMA_VERSION = 4
 # one statement each: sqlite3's executescript() commits the open transaction first, and creating or migrating the
 # schema must be one transaction
@@ -255,8 +258,12 @@ class FeedbackStore(ABC):
         """Run INSERT_EVENT or INSERT_ROLLOUT for each row, in order; the new ids (seq or rollout id)."""
 
     @abstractmethod
+    def _execute_many(self, conn, sql: str, rows: list[tuple]) -> None:
+        """Run one statement (SQLite placeholders) once per row, inside a `_write`."""
+
+    @abstractmethod
     def _execute(self, conn, sql: str, params: tuple = ()) -> int:
-        """Run one statement (SQLite placeholders) inside a `_write`; the rows it changed (INSERT_REPEAT: many)."""
+        """Run one statement (SQLite placeholders) inside a `_write`; the number of rows it changed."""
 
     @abstractmethod
     def bulk_append(self, events: Iterable[Event], writer: str = "") -> int:
@@ -269,9 +276,12 @@ class FeedbackStore(ABC):
 
     # ------------------------------------------------------------------ writes
 
-    def append(self, events: list[Event], writer: str = "") -> list[int | None]:
+    def append(self, events: list[Event], writer: str = "",
+               clicks: list[tuple[str, int | None] | None] | None = None) -> list[int | None]:
         """Store events durably, all or none; returns, per event, its seq, or None for a duplicate (a retried id)
-        or a repeat (a pair the writer has stored: its id is recorded, the log unchanged).
+        or a repeat (a pair the writer has stored: its id is recorded, the log unchanged). `clicks`: per event, the
+        (impression id, position) it answers, or None; each event stored in the log that names one is recorded in
+        `impression_clicks` in the same transaction (model/store/impressions.py; a repeat, which has no seq, is not).
 
         Raises EventIdConflict (a used id with another payload) or StoreUnavailable (the write failed); either
         way nothing was stored."""
@@ -284,10 +294,15 @@ class FeedbackStore(ABC):
             if conflicts:
                 raise EventIdConflict(conflicts)
             if repeats:
-                self._execute(conn, INSERT_REPEAT, repeats)
+                self._execute_many(conn, INSERT_REPEAT, repeats)
             seqs: list[int | None] = [None] * len(events)
             for slot, seq in zip(slots, self._insert(conn, INSERT_EVENT, rows) if rows else []):
                 seqs[slot] = seq
+            if clicks:
+                linked = [(seq, *clicks[n], events[n]) for n, seq in enumerate(seqs)
+                          if seq is not None and clicks[n] is not None]
+                self._execute_many(conn, INSERT_CLICK, [(seq, impression, e.user_id, e.item_id, position, now)
+                                                        for seq, impression, position, e in linked])
             return seqs
         return self._write(work)
 
@@ -322,6 +337,54 @@ class FeedbackStore(ABC):
     def publish_checkpoint(self, path: str, version: str) -> int:
         """Record `path` (at `version`) as the checkpoint every serving process should run; returns its id."""
         return self._write(lambda conn, now: self._insert(conn, INSERT_ROLLOUT, [(path, version, now)])[0])
+
+    # ------------------------------------------------------------------ impressions, experiment arms
+
+    def record_impressions(self, impressions: list[Impression]) -> None:
+        """Store shown lists (one transaction); an impression id already stored is left as it is."""
+        rows = [i.row() for i in impressions]
+        self._write(lambda conn, now: self._execute_many(conn, INSERT_IMPRESSION, rows))
+
+    def prune_impressions(self, before: float, keep: int) -> int:
+        """The retention: remove impressions shown before `before` and all but the newest `keep`, and the clicks
+        older than every impression left (none of those can join one); returns how many impressions went."""
+        def work(conn, now: float) -> int:
+            n = self._execute(conn, "DELETE FROM impressions WHERE shown < ? OR "
+                                    "seq <= (SELECT MAX(seq) FROM impressions) - ?", (before, keep))
+            self._execute(conn, "DELETE FROM impression_clicks WHERE received < "
+                                "COALESCE((SELECT MIN(shown) FROM impressions), ?)", (before,))
+            return n
+        return self._write(work)
+
+    def impressions(self, since: float = 0.0) -> list[Impression]:
+        """The impressions shown at or after `since` (unix seconds), in the order they were stored."""
+        return [Impression.of(r) for r in self._query(SELECT_IMPRESSIONS, (since,))]
+
+    def impressions_by_id(self, ids: list[str]) -> dict[str, Impression]:
+        if not ids:
+            return {}
+        rows = self._query(SELECT_IMPRESSIONS.replace("shown >= ?", f"impression_id IN ({', '.join('?' * len(ids))})"),
+                           tuple(ids))
+        return {r[0]: Impression.of(r) for r in rows}
+
+    def clicks(self, since: float = 0.0) -> list[Click]:
+        """The stored events that named an impression shown at or after `since`, in seq order."""
+        return [Click(*r) for r in self._query(SELECT_CLICKS, (since,))]
+
+    def impression_count(self) -> int:
+        return self._query("SELECT COUNT(*) FROM impressions")[0][0]
+
+    def click_count(self) -> int:
+        return self._query("SELECT COUNT(*) FROM impression_clicks")[0][0]
+
+    def set_arm(self, experiment: str, arm: str, stopped: bool) -> None:
+        """Stop (or resume) an experiment's arm for every process sharing the store."""
+        self._write(lambda conn, now: self._execute(conn, SET_ARM, (experiment, arm, stopped, now)))
+
+    def arm_states(self, experiment: str) -> dict[str, bool]:
+        """arm → stopped, for the arms of `experiment` an operator stopped or resumed."""
+        rows = self._query("SELECT arm, stopped FROM arm_states WHERE experiment = ?", (experiment,))
+        return {arm: bool(stopped) for arm, stopped in rows}
 
     # ------------------------------------------------------------------ reads
 
@@ -395,7 +458,7 @@ class FeedbackLog(FeedbackStore):
             columns = self._columns(db=db)
             statements = SCHEMA if not columns else MIGRATE_FROM_1 if "key_name" not in columns else ()
             db.execute("BEGIN IMMEDIATE")
-            for statement in statements + (ROLLOUTS,) + PAIRS:
+            for statement in statements + (ROLLOUTS,) + PAIRS + TABLES["sqlite"]:
                 db.execute(statement)
             # written on every open: a write that must commit, so a store that cannot be written is known at once
             db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
@@ -432,7 +495,7 @@ class FeedbackLog(FeedbackStore):
     def _empty() -> sqlite3.Connection:
         """What a store that could not be created reads as: no events, no rollouts."""
         db = sqlite3.connect(":memory:", check_same_thread=False, isolation_level=None)
-        for statement in SCHEMA + (ROLLOUTS,) + PAIRS:
+        for statement in SCHEMA + (ROLLOUTS,) + PAIRS + TABLES["sqlite"]:
             db.execute(statement)
         return db
 
@@ -493,9 +556,10 @@ class FeedbackLog(FeedbackStore):
     def _insert(self, conn, sql, rows):
         return [conn.execute(sql, row).lastrowid for row in rows]
 
+    def _execute_many(self, conn, sql, rows):
+        conn.executemany(sql, rows)
+
     def _execute(self, conn, sql, params=()):
-        if sql == INSERT_REPEAT:
-            return conn.executemany(sql, params).rowcount
         return conn.execute(sql, params).rowcount
 
     def _verified_column(self) -> str:

@@ -20,8 +20,8 @@ from typing import Iterable, Iterator
 import psycopg
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from model.store.events import (INSERT_REPEAT, INSERT_ROLLOUT, SCHEMA_VERSION, Event, FeedbackStore, StoreUnavailable,
-                                masked, reason)
+from model.store.events import INSERT_ROLLOUT, SCHEMA_VERSION, Event, FeedbackStore, StoreUnavailable, masked, reason
+from model.store.impressions import TABLES
 
 CONNECT_TIMEOUT_S = 2            # libpq's connect_timeout is whole seconds (and at least 2)
 # how long a request waits for a connection while the last attempt to connect failed: an outage answers fast, and
@@ -67,7 +67,7 @@ SCHEMA = (
         version TEXT NOT NULL,
         published DOUBLE PRECISION NOT NULL)""",
     "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)",
-)
+) + TABLES["postgresql"]
 # INSERT_EVENT for all the rows of an append in one statement (the arrays: its parameters' columns)
 INSERT_EVENTS = (
     "INSERT INTO events (key_name, event_id, user_id, item_id, timestamp, received, verified) "
@@ -218,13 +218,6 @@ class PostgresFeedbackStore(FeedbackStore):
                             "WHERE e.key_name = %s", (users, items, verified, writer), prepare=False).fetchall()
         return set(rows)
 
-    def _execute(self, conn, sql, params=()):
-        if sql == INSERT_REPEAT:
-            with conn.cursor() as cur:
-                cur.executemany(pg(sql), params)
-                return cur.rowcount
-        return conn.execute(pg(sql), params).rowcount
-
     def _insert(self, conn, sql, rows):
         if sql == INSERT_ROLLOUT:
             return [conn.execute(pg(sql) + " RETURNING id", row).fetchone()[0] for row in rows]
@@ -232,6 +225,13 @@ class PostgresFeedbackStore(FeedbackStore):
         seqs = sorted(r[0] for r in conn.execute(INSERT_EVENTS, [list(column) for column in zip(*rows)]))
         conn.execute("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, str(seqs[-1])))
         return seqs
+
+    def _execute_many(self, conn, sql, rows):
+        if rows:
+            conn.cursor().executemany(pg(sql), rows)
+
+    def _execute(self, conn, sql, params=()):
+        return conn.execute(pg(sql), params).rowcount
 
     def bulk_append(self, events: Iterable[Event], writer: str = "") -> int:
         def work(conn, now: float) -> int:

@@ -187,7 +187,8 @@ def status_counts(results: list[Result]) -> Counter:
 
 FUZZED = [("POST", "/recommend"), ("POST", "/recommend/batch"), ("POST", "/feedback"), ("GET", "/health"),
           ("GET", "/livez"), ("GET", "/metrics"), ("GET", "/dashboard/data")]
-# ^ every route in the schema but /admin/reload (tested with its key in 4, 5 and 7)
+# ^ every route in the schema but the /admin ones (reload tested with its key in 4, 5 and 7 of
+# tests/e2e/test_reliability.py, the experiment's in tests/e2e/test_impressions_http.py)
 # GET routes take no input, so there is nothing to violate: they are fuzzed with valid requests only
 FUZZ_CASES = [(m, p, mode) for m, p in FUZZED for mode in ("positive", "negative") if m == "POST" or mode == "positive"]
 SCHEMATHESIS_EXAMPLES = 25

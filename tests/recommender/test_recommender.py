@@ -120,6 +120,24 @@ def test_add_interactions_updates_seen_popularity_and_neighbourhoods(setup):
     assert 0 not in rec.recommend([3], k=N_ITEMS)[0][0].tolist()
 
 
+def test_fed_back_popularity_gains_at_most_the_bound_until_training(setup):
+    """Online(max_popularity_gain=2): every user without item 0 reports it, one user reports item 10, and a live
+    item gets three users; each item's popularity is its trained count plus min(its new pairs, 2), by hand."""
+    _, train, _, rec = setup
+    trained = np.bincount(train[:, 1], minlength=N_ITEMS).astype(float)
+    online = Online(rec, max_popularity_gain=2)
+    reporters = [u for u in range(N_USERS) if 0 not in rec.seen(u)]
+    new_for_10 = int(10 not in rec.seen(reporters[0]))
+    online.add_interactions(reporters, [0] * len(reporters))
+    online.add_interactions([reporters[0]], [10])
+    live = online.add_item([1, 2, 3], seed=0)
+    popularity = rec.popularity.tolist()
+    assert len(reporters) > 2
+    assert popularity[0] == trained[0] + 2 and popularity[10] == trained[10] + new_for_10
+    assert popularity[live] == 2
+    assert popularity[1:10] + popularity[11:N_ITEMS] == list(trained[1:10]) + list(trained[11:])
+
+
 def test_explain_names_attended_neighbours(setup):
     _, train, _, rec = setup
     rows = rec.explain(2, [9, 10, 0], top=3)

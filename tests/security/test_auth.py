@@ -161,7 +161,9 @@ async def test_a_key_without_the_scope_is_403(authed, ids):
                ("ops", "POST", "/recommend", {"user_id": users[0]}),
                ("reader", "GET", "/metrics", None),
                ("root", "POST", "/recommend/batch", {"requests": [{"user_id": users[0]}]}),
-               ("reader", "POST", "/admin/reload", None)]
+               ("reader", "POST", "/admin/reload", None),
+               ("reader", "GET", "/admin/experiment", None),
+               ("writer", "POST", "/admin/experiment/arms/control/stop", None)]
     for name, method, path, body in refused:
         r = await client.request(method, path, json=body, headers=bearer(keys[name]))
         assert r.status_code == 403, (name, path, r.text)
