@@ -9,8 +9,13 @@
 #   docker build --target trainer -t cmn-service:trainer .
 #
 # Both run their command through docker/entrypoint.sh, which hands libpq the PostgreSQL password a file names
-# (PGPASSWORD_FILE; docker-compose.yml's secret). libpq itself comes inside psycopg's binary wheel, so the images
-# need no system PostgreSQL package.
+# (PGPASSWORD_FILE; docker-compose.yml's secrets volume) and, in the api image, creates the key file on first
+# start. libpq itself comes inside psycopg's binary wheel, so the images need no system PostgreSQL package.
+#
+# Secure by default: `docker run -p 8000:8000 -v cmn-data:/data cmn-service:api` listens on 0.0.0.0 with auth on.
+# The key file is CMN_AUTH_FILE=/data/auth-keys; when it is missing the entrypoint creates it with one key of
+# every scope and prints that key once (`docker logs`), and never replaces it (docker/init-secrets.sh). To serve
+# without keys, say so: -e CMN_AUTH_FILE= (the server then warns that its API is open).
 #
 # Every Python dependency comes from a lock with hashes (docker/*.lock, made with
 # pip-compile --generate-hashes; docs/deploy.md, "Dependency locks"), installed with
@@ -71,8 +76,9 @@ RUN set -eux; \
     groupadd --system --gid 10001 cmn; \
     useradd --system --uid 10001 --gid cmn --home-dir /app --no-create-home \
         --shell /usr/sbin/nologin cmn; \
-    mkdir -p /app /data; \
-    chown cmn:cmn /data
+    mkdir -p /app /data /secrets; \
+    chown cmn:cmn /data /secrets; \
+    chmod 700 /secrets
 
 # --------------------------------------------------------------------------
 # deps: a venv with torch and the serving dependencies (no project source, so
@@ -122,10 +128,13 @@ ENV PATH=/opt/venv/bin:$PATH \
     CMN_PORT=8000 \
     CMN_DEVICE=auto \
     CMN_CHECKPOINT=/data/model.ckpt \
-    CMN_FEEDBACK_PATH=/data/feedback.sqlite3
+    CMN_FEEDBACK_PATH=/data/feedback.sqlite3 \
+    CMN_AUTH_FILE=/data/auth-keys \
+    CREATE_AUTH_FILE=1
 
 WORKDIR /app
 COPY docker/entrypoint.sh /usr/local/bin/cmn-entrypoint
+COPY docker/init-secrets.sh /usr/local/bin/cmn-init-secrets
 COPY model/ /app/model/
 COPY app/ /app/app/
 COPY --from=dashboard /build/static/vendor/ /app/app/dashboard/static/vendor/
@@ -154,6 +163,7 @@ COPY training/ /app/training/
 USER cmn
 
 ENV CMN_DATA=synthetic \
+    CREATE_AUTH_FILE=0 \
     MPLBACKEND=Agg \
     MPLCONFIGDIR=/tmp/matplotlib
 

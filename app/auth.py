@@ -77,34 +77,44 @@ def digest_of(key: str) -> bytes:
     return hashlib.sha256(key.encode("latin-1", "replace")).digest()
 
 
-def parse_keys(text: str) -> list[Key]:
-    """The key file's lines (blank lines and # comments skipped). Errors name the line, never its content.
-    Lines may share a name (a key being rotated): they share event ids and quotas."""
-    keys = []
+def parse_key_lines(text: str) -> tuple[list[Key], list[str]]:
+    """The keys of the lines that parse, and an error for each line that does not (blank lines and # comments
+    skipped). Errors name the line, never its content. Lines may share a name (a key being rotated): they share
+    event ids and quotas; a key listed twice counts once, and is an error."""
+    keys, errors = [], []
     for number, line in enumerate(text.splitlines(), 1):
         line = line.split("#", 1)[0].strip()
         if not line:
             continue
         fields = line.split()
         if len(fields) not in (2, 3):
-            raise KeyFileError(f"line {number}: expected '<sha256 hex> <scopes> [name]'")
+            errors.append(f"line {number}: expected '<sha256 hex> <scopes> [name]'")
+            continue
         digest, scopes = fields[0], frozenset(fields[1].split(","))
-        if not DIGEST.fullmatch(digest):
-            raise KeyFileError(f"line {number}: the first field is not a sha256 hex digest (64 hex digits)")
-        if not scopes <= set(SCOPES):
-            raise KeyFileError(f"line {number}: unknown scope {sorted(scopes - set(SCOPES))}; scopes are "
-                               f"{', '.join(SCOPES)}")
         name = fields[2] if len(fields) == 3 else "key-" + digest[:12].lower()
-        if not NAME.fullmatch(name):
-            raise KeyFileError(f"line {number}: a name is 1-64 letters, digits, '.', '_' or '-'")
-        key = Key(bytes.fromhex(digest), scopes, name)
-        if any(k.digest == key.digest for k in keys):
-            raise KeyFileError(f"line {number}: the same key is listed twice")
-        keys.append(key)
+        if not DIGEST.fullmatch(digest):
+            errors.append(f"line {number}: the first field is not a sha256 hex digest (64 hex digits)")
+        elif not scopes <= set(SCOPES):
+            errors.append(f"line {number}: unknown scope {sorted(scopes - set(SCOPES))}; scopes are "
+                          f"{', '.join(SCOPES)}")
+        elif not NAME.fullmatch(name):
+            errors.append(f"line {number}: a name is 1-64 letters, digits, '.', '_' or '-'")
+        elif any(k.digest == bytes.fromhex(digest) for k in keys):
+            errors.append(f"line {number}: the same key is listed twice")
+        else:
+            keys.append(Key(bytes.fromhex(digest), scopes, name))
+    return keys, errors
+
+
+def parse_keys(text: str) -> list[Key]:
+    """Every line's key; KeyFileError naming the first line that does not parse."""
+    keys, errors = parse_key_lines(text)
+    if errors:
+        raise KeyFileError(errors[0])
     return keys
 
 
-def read_key_file(path: str) -> list[Key]:
+def read_key_text(path: str) -> str:
     # opened without blocking and checked to be a regular file: a FIFO or a device named here must not hang the
     # server (the file is re-read on every reload)
     try:
@@ -117,13 +127,17 @@ def read_key_file(path: str) -> list[Key]:
             raise KeyFileError("CMN_AUTH_FILE is not a regular file")
         if info.st_size > MAX_KEY_FILE_BYTES:
             raise KeyFileError(f"CMN_AUTH_FILE is larger than {MAX_KEY_FILE_BYTES} bytes")
-        text = os.read(fd, MAX_KEY_FILE_BYTES).decode("utf-8", "replace")
+        return os.read(fd, MAX_KEY_FILE_BYTES).decode("utf-8", "replace")
     finally:
         os.close(fd)
+
+
+def read_key_file(path: str) -> list[Key]:
+    """Every key of the file; KeyFileError when it cannot be read or a line does not parse (the start)."""
     try:
-        return parse_keys(text)
+        return parse_keys(read_key_text(path))
     except KeyFileError as e:
-        raise KeyFileError(f"CMN_AUTH_FILE {e}") from None
+        raise KeyFileError(e if str(e).startswith("CMN_AUTH_FILE") else f"CMN_AUTH_FILE {e}") from None
 
 
 class TokenBucket:
@@ -192,10 +206,20 @@ class Auth:
         return self.keys is not None
 
     def reload(self) -> int:
-        """Re-read CMN_AUTH_FILE (KeyFileError leaves the keys in use unchanged); returns the number of keys."""
-        if self.enabled:
-            self.keys = read_key_file(self.settings.auth_file)
-        return len(self.keys or ())
+        """Re-read CMN_AUTH_FILE; returns the number of keys. The file decides, even when it has errors: the keys
+        of the lines that parse are the keys (a key removed from the file is never kept because another line
+        broke), and a file that cannot be read leaves no key valid. KeyFileError then says what was wrong."""
+        if not self.enabled:
+            return 0
+        try:
+            self.keys, errors = parse_key_lines(read_key_text(self.settings.auth_file))
+        except KeyFileError:
+            self.keys = []
+            raise
+        if errors:
+            raise KeyFileError(f"CMN_AUTH_FILE {'; '.join(errors[:5])}" + (f" (and {len(errors) - 5} more)"
+                                                                          if len(errors) > 5 else ""))
+        return len(self.keys)
 
     # ------------------------------------------------------------------ who is calling
 

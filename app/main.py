@@ -50,10 +50,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or from_environment()
     app = FastAPI(title="CMN recommendation service", version="1.0",
                   description="Collaborative Memory Network (SIGIR 2018) recommendations, online feedback and "
-                              "hot reload. See docs/api.md.", lifespan=lifespan)
+                              "hot reload. See docs/api.md.", lifespan=lifespan,
+                  redoc_url=None)  # one interactive page (/docs) is enough; docs/security.md lists what is open
     app.state.settings = settings
-    app.add_middleware(RequestContext, max_body_bytes=settings.max_body_bytes, body_timeout=settings.body_timeout_s,
-                       max_header_bytes=settings.max_header_bytes)
+    app.add_middleware(RequestContext, settings=settings)
     register_errors(app)
     for router in ROUTERS:
         app.include_router(router)

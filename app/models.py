@@ -24,6 +24,9 @@ from model.store.events import FeedbackStore, StoreUnavailable
 log = logging.getLogger("cmn.service")
 
 REFUSED = "checkpoint refused, still serving the previous model (the reason is in the server log)"
+# what the open /health says of a checkpoint this process could not load: the reason names paths and files,
+# which are the server log's business (event load_failed, rollout_failed)
+UNLOADABLE = "the checkpoint could not be loaded here (the reason is in the server log)"
 
 
 class NotReady(RuntimeError):
@@ -89,7 +92,7 @@ class Models:
             try:
                 engine = await run_on(self.io_threads, self._build, self.settings.checkpoint)
             except Exception as e:
-                self.status, self.detail = "failed", str(e)
+                self.status, self.detail = "failed", UNLOADABLE
                 log.error("model failed to load: %s", e, extra={"event": "load_failed"})
                 return False
         self._activate(engine)
@@ -139,7 +142,8 @@ class Models:
             engine = await run_on(self.io_threads, self._build, published.path,
                                   None if configured else self.settings.checkpoint_dir)
         except Exception as e:
-            self.rollout = Rollout(id=published.id, model_version=published.version, status="failed", detail=str(e))
+            self.rollout = Rollout(id=published.id, model_version=published.version, status="failed",
+                                   detail=UNLOADABLE)
             metrics.RELOADS.labels("failed").inc()
             log.error("published checkpoint %s refused, keeping the model served: %s", published.version, e,
                       extra={"event": "rollout_failed", "path": published.path})

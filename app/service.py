@@ -158,7 +158,9 @@ class Service:
         return self.experiments.status()
 
     async def reload(self, path: str | None, publish: bool = True) -> ReloadResponse:
-        """Re-read CMN_AUTH_FILE, then load, warm and swap `path` (app/models.py)."""
+        """Re-read CMN_AUTH_FILE, then load, warm and swap `path` (app/models.py). A key file with errors stops
+        the reload there (ReloadFailed, a 409): the keys are what the file's good lines say, and the operator
+        fixes the file before anything else changes."""
         await self._reload_keys()
         return await self.models.reload(path, publish)
 
@@ -172,14 +174,16 @@ class Service:
         self._spawn(run())
 
     async def _reload_keys(self) -> None:
-        """A key file that fails to parse changes nothing."""
         if not self.auth.enabled:
             return
         try:
             n = await run_on(self.io_threads, self.auth.reload)
         except KeyFileError as e:
-            log.error("keys not reloaded, the keys in use stay: %s", e, extra={"event": "keys_reload_failed"})
-            return
+            n = len(self.auth.keys or ())
+            log.error("key file reloaded with errors, %d keys valid: %s", n, e, extra={"event": "keys_reload_failed"})
+            engine = self.models.engine if self.models else None
+            raise ReloadFailed(f"{e}; {n} keys of the file are valid now (keys of lines that do not parse are not); "
+                               "the checkpoint was not reloaded", engine.version if engine else None) from None
         log.info("keys reloaded: %d keys", n, extra={"event": "keys_reload"})
 
     def health(self) -> Health:

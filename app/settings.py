@@ -25,12 +25,18 @@ class ServerSettings(BaseSettings):
     workers: int = Field(1, ge=1, le=64, description="worker processes of `python -m app` (uvicorn's), each with "
                          "its own model copy and model thread; torch threads are shared out between them")
     threads: int = Field(0, ge=0, description="torch intra-op threads; 0 = torch's default")
-    max_header_bytes: int = Field(16_384, ge=1024, description="largest request line + headers")
+    max_header_bytes: int = Field(16_384, ge=1024, description="largest request line + headers (then 431)")
     header_timeout_s: float = Field(10.0, gt=0, description="time a connection has to send a whole request head")
     body_timeout_s: float = Field(30.0, gt=0, description="time a request has to send its whole body (then 408)")
     keep_alive_s: float = Field(5.0, gt=0, description="idle time before a keep-alive connection is closed")
-    limit_concurrency: int = Field(256, ge=1, description="open connections + requests in progress before "
-                                                           "uvicorn answers 503")
+    limit_concurrency: int = Field(256, ge=1, description="requests in progress (body read, answer not yet "
+                                   "sent) before 503 + Retry-After; idle connections do not count, and /health "
+                                   "and /livez are never refused")
+    max_connections: int = Field(1024, ge=1, description="open connections of `python -m app` (per worker); past "
+                                 "it the one that has waited longest for a request head is closed")
+    forwarded_allow_ips: str = Field("", description="addresses (comma-separated IPs or networks, or *) of the "
+                                     "proxies whose X-Forwarded-For and X-Forwarded-Proto `python -m app` "
+                                     "believes; empty: none, a client's address is its connection's")
     log_level: str = Field("info", description="server log level (debug, info, warning, error)")
 
 

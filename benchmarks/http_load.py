@@ -8,8 +8,13 @@ Two servers on 127.0.0.1, both uvicorn with app/__main__.py's settings (one work
 - `real`: `python -m app` (CMN_* environment: checkpoint, port, a throw-away feedback store; the rest default);
 - `bare`: a FastAPI app defined here that parses the same pydantic body (app.schemas.RecommendRequest) and answers
   a same-shaped RecommendResponse of k items without scoring anything: the web stack's ceiling.
-For each request kind (100 candidates; full catalogue) and concurrency (1, 8, 32, 64 connections), wrk
-(`-t1`, `--latency`, a short warm-up first) hits bare then real, alternately, so both see the same machine.
+For each request kind (100 candidates; full catalogue; `probe`: GET /livez, no body and no model work, the HTTP
+layer alone: parser, connection limits, middleware) and concurrency (1, 8, 32, 64 connections), wrk
+(`--wrk-threads`, default 1; `--latency`, a short warm-up first) hits bare then real, alternately, so both see the
+same machine. With --baseline-tree a third server, `python -m app` of another checkout, joins them (e.g. the
+revision before a change to the HTTP layer: issue 23 compared h11 with httptools this way); with --plain, the
+same app under `uvicorn app.main:app` (uvicorn's defaults: httptools without app/protocol.py's head deadline,
+head limit and connection cap, the limits a deployment would then leave to its proxy).
 Requests cycle through 512 bodies of random known users (benchmarks/wrk_post.lua). Reported: req/s, p50, p99,
 non-2xx responses and socket errors, real/bare throughput, and the server's CPU time per request (whole process
 and its main thread, from /proc: robust to other jobs on a shared machine), and the share of the machine's cores
@@ -86,6 +91,10 @@ def bare_app():
     @app.get("/health")
     async def health():
         return {"status": "ok"}
+
+    @app.get("/livez")
+    async def livez():
+        return {"status": "alive"}
     return app
 
 
@@ -99,13 +108,16 @@ def serve_bare(port: int) -> None:
 
 def start_server(kind: str, checkpoint: Path, workdir: Path, extra_env: dict,
                  cwd: Path = ROOT) -> tuple[str, subprocess.Popen]:
-    """`real` (and `baseline`: the same from another checkout, `cwd`) or `bare`."""
+    """`real` (and `baseline`: the same from another checkout, `cwd`; `plain`: the same app on uvicorn's
+    defaults) or `bare`."""
     port = free_port()
     env = {**os.environ, **extra_env}
-    if kind in ("real", "baseline"):
+    if kind in ("real", "baseline", "plain"):
         env.update(CMN_CHECKPOINT=str(checkpoint), CMN_PORT=str(port), CMN_HOST="127.0.0.1",
                    CMN_FEEDBACK_PATH=str(workdir / f"feedback-{port}.sqlite3"))
-        cmd = [sys.executable, "-m", "app"]
+        cmd = [sys.executable, "-m", "app"] if kind != "plain" else [
+            sys.executable, "-m", "uvicorn", "app.main:app", "--port", str(port), "--no-access-log", "--log-level",
+            "warning"]
     else:
         cmd = [sys.executable, "-m", "benchmarks.http_load", "--serve-bare", str(port)]
     log = open(workdir / f"server-{kind}-{port}.log", "wb")
@@ -146,10 +158,11 @@ def machine_ticks() -> tuple[int, int]:
     return fields[3] + fields[4], sum(fields[:8])
 
 
-def run_wrk(url: str, bodies: Path, connections: int, seconds: float, pid: int | None = None,
-            timeout_s: int = 30) -> dict:
-    cmd = ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", f"--timeout={timeout_s}s", "--latency",
-           "-s", str(LUA), url, "--", str(bodies), "/recommend"]
+def run_wrk(url: str, bodies: Path | None, connections: int, seconds: float, pid: int | None = None,
+            timeout_s: int = 30, threads: int = 1) -> dict:
+    """POST `bodies` to /recommend in turn; None: GET /livez."""
+    cmd = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{max(1, round(seconds))}s", f"--timeout={timeout_s}s",
+           "--latency"] + (["-s", str(LUA), url, "--", str(bodies), "/recommend"] if bodies else [f"{url}/livez"])
     before, ticks = (cpu_seconds(pid) if pid else None), machine_ticks()
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     result = parse_wrk(out)
@@ -188,13 +201,17 @@ def main(argv=None) -> int:
     ap.add_argument("--duration", type=float, default=10.0, help="seconds per measured point")
     ap.add_argument("--warmup", type=float, default=2.0, help="seconds of load before each measured point")
     ap.add_argument("--concurrency", default="1,8,32,64")
-    ap.add_argument("--kinds", default="candidates,full", help="candidates (100 per request), full, and/or "
-                    "history (anonymous sessions of 50 items, folded in, whole catalogue: compare with full)")
+    ap.add_argument("--kinds", default="candidates,full", help="candidates (100 per request), full, history "
+                    "(anonymous sessions of 50 items, folded in, whole catalogue: compare with full) and/or probe "
+                    "(GET /livez: the HTTP layer alone)")
+    ap.add_argument("--wrk-threads", type=int, default=1, help="wrk's -t")
     ap.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="extra server environment")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--baseline-tree", type=Path, metavar="DIR",
                     help="also serve `python -m app` from this checkout of another revision (e.g. `git worktree add "
                          "/tmp/before REV`), interleaved with the others, and report real/baseline")
+    ap.add_argument("--plain", action="store_true", help="also serve the app under `uvicorn app.main:app` "
+                    "(uvicorn's defaults, without app/protocol.py), interleaved with the others")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     if args.serve_bare:
@@ -222,15 +239,18 @@ def main(argv=None) -> int:
     if "history" in args.kinds:
         bodies["history"] = write_bodies(workdir / "bodies-history.jsonl", ckpt.user_ids, ckpt.item_ids, None,
                                          min(512, len(ckpt.user_ids)), 3, history=50)
+    if "probe" in args.kinds:
+        bodies["probe"] = None
     print(f"checkpoint {checkpoint} ({checkpoint.stat().st_size / 1e6:.1f} MB; {len(ckpt.user_ids)} users, "
           f"{len(ckpt.item_ids)} items); nproc {os.cpu_count()}; load average {os.getloadavg()}; "
           f"server env {extra_env or '(defaults)'}; OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}")
     del ckpt
     servers = {}
     try:
-        names = ("bare", "real") + (("baseline",) if args.baseline_tree else ())
+        names = ("bare", "real") + (("plain",) if args.plain else ()) + (("baseline",) if args.baseline_tree else ())
         for kind in names:
-            servers[kind] = start_server(kind, checkpoint, workdir, extra_env, args.baseline_tree or ROOT)
+            servers[kind] = start_server(kind, checkpoint, workdir, extra_env,
+                                         args.baseline_tree if kind == "baseline" else ROOT)
         rows = []
         header = f"{'kind':>10} {'conc':>4} {'server':>6} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'non2xx':>6} " \
                  f"{'sockerr':>7} {'real/bare':>9} {'CPU ms/req':>10} {'main thr':>8} {'idle':>5}"
@@ -241,8 +261,8 @@ def main(argv=None) -> int:
                 for server in (names if n % 2 == 0 else names[::-1]):
                     url, proc = servers[server]
                     if args.warmup:
-                        run_wrk(url, path, c, args.warmup)
-                    pair[server] = run_wrk(url, path, c, args.duration, proc.pid)
+                        run_wrk(url, path, c, args.warmup, threads=args.wrk_threads)
+                    pair[server] = run_wrk(url, path, c, args.duration, proc.pid, threads=args.wrk_threads)
                 for server in names:
                     r = pair[server]
                     ratio = r["req_per_s"] / pair["bare"]["req_per_s"]

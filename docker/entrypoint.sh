@@ -1,7 +1,9 @@
 #!/bin/sh
-# Entrypoint of the api and trainer images: runs its arguments, after giving libpq the PostgreSQL password that
-# PGPASSWORD_FILE names, if set (a file holding the password alone, such as the compose secret
-# cmn_postgres_password; see docs/deploy.md).
+# Entrypoint of the api and trainer images: runs its arguments, after
+# - with CREATE_AUTH_FILE=1 (the api image's default): creating the key file CMN_AUTH_FILE names if it is missing,
+#   with one key of every scope, printed once (docker/init-secrets.sh --keys); an existing file is never touched;
+# - giving libpq the PostgreSQL password that PGPASSWORD_FILE names, if set (a file holding the password alone,
+#   such as /secrets/postgres-password in docker-compose.yml's secrets volume; see docs/deploy.md).
 #
 # Why not simpler: the password in CMN_FEEDBACK_URL or PGPASSWORD would be in the environment, where `docker
 # inspect` and every child process see it; and libpq ignores a password file (PGPASSFILE) that its group or others
@@ -10,9 +12,16 @@
 # tmpfs: memory, gone with the container), and PGPASSFILE names it.
 set -eu
 
+if [ "${CREATE_AUTH_FILE:-0}" = 1 ] && [ -n "${CMN_AUTH_FILE:-}" ] && [ ! -e "$CMN_AUTH_FILE" ]; then
+    init=$(dirname "$0")/cmn-init-secrets                  # its name in the images; in the repository:
+    [ -f "$init" ] || init=$(dirname "$0")/init-secrets.sh
+    sh "$init" --keys "$CMN_AUTH_FILE"
+fi
+unset CREATE_AUTH_FILE
+
 if [ -n "${PGPASSWORD_FILE:-}" ]; then
     if [ ! -r "$PGPASSWORD_FILE" ]; then
-        echo "entrypoint: PGPASSWORD_FILE=$PGPASSWORD_FILE cannot be read (create it: sh docker/init-secrets.sh)" >&2
+        echo "entrypoint: PGPASSWORD_FILE=$PGPASSWORD_FILE cannot be read (with compose, the init service makes it: docker compose logs init)" >&2
         exit 2
     fi
     password=$(head -n 1 "$PGPASSWORD_FILE")

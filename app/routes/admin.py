@@ -21,7 +21,10 @@ ADMIN = {401: {"description": "missing or wrong X-API-Key"},
 
 @router.post("/reload", response_model=ReloadResponse,
              responses={**ADMIN, 409: {"description": "the checkpoint was refused (one message whatever the reason, "
-                                                      "which the server log names); the old model keeps serving"}})
+                                                      "which the server log names); the old model keeps serving. Or "
+                                                      "the key file (CMN_AUTH_FILE) has errors: the keys are those of "
+                                                      "its lines that parse (none when it cannot be read), and the "
+                                                      "checkpoint was not reloaded"}})
 async def reload(service: ServiceDep, body: ReloadRequest | None = None):
     return await service.reload(body.checkpoint if body else None)
 

@@ -233,7 +233,9 @@ async def test_health_when_the_checkpoint_cannot_load(tmp_path):
                 asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.05)
         assert r.status_code == 503
-        assert r.json()["status"] == "failed" and "missing.ckpt" in r.json()["detail"]
+        # the open /health says why only in general: the path, and what is or is not there, is the log's business
+        assert r.json()["status"] == "failed" and "server log" in r.json()["detail"]
+        assert str(tmp_path) not in r.text and "missing.ckpt" not in r.text
         r = await c.post("/recommend", json={"user_id": "1"})
         assert r.status_code == 503 and "retry-after" in r.headers
 

@@ -131,7 +131,8 @@ COMPOSE = yaml.safe_load((REPO / "docker-compose.yml").read_text())
 def test_the_monitoring_profile_scrapes_every_replica_with_the_rules_loaded():
     services = COMPOSE["services"]
     prom = services["prometheus"]
-    assert prom["profiles"] == ["monitoring"] and prom["image"] == "prom/prometheus:v2.53.0"
+    # the image is a variable to pin by digest (docs/deploy.md), with the tag as its default
+    assert prom["profiles"] == ["monitoring"] and prom["image"] == "${CMN_PROMETHEUS_IMAGE:-prom/prometheus:v2.53.0}"
     mounts = {v.split(":")[1]: v.split(":")[0] for v in prom["volumes"]}
     config = yaml.safe_load((REPO / mounts["/etc/prometheus/prometheus.yml"]).read_text())
     for rule_file in config["rule_files"]:   # relative to the config's directory, as Prometheus resolves them
@@ -139,7 +140,9 @@ def test_the_monitoring_profile_scrapes_every_replica_with_the_rules_loaded():
     (job,) = config["scrape_configs"]
     assert job["job_name"] == "cmn-api"   # the rules' `up{job="cmn-api"}`
     scraped = {name for sd in job["dns_sd_configs"] for name in sd["names"]}
-    assert scraped == {n for n, s in services.items() if s.get("image", "").startswith("cmn-service:api")}
+    # every service that serves the api image (not `init`, which runs it once to make the secrets)
+    assert scraped == {n for n, s in services.items() if s.get("image", "").startswith("cmn-service:api")
+                       and "CMN_PORT" in s.get("environment", {})}
     for sd in job["dns_sd_configs"]:
         assert sd["port"] == int(services["api"]["environment"]["CMN_PORT"])
     assert set(services["api"]["networks"]) & set(prom["networks"])

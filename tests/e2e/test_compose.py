@@ -102,14 +102,16 @@ def test_api_replicas_are_the_upstream_of_the_load_balancer():
     assert directive(location("=", "/feedback"), "proxy_pass") == ["http://cmn_api"]
 
 
-def test_a_503_from_feedback_is_passed_on_not_retried_nor_counted_against_the_replica():
+def test_a_503_is_passed_on_not_retried_nor_counted_against_the_replica():
     """A 503 on /feedback means the shared store cannot be written: every replica would answer it, and counting it
     as a failure would take replicas that still serve /recommend out of rotation. A timeout may still commit."""
     feedback = directive(location("=", "/feedback"), "proxy_next_upstream")
     assert "http_503" not in feedback and "timeout" not in feedback
     assert "error" in feedback and "non_idempotent" in feedback
+    # issue 23: a POST /recommend was resent on 503, doubling the load of a full service; a sent POST and a 503
+    # (overloaded) are passed on, with its Retry-After
     recommend = directive(location("/"), "proxy_next_upstream")
-    assert {"error", "http_503", "non_idempotent"} <= set(recommend)
+    assert "error" in recommend and not {"http_503", "non_idempotent"} & set(recommend)
     assert "non_idempotent" not in directive(location("/admin/"), "proxy_next_upstream")
     assert int(directive(SERVER, "proxy_next_upstream_tries")[0]) == 2
 
@@ -136,12 +138,15 @@ def test_the_api_sees_each_client_address_and_no_client_can_choose_it():
     headers = {b[1][0]: b[1][1] for b in find(SERVER, "proxy_set_header")}
     assert headers["X-Forwarded-For"] == "$remote_addr"
     api = SERVICES["api"]
-    assert api["environment"]["FORWARDED_ALLOW_IPS"] == "*"
+    assert api["environment"]["CMN_FORWARDED_ALLOW_IPS"] == "*"
     assert "ports" not in api
     assert all(COMPOSE["networks"][n].get("internal") for n in api["networks"])
     for name, service in SERVICES.items():
         if service.get("ports"):   # reachable from outside: must not trust a forwarded address
-            assert name == "lb" or service.get("environment", {}).get("FORWARDED_ALLOW_IPS") in (None, "127.0.0.1")
+            env = service.get("environment", {})
+            assert name == "lb" or not env.get("CMN_FORWARDED_ALLOW_IPS") and "FORWARDED_ALLOW_IPS" not in env
+    # the server itself believes no forwarded header unless told (uvicorn's default believes loopback's)
+    assert SETTINGS["forwarded_allow_ips"] == ""
 
 
 def test_every_container_is_hardened():
@@ -165,8 +170,7 @@ def test_postgres_is_checked_over_tcp_and_keeps_its_data_in_a_named_volume():
     pg = SERVICES["postgres"]
     test = pg["healthcheck"]["test"]
     assert test[:2] == ["CMD", "pg_isready"] and test[test.index("-h") + 1] == "127.0.0.1"
-    (volume,) = pg["volumes"]
-    name, path = volume.split(":")[:2]
+    name, path = pg["volumes"][0].split(":")[:2]
     assert name in COMPOSE["volumes"] and path == "/var/lib/postgresql/data"
     assert default(pg["image"]) == "postgres:16"
     # the database's encoding comes from initdb's locale: a SQL_ASCII database hands psycopg bytes, not text
@@ -176,8 +180,8 @@ def test_postgres_is_checked_over_tcp_and_keeps_its_data_in_a_named_volume():
 def test_no_password_is_in_the_compose_file_and_everyone_reads_the_same_secret():
     pg = SERVICES["postgres"]
     assert not {"POSTGRES_PASSWORD", "PGPASSWORD"} & set(pg["environment"])
-    secret = "/run/secrets/cmn_postgres_password"
-    assert secret in " ".join(pg["entrypoint"]) and "cmn_postgres_password" in pg["secrets"]
+    secret = "/secrets/postgres-password"
+    assert secret in " ".join(pg["entrypoint"]) and "cmn-secrets:/secrets:ro" in pg["volumes"]
     urls = set()
     for name in ("api", "api-gpu", "trainer"):
         env = SERVICES[name]["environment"]
@@ -185,7 +189,7 @@ def test_no_password_is_in_the_compose_file_and_everyone_reads_the_same_secret()
         assert url.scheme == "postgresql" and url.password is None, name
         assert url.hostname == "postgres" and url.username == pg["environment"]["POSTGRES_USER"]
         assert url.path == "/" + pg["environment"]["POSTGRES_DB"]
-        assert env["PGPASSWORD_FILE"] == secret and "cmn_postgres_password" in SERVICES[name]["secrets"]
+        assert env["PGPASSWORD_FILE"] == secret and "cmn-secrets:/secrets:ro" in SERVICES[name]["volumes"]
         assert "store" in SERVICES[name]["networks"]
         urls.add(env["CMN_FEEDBACK_URL"])
     assert len(urls) == 1
@@ -200,8 +204,8 @@ def test_the_trainer_waits_for_postgres_and_folds_its_feedback():
     for name in ("api", "api-gpu"):
         assert SERVICES[name]["depends_on"] == {"trainer": {"condition": "service_completed_successfully"},
                                                 "postgres": {"condition": "service_healthy"}}
-        # the checkpoint only: feedback and rollouts are in postgres
-        assert SERVICES[name]["volumes"] == ["cmn-data:/data:ro"]
+        # the checkpoint (feedback and rollouts are in postgres) and the secrets, read-only
+        assert SERVICES[name]["volumes"] == ["cmn-data:/data:ro", "cmn-secrets:/secrets:ro"]
 
 
 def check_store(url: str) -> subprocess.CompletedProcess:
@@ -241,8 +245,9 @@ def test_the_image_entrypoint_is_the_script_that_reads_the_password_file():
     assert f'ENTRYPOINT ["/bin/sh", "{copy}"]' in dockerfile
 
 
-def run_entrypoint(tmp_path: Path, password_file: Path | None, *cmd: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+def run_entrypoint(tmp_path: Path, password_file: Path | None, *cmd: str,
+                   env: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("PG", "CMN_", "CREATE_"))}, **(env or {})}
     env["TMPDIR"] = str(tmp_path)
     if password_file is not None:
         env["PGPASSWORD_FILE"] = str(password_file)
@@ -264,7 +269,7 @@ def test_entrypoint_writes_a_private_pgpass_and_keeps_the_password_out_of_the_en
 
 def test_entrypoint_explains_a_missing_password_file_and_runs_plainly_without_one(tmp_path):
     proc = run_entrypoint(tmp_path, tmp_path / "absent", "true")
-    assert proc.returncode == 2 and "cannot be read" in proc.stderr and "init-secrets" in proc.stderr
+    assert proc.returncode == 2 and "cannot be read" in proc.stderr and "logs init" in proc.stderr
     proc = run_entrypoint(tmp_path, None, "sh", "-c", 'echo "${PGPASSFILE-unset}"; exit 7')
     assert proc.returncode == 7 and proc.stdout.strip() == "unset"
 
@@ -284,23 +289,89 @@ def test_libpq_logs_in_with_the_password_the_entrypoint_hands_it(tmp_path, postg
     assert proc.returncode == 0, proc.stderr
 
 
+def printed_key(stdout: str) -> str:
+    (line,) = [line for line in stdout.splitlines() if line.startswith("cmn-init: API key ")]
+    return line.rsplit(" ", 1)[1]
+
+
 def test_init_secrets_makes_private_secrets_once_and_prints_the_key(tmp_path):
+    """What compose's `init` runs into the secrets volume (and what the api image's entrypoint runs for its key
+    file): each file only if missing, private, the key printed once and stored as its hash."""
     (tmp_path / "docker").mkdir()
     script = shutil.copy(REPO / "docker" / "init-secrets.sh", tmp_path / "docker")
     first = subprocess.run(["sh", script], capture_output=True, text=True, timeout=60)
     assert first.returncode == 0, first.stderr
     secrets = tmp_path / "secrets"
     assert stat.S_IMODE(secrets.stat().st_mode) == 0o700
+    assert {stat.S_IMODE(f.stat().st_mode) for f in secrets.iterdir()} == {0o600}
+    assert sorted(f.name for f in secrets.iterdir()) == ["auth-keys", "postgres-password"]   # nothing left aside
     password = (secrets / "postgres-password").read_text().strip()
     assert len(password) >= 32 and re.fullmatch(r"[A-Za-z0-9_-]+", password)
-    key = first.stdout.strip().splitlines()[-1]
+    key = printed_key(first.stdout)
     digest, scopes, name = (secrets / "auth-keys").read_text().split()
     assert digest == hashlib.sha256(key.encode()).hexdigest()
     assert set(scopes.split(",")) == {"recommend", "history", "feedback", "admin", "metrics"}
-    again = subprocess.run(["sh", script], capture_output=True, text=True, timeout=60)
-    assert again.returncode == 0 and key not in again.stdout
+    again = subprocess.run(["sh", script, str(secrets)], capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0 and key not in again.stdout and "API key" not in again.stdout
     assert (secrets / "postgres-password").read_text().strip() == password
     assert (secrets / "auth-keys").read_text().split()[0] == digest
+    added = subprocess.run(["sh", script, "--add-key", str(secrets / "auth-keys"), "metrics", "prometheus"],
+                           capture_output=True, text=True, timeout=60)
+    lines = (secrets / "auth-keys").read_text().splitlines()
+    assert len(lines) == 2 and lines[1].split() == [hashlib.sha256(printed_key(added.stdout).encode()).hexdigest(),
+                                                    "metrics", "prometheus"]
+
+
+def test_compose_makes_its_secrets_in_a_volume_before_anything_starts():
+    """`docker compose up` on a fresh clone needs no step before it (issue 23): the one-shot `init` writes the
+    secrets volume, the only service that may; postgres starts after it, and the rest after postgres."""
+    init = SERVICES["init"]
+    assert init["restart"] == "no" and init["network_mode"] == "none"
+    assert init["volumes"] == ["cmn-secrets:/secrets"] and init["command"][-1] == "/secrets"
+    assert "/usr/local/bin/cmn-init-secrets" in init["command"]
+    assert SERVICES["postgres"]["depends_on"]["init"]["condition"] == "service_completed_successfully"
+    for name, service in SERVICES.items():
+        mounts = [v for v in service.get("volumes", []) if v.startswith("cmn-secrets:")]
+        assert name == "init" or all(v.endswith(":ro") for v in mounts), name
+    for name in ("api", "api-gpu"):
+        env = SERVICES[name]["environment"]
+        assert env["CMN_AUTH_FILE"] == "/secrets/auth-keys" and env["CREATE_AUTH_FILE"] == "0"
+    assert "cmn-secrets" in COMPOSE["volumes"]
+    assert set(COMPOSE.get("secrets", {})) == {"cmn_metrics_key"}     # profile monitoring's, a file of yours
+
+
+def test_every_image_can_be_pinned_by_digest():
+    """Tags by default (the stand-ins of ../shared/tools/docker-local.sh have no digest); each image a variable
+    that .env can set to `name:tag@sha256:...` (docs/deploy.md, "Pinning images")."""
+    for name, service in SERVICES.items():
+        if "build" not in service:
+            assert DEFAULT.match(service["image"]), (name, service["image"])
+    assert re.search(r"^ARG BASE_IMAGE=", (REPO / "Dockerfile").read_text(), re.M)
+
+
+def test_the_api_image_serves_with_auth_on_unless_told_otherwise():
+    """`docker run -p 8000:8000 <image>` listens on 0.0.0.0: the image names a key file, and its entrypoint
+    creates it on first start (the trainer image makes none)."""
+    dockerfile = (REPO / "Dockerfile").read_text()
+    api = dockerfile[dockerfile.index("FROM python AS api"):dockerfile.index("FROM api AS trainer")]
+    trainer = dockerfile[dockerfile.index("FROM api AS trainer"):]
+    assert "CMN_HOST=0.0.0.0" in api and "CMN_AUTH_FILE=/data/auth-keys" in api and "CREATE_AUTH_FILE=1" in api
+    assert "CREATE_AUTH_FILE=0" in trainer
+
+
+def test_entrypoint_creates_a_missing_key_file_once_and_never_replaces_one(tmp_path):
+    env = {"CREATE_AUTH_FILE": "1", "CMN_AUTH_FILE": str(tmp_path / "data" / "auth-keys")}
+    first = run_entrypoint(tmp_path, None, "sh", "-c", 'echo "create=${CREATE_AUTH_FILE-unset}"', env=env)
+    assert first.returncode == 0, first.stderr
+    key = printed_key(first.stdout)
+    assert first.stdout.strip().endswith("create=unset")      # not passed on to the server
+    content = (tmp_path / "data" / "auth-keys").read_text()
+    assert content.split()[0] == hashlib.sha256(key.encode()).hexdigest()
+    again = run_entrypoint(tmp_path, None, "true", env=env)
+    assert "API key" not in again.stdout and (tmp_path / "data" / "auth-keys").read_text() == content
+    off = run_entrypoint(tmp_path, None, "true", env={**env, "CREATE_AUTH_FILE": "0",
+                                                      "CMN_AUTH_FILE": str(tmp_path / "other")})
+    assert off.returncode == 0 and not (tmp_path / "other").exists()
 
 
 # --------------------------------------------------------------------------- the tools' own parsers

@@ -5,6 +5,7 @@ on one process rolls out to the others; a late process catches up in pages; CMN_
 The lag figures themselves come from benchmarks/scale_out.py: nothing here is timed beyond generous deadlines."""
 from __future__ import annotations
 
+import json
 import shutil
 import time
 import uuid
@@ -188,6 +189,7 @@ def test_reload_on_one_process_rolls_out_to_the_others(api_checkpoint, tmp_path)
         health = wait_until(lambda: (h := httpx.get(f"{c}/health").json()).get("rollout") and h,
                             "C reports the rollout it refused", timeout=60)
         assert health["rollout"]["status"] == "failed" and health["model_version"] == old
+        assert str(tmp_path) not in json.dumps(health)   # the refused file's path is in C's log, not on /health
         assert httpx.post(f"{c}/recommend", json={"user_id": known_ids(Path(serving))[0][0]}).status_code == 200
         # a process started after the rollout serves the published checkpoint from the start
         work_d = tmp_path / "d"

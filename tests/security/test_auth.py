@@ -147,10 +147,11 @@ async def test_every_route_with_user_state_needs_a_key(authed, ids):
             assert r.headers["www-authenticate"] == "Bearer" and r.json()["detail"]
     # the key is checked before the body: no key, no validation answer
     assert (await client.post("/recommend", json={"user_id": users[0], "k": 0})).status_code == 401
-    for path in ("/health", "/livez"):
+    for path in ("/health", "/livez", "/docs", "/openapi.json"):   # open, as docs/security.md lists them
         r = await client.get(path)
         assert r.status_code == 200, r.text
     assert (await client.get("/livez")).json() == {"status": "alive"}
+    assert (await client.get("/redoc")).status_code == 404        # issue 23: open and documented nowhere; off
 
 
 async def test_a_key_without_the_scope_is_403(authed, ids):
@@ -228,14 +229,40 @@ async def test_keys_are_reread_on_reload(authed, ids):
         r = await client.post("/admin/reload", headers=bearer(keys["root"]))
         assert r.status_code == 200, r.text
         assert await newcomer_status() == 200
-        # a key file that does not parse changes nothing: the keys in use stay, the model still reloads
-        path.write_text("garbage\n")
-        assert (await client.post("/admin/reload", headers=bearer(keys["root"]))).status_code == 200
-        assert await newcomer_status() == 200
+        # issue 23: a key file with an error answered 200 and kept every key in use, removed ones included. Now the
+        # reload is a 409 naming the line (never its content), the checkpoint is not reloaded, and the keys are
+        # those of the lines that parse: the newcomer, removed along with the error, is no key any more
+        path.write_text(original + "garbage\n")
+        r = await client.post("/admin/reload", headers=bearer(keys["root"]))
+        assert r.status_code == 409 and "line" in r.json()["detail"] and "garbage" not in r.text
+        assert "not reloaded" in r.json()["detail"] and r.json()["model_version"]
+        assert await newcomer_status() == 401
+        assert (await client.post("/recommend", json=body, headers=bearer(keys["reader"]))).status_code == 200
     finally:
         path.write_text(original)
         assert (await client.post("/admin/reload", headers=bearer(keys["root"]))).status_code == 200
     assert await newcomer_status() == 401
+
+
+async def test_a_key_file_that_cannot_be_read_leaves_no_key_valid(api_checkpoint, tmp_path, ids):
+    """A key file removed (or replaced by something that is not a regular file) revokes every key of it: the
+    reload is a 409, keyed routes answer 401, and CMN_API_KEY still reaches /admin/reload to recover."""
+    keys = write_keys(tmp_path / "keys", SCOPES)
+    admin_key = "adm-" + secrets.token_hex(16)
+    settings = settings_for(api_checkpoint, tmp_path, auth_file=str(tmp_path / "keys"), api_key=admin_key,
+                            auth_failures_per_min=0)
+    body = {"user_id": ids[0][0]}
+    async with serving(settings) as client:
+        await wait_ready(client)
+        assert (await client.post("/recommend", json=body, headers=bearer(keys["reader"]))).status_code == 200
+        (tmp_path / "keys").rename(tmp_path / "keys.away")
+        r = await client.post("/admin/reload", headers=bearer(keys["root"]))
+        assert r.status_code == 409 and "cannot open" in r.json()["detail"] and str(tmp_path) not in r.text
+        for name in ("reader", "root"):
+            assert (await client.post("/recommend", json=body, headers=bearer(keys[name]))).status_code == 401
+        (tmp_path / "keys.away").rename(tmp_path / "keys")
+        assert (await client.post("/admin/reload", headers={"X-API-Key": admin_key})).status_code == 200
+        assert (await client.post("/recommend", json=body, headers=bearer(keys["reader"]))).status_code == 200
 
 
 # --------------------------------------------------------------------------- 429
@@ -503,9 +530,13 @@ def test_auth_findings_over_http(api_checkpoint, ids, tmp_path):
 
             # "wrong admin keys are never throttled": past 10 wrong keys a minute from one address (4 were sent
             # above), 429 for everything from it, the right key included (last: the address stays throttled)
+            # (issue 23: each guess claims another client address in X-Forwarded-For; from loopback uvicorn used
+            # to believe it, and the throttle counted every guess for another address)
             wrong: list[int] = []
             while len(wrong) < 20 and wrong[-1:] != [429]:
-                wrong.append(http.post("/admin/reload", headers={"X-API-Key": f"guess-{len(wrong)}"}).status_code)
+                wrong.append(http.post("/admin/reload", headers={"X-API-Key": f"guess-{len(wrong)}",
+                                                                 "X-Forwarded-For": f"203.0.113.{len(wrong)}"}
+                                       ).status_code)
             assert wrong[-1] == 429 and set(wrong[:-1]) == {401} and len(wrong) <= 7
             r = http.post("/admin/reload", headers={"X-API-Key": admin_key})
             assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
