@@ -89,7 +89,10 @@ PAIRS = (
     "CREATE INDEX IF NOT EXISTS repeats_received ON repeats (received)",
 )
 CONFLICTS_LISTED = 10
-COMPACT_PAGE = 50_000   # seq numbers per compaction transaction: appends wait for one page, never for the whole log
+COMPACT_PAGE = 10_000   # seq numbers per compaction transaction: appends wait for one page, never for the whole log
+# between two pages the append lock is left free this long: longer than SQLite's longest busy-wait step (100 ms), so
+# that an append waiting for the lock gets it before the next page does
+COMPACT_PAUSE_S = 0.15
 
 # The statements both backends run, with SQLite's "?" placeholders (the PostgreSQL store turns them into "%s").
 INSERT_EVENT = ("INSERT INTO events (key_name, event_id, user_id, item_id, timestamp, received, verified) "
@@ -310,9 +313,9 @@ class FeedbackStore(ABC):
                 progress: Callable[[int], None] = lambda seqs: None) -> Compaction:
         """Move the repeats out of the log: every event whose writer stored its (user, item, verified) at a lower
         seq, except the last event (the store's last seq never goes back), a page of COMPACT_PAGE seq numbers per
-        transaction. Their ids are recorded as appends record a repeat's, unless received before
-        `forget_ids_before` (a time.time()); recorded ids received before it are forgotten. `progress(n)`: n more
-        seq numbers done.
+        transaction, the append lock left free between pages. Their ids are recorded as appends record a repeat's,
+        unless received before `forget_ids_before` (a time.time()); recorded ids received before it are forgotten.
+        `progress(n)`: n more seq numbers done.
 
         What the log replays is unchanged (a repeat changes nothing: model/store/events.py), so a process starting
         after it reaches the state of one that applied every event. Appends, readers and followers carry on
@@ -329,6 +332,7 @@ class FeedbackStore(ABC):
             if lo < hi:
                 ids, dropped = self._write(page)
                 kept, moved = kept + ids, moved + dropped
+                time.sleep(COMPACT_PAUSE_S)
             progress(min(lo + COMPACT_PAGE, last) - lo)
         forgotten = self._write(lambda conn, now: self._execute(conn, FORGET_IDS, (cutoff,))) \
             if forget_ids_before is not None else 0

@@ -193,16 +193,18 @@ def test_appends_during_a_compaction_are_kept_in_order(url):
         store.bulk_append(Event(f"u{n % 50}", f"i{n % 7}", float(n), f"old{n}") for n in range(3000))
         appended, stop = [], threading.Event()
 
-        def write():
+        def write():   # a busy server's appends: one every few milliseconds
             n = 0
             while not stop.is_set():
                 appended.extend(writer.append([Event(f"w{n}", "i", None, f"new{n}")]))
                 n += 1
+                time.sleep(0.005)
         thread = threading.Thread(target=write)
         thread.start()
         try:
             with pytest.MonkeyPatch.context() as mp:
                 mp.setattr(events_mod, "COMPACT_PAGE", 100)
+                mp.setattr(events_mod, "COMPACT_PAUSE_S", 0.01)
                 result = store.compact()
         finally:
             stop.set()
