@@ -81,15 +81,18 @@ class Throughput:
 class Engine:
     def __init__(self, checkpoint: str, device: str = "auto", explain_top: int = 5, max_bytes: int = MAX_BYTES,
                  within: str | None = None, graph_catalogue: bool = False, max_live_users: int = 10_000,
-                 max_live_items: int = 1_000, foldin_pairs: int = 30_000, max_popularity_gain: int | None = None):
+                 max_live_items: int = 1_000, foldin_pairs: int = 30_000, max_popularity_gain: int | None = None,
+                 feedback_cap: int | None = None):
         """`max_bytes`, `within`: see `load_checkpoint` (a path a client named must lie `within` a directory).
         `max_live_users`, `max_live_items`: how many users and items feedback may create before the next training
         run (past them, events for new ones are stored and deferred to it). `foldin_pairs`: what fitting one history
         costs the model thread, in scored pairs, until measured (CMN_FOLDIN_PAIRS). `max_popularity_gain`: see
-        `Online` (CMN_MAX_POPULARITY_GAIN)."""
+        `Online` (CMN_MAX_POPULARITY_GAIN). `feedback_cap`: how far feedback grows N(i) of a model trained without a
+        cap (model/neighbours.py, CMN_FEEDBACK_NEIGHBOURS_CAP)."""
         start = time.perf_counter()
         ckpt = load_checkpoint(checkpoint, max_bytes, within)
-        self.recommender = Recommender.from_checkpoint(ckpt, device, graph_catalogue=graph_catalogue)
+        self.recommender = Recommender.from_checkpoint(ckpt, device, graph_catalogue=graph_catalogue,
+                                                       feedback_cap=feedback_cap)
         self.online = Online(self.recommender, max_popularity_gain)   # live users and items: what feedback creates
         self.device = self.recommender.device
         self.path, self.version = checkpoint, served_version(ckpt.model_version, ckpt.state, checkpoint)
@@ -225,14 +228,16 @@ class Engine:
             if not any(grew.values()):
                 break
         created_users, created_items = created["user_id"], created["item_id"]
-        known = [(self.user_index[e.user_id], self.item_index[e.item_id]) for e in events
-                 if self.knows(e.user_id, e.item_id)]
+        users_of, items_of = self.user_index.get, self.item_index.get   # a replay passes here once per event
+        known = [(u, i) for u, i in ((users_of(e.user_id), items_of(e.item_id)) for e in events)
+                 if u is not None and i is not None]
         if known:
             users, items = zip(*known)
-            online.add_interactions(users, items)
-            for u in sorted({u for u in users if online.is_live_user(u)} - created_users):
+            # refitted only when their interactions grew: a repeated pair changes nothing
+            new = online.add_interactions(users, items)
+            for u in sorted({u for u, _ in new if online.is_live_user(u)} - created_users):
                 online.refit_user(u, seed=stable_seed(self.user_ids[u]))
-            for i in sorted({i for i in items if online.is_live_item(i)} - created_items):
+            for i in sorted({i for _, i in new if online.is_live_item(i)} - created_items):
                 online.refit_item(i, seed=stable_seed(self.item_ids[i]))
         metrics.LIVE_USERS.set(online.live_users)
         metrics.LIVE_ITEMS.set(online.live_items)
@@ -267,9 +272,11 @@ class Engine:
         index[external_id] = internal
         return internal
 
-    def apply_rows(self, rows: list[tuple[int, Event]]) -> None:
+    def apply_rows(self, rows: list[tuple[int, Event]], fresh: bool = True) -> None:
         """Apply the store's next events, in sequence order: every process, the writer included, applies each
-        event through here exactly once, so all of them reach the same state."""
+        event through here exactly once, so all of them reach the same state. `fresh`: the events were stored
+        since this engine last read the store, and their apply lag is observed (a replay's events are as old as
+        the store: their lag would measure its age, one histogram observation per event)."""
         if not rows or rows[0][0] <= self.feedback_seq:
             rows = [(seq, e) for seq, e in rows if seq > self.feedback_seq]
         if not rows:
@@ -279,16 +286,17 @@ class Engine:
         metrics.FEEDBACK_APPLIED.labels("applied").inc(applied)
         metrics.FEEDBACK_APPLIED.labels("deferred").inc(deferred)
         metrics.APPLIED_SEQ.set(self.feedback_seq)
-        now = time.time()
-        for _, e in rows:
-            if e.received is not None:
-                metrics.APPLY_LAG.observe(max(0.0, now - e.received))
+        if fresh:
+            now = time.time()
+            for _, e in rows:
+                if e.received is not None:
+                    metrics.APPLY_LAG.observe(max(0.0, now - e.received))
 
     def catch_up(self, store: FeedbackStore) -> int:
         """Apply the store's events this engine has not seen (start-up replay, and after a reload), a page at a
         time: a store of millions of events is never all in memory."""
         replayed = 0
         while rows := store.events(after=self.feedback_seq, limit=CATCH_UP_PAGE):
-            self.apply_rows(rows)
+            self.apply_rows(rows, fresh=False)
             replayed += len(rows)
         return replayed

@@ -136,8 +136,7 @@ class Feedback:
         clicks = [None if e.impression_id is None else (e.impression_id, e.position) for e in events]
         fault = self.store.fault
         try:  # durable before we answer; events are unique per writer, the caller's key
-            seqs = await run_on(self.io_threads, self.store.append, stored, caller.name,
-                                self.settings.dedup_window_s, clicks)
+            seqs = await run_on(self.io_threads, self.store.append, stored, caller.name, clicks)
         except (EventIdConflict, StoreUnavailable) as e:
             self.auth.refund_events(caller, len(stored), unknown, users)
             if isinstance(e, StoreUnavailable) and str(e) != fault:  # logged once per fault, not once per request

@@ -59,7 +59,8 @@ class Models:
     def _build(self, path: str, within: str | None = None) -> Engine:
         s = self.settings
         engine = Engine(path, s.device, s.explain_top, s.max_checkpoint_bytes, within, s.graph_catalogue,
-                        s.max_live_users, s.max_live_items, s.foldin_pairs, s.max_popularity_gain)
+                        s.max_live_users, s.max_live_items, s.foldin_pairs, s.max_popularity_gain,
+                        s.feedback_neighbours_cap)
         try:
             replayed = engine.catch_up(self.store)
         except StoreUnavailable as e:  # the follower replays the rest when the store is back

@@ -167,8 +167,8 @@ class FeedbackRequest(BaseModel):
 
 class FeedbackResponse(BaseModel):
     stored: int = Field(description="events written durably by this call")
-    duplicates: int = Field(description="events already stored: the same event_id, or without one the same user "
-                                        "and item within CMN_DEDUP_WINDOW_S")
+    duplicates: int = Field(description="events that change nothing: an event_id already stored, or a user and "
+                                        "item this key has already fed back (its event_id is recorded)")
     applied: int = Field(description="events now visible to recommendations (known user and item)")
     deferred: int = Field(description="events this process could not apply (live-user or live-item bound reached): "
                                       "stored, folded in by the next training run")

@@ -61,6 +61,10 @@ class ModelSettings(BaseSettings):
                                      "order of the fallback list unknown users get) over its trained count before the "
                                      "next training run, whoever sends it; the events themselves are all stored and "
                                      "trained on")
+    feedback_neighbours_cap: int = Field(200, ge=1, description="users feedback may put into an item's "
+                                         "neighbourhood N(i) (or its trained size, if larger) before its oldest drop, "
+                                         "for a model trained without --max-neighbours (one trained with a cap keeps "
+                                         "its own)")
 
     @model_validator(mode="after")
     def _checkpoint_dir_defaults_to_the_checkpoints(self):
@@ -144,8 +148,6 @@ class StoreSettings(BaseSettings):
                                    "processes stored, and the active checkpoint")
     max_lag_s: float = Field(5.0, gt=0, description="/health is degraded when this process has not read the store "
                              "to its end for this long")
-    dedup_window_s: float = Field(3600.0, ge=0, description="an event without event_id repeating the same key, "
-                                                            "user and item within this window is a duplicate")
 
     @field_validator("feedback_url", mode="before")
     @classmethod

@@ -305,7 +305,7 @@ def fold_in_item(scorer: Scorer, users, cfg: FoldInConfig, seed: int | None = No
     bad = [u for u in listed if not 0 <= u < fz.n_users]
     if bad:
         raise ValueError(f"users {bad[:5]} are not known to the model (0..{fz.n_users - 1})")
-    cap = fz.model.cfg.max_neighbours
+    cap = scorer.neighbours.new_item_cap
     members = torch.tensor(listed[-cap:] if cap else listed, dtype=torch.long, device=fz.device)
     nbrs = ItemNeighbours(fz, members)
     g = fz.generator(seed)

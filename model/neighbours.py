@@ -8,6 +8,10 @@ first: training orders them by timestamp (a fixed seeded order where the data ha
 One rule, `keep_newest`, serves training, evaluation, serving and feedback alike.
 
 `NeighbourIndex` is the serving side's N(i): the CSR with its slots' recency, grown by online feedback under the cap.
+A model trained without a cap (the paper's) is served with one for what feedback adds: `feedback_cap` users per
+item, or the item's trained neighbourhood where that is longer (no trained neighbourhood is cut by it), so that
+feedback (anyone with a feedback key) cannot grow an item's memory, and the cost of scoring and folding it in,
+without bound.
 """
 from __future__ import annotations
 
@@ -17,9 +21,9 @@ import torch
 from model.cmn import slot_rows
 
 
-def keep_newest(items: np.ndarray, recency: np.ndarray, max_neighbours: int | None) -> np.ndarray:
-    """Mask of the pairs to keep: per item, the `max_neighbours` with the largest `recency` (ties: the later
-    pair). Everything when `max_neighbours` is None."""
+def keep_newest(items: np.ndarray, recency: np.ndarray, max_neighbours: int | np.ndarray | None) -> np.ndarray:
+    """Mask of the pairs to keep: per item, the `max_neighbours` (one for all, or per item id) with the largest
+    `recency` (ties: the later pair). Everything when `max_neighbours` is None."""
     items = np.asarray(items, dtype=np.int64)
     if max_neighbours is None or len(items) == 0:
         return np.ones(len(items), dtype=bool)
@@ -27,7 +31,8 @@ def keep_newest(items: np.ndarray, recency: np.ndarray, max_neighbours: int | No
     sorted_items = items[order]
     group_end = np.searchsorted(sorted_items, sorted_items, side="right")
     keep = np.empty(len(items), dtype=bool)
-    keep[order] = group_end - np.arange(len(items)) <= max_neighbours
+    caps = max_neighbours[sorted_items] if isinstance(max_neighbours, np.ndarray) else max_neighbours
+    keep[order] = group_end - np.arange(len(items)) <= caps
     return keep
 
 
@@ -45,15 +50,21 @@ def neighbour_csr(pairs: np.ndarray, n_items: int,
 
 class NeighbourIndex:
     """The item → users CSR (`indptr`, `indices`: users sorted within an item) that defines N(i), on `device`;
-    `recency` ranks its slots (larger: newer; None: all older than any feedback) so that an item over
-    `max_neighbours` drops its oldest."""
+    `recency` ranks its slots (larger: newer; None: all older than any feedback) so that an item over its cap drops
+    its oldest. The cap is the model's `max_neighbours`; without one, `feedback_cap` or the item's length as given,
+    whichever is larger (`caps`, per item; None: no cap)."""
 
-    def __init__(self, indptr, indices, recency, max_neighbours: int | None, device: torch.device):
+    def __init__(self, indptr, indices, recency, max_neighbours: int | None, device: torch.device,
+                 feedback_cap: int | None = None):
         self.device, self.max_neighbours = device, max_neighbours
         self.indptr = torch.as_tensor(indptr, dtype=torch.long, device=device)
         self.indices = torch.as_tensor(indices, dtype=torch.long, device=device)
         self.recency = torch.zeros(len(self.indices), dtype=torch.long) if recency is None else \
             torch.as_tensor(recency, dtype=torch.long).cpu()
+        # what a new item may grow to; its users beyond that are not part of its memory (model/foldin.py)
+        self.new_item_cap = max_neighbours if max_neighbours is not None else feedback_cap
+        self.caps = None if max_neighbours is not None or feedback_cap is None else \
+            np.maximum(self.lengths().cpu().numpy(), feedback_cap)
 
     @property
     def n_items(self) -> int:
@@ -69,6 +80,8 @@ class NeighbourIndex:
     def add_items(self, n: int) -> None:
         """`n` new items with empty neighbourhoods."""
         self.indptr = torch.cat([self.indptr, self.indptr[-1:].expand(n)])
+        if self.caps is not None:
+            self.caps = np.concatenate([self.caps, np.full(n, self.new_item_cap)])
 
     def items_of(self, users: torch.Tensor) -> torch.Tensor:
         """The items in whose N(i) any of `users` sits (on the CPU)."""
@@ -96,11 +109,12 @@ class NeighbourIndex:
         where = np.searchsorted(old, added)
         keys = np.insert(old, where, added)
         recency = np.insert(self.recency.numpy(), where, clock + first)
-        if self.max_neighbours is not None:     # only the touched items can have outgrown the cap
+        cap = self.max_neighbours if self.max_neighbours is not None else self.caps
+        if cap is not None:     # only the touched items can have outgrown their cap
             slot_items = keys // n_users
             near = np.isin(slot_items, touched.numpy())
             kept = np.ones(len(keys), dtype=bool)
-            kept[near] = keep_newest(slot_items[near], recency[near], self.max_neighbours)
+            kept[near] = keep_newest(slot_items[near], recency[near], cap)
             keys, recency = keys[kept], recency[kept]
         keys, self.recency = torch.from_numpy(keys), torch.from_numpy(recency)
         counts = torch.bincount(keys // n_users, minlength=self.n_items)

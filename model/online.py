@@ -46,14 +46,16 @@ class Online:
         return self.trained_items <= item < self.recommender.n_items
 
     @torch.no_grad()
-    def add_interactions(self, users: Sequence[int], items: Sequence[int]) -> int:
+    def add_interactions(self, users: Sequence[int], items: Sequence[int]) -> list[tuple[int, int]]:
         """Known (trained or live) users interacted with known items: never re-recommended from now on, counted in
-        popularity, and each user joins its item's neighbourhood. Returns how many pairs were new to the seen-sets.
-        A live user's or item's rows stay as fitted until `refit_user` / `refit_item`; a live item's retrieval mix
-        follows at once."""
+        popularity, and each user joins its item's neighbourhood. Returns the pairs new to the seen-sets: a pair
+        takes effect once, so one already seen changes nothing (a repeat in the feedback store is a no-op, and a
+        store compacted of its repeats replays to the same state). A live user's or item's rows stay as fitted until
+        `refit_user` / `refit_item`; a live item's retrieval mix follows at once."""
         rec = self.recommender
         users, items = [int(u) for u in users], [int(i) for i in items]
-        bad = [(u, i) for u, i in zip(users, items) if not (0 <= u < rec.n_users and 0 <= i < rec.n_items)]
+        n_users, n_items = rec.n_users, rec.n_items
+        bad = [(u, i) for u, i in zip(users, items) if not (0 <= u < n_users and 0 <= i < n_items)]
         if bad:
             raise ValueError(f"interactions {bad[:3]} name users or items the model does not hold "
                              f"({rec.n_users} users, {rec.n_items} items)")
@@ -61,7 +63,7 @@ class Online:
         for u, i in zip(users, items):
             if i not in rec.seen_sets[u]:
                 rec.seen_sets[u].add(i)
-                new.append(i)
+                new.append((u, i))
                 if i >= self.trained_items:
                     self._item_users[i].append(u)
                 if rec.retrieval is not None and self.live_items:  # a live item's mix reads its users' seen-sets
@@ -70,10 +72,10 @@ class Online:
             self._retrieval_mix(i)
         rec.interactions += len(new)
         if new:
-            self._count(new)
-        if users:
-            rec.scorer.add_interactions(torch.tensor(users), torch.tensor(items))
-        return len(new)
+            self._count([i for _, i in new])
+            fresh_users, fresh_items = torch.tensor(new).T
+            rec.scorer.add_interactions(fresh_users, fresh_items)
+        return new
 
     def _count(self, items: list[int]) -> None:
         """Popularity counts fed-back pairs, each item gaining at most `max_popularity_gain` over its trained count

@@ -1,12 +1,13 @@
-"""`python -m training {train,evaluate,coldstart,baselines,compare,export,online-report,retrain,rollback}`: the
-offline side of the service. Arguments in, results printed; the work is done by training/train.py, evaluate.py,
-coldstart.py, baselines.py, compare.py, export.py, online.py and retrain.py."""
+"""`python -m training {train,evaluate,coldstart,baselines,compare,export,online-report,retrain,rollback,compact}`:
+the offline side of the service. Arguments in, results printed; the work is done by training/train.py, evaluate.py,
+coldstart.py, baselines.py, compare.py, export.py, online.py, retrain.py and feedback.py."""
 from __future__ import annotations
 
 import argparse
 import json
 import os
 import sys
+import time
 from dataclasses import fields
 
 from training.retrain import RetrainConfig
@@ -195,6 +196,18 @@ def build_parser() -> argparse.ArgumentParser:
                                                              "(default 0.05)")
     o.add_argument("--plot", default="online-report.png", help="the PNG of CTR over time (default %(default)s)")
     o.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    f = sub.add_parser("compact", help="move repeated (key, user, item) events out of the feedback store's log and "
+                                       "forget old repeat ids; safe while servers write and follow it")
+    f.add_argument("--feedback", required=True, metavar="URL",
+                   help="the store: sqlite:///PATH, postgresql://... or a file path (as the server's "
+                        "CMN_FEEDBACK_URL)")
+    f.add_argument("--forget-ids-after", type=float, metavar="DAYS",
+                   help="forget the event ids of repeats received more than DAYS ago (a retry with such an id and "
+                        "the same payload is still a duplicate; another payload under it is no longer a conflict); "
+                        "default: keep them all")
+    f.add_argument("--json", action="store_true", help="print one JSON object")
+    f.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
 
@@ -341,6 +354,22 @@ def cmd_online_report(args) -> int:
     return 0
 
 
+def cmd_compact(args) -> int:
+    from dataclasses import asdict
+    from model.store.events import masked
+    from training.feedback import compact_store
+    start = time.perf_counter()
+    r = compact_store(args.feedback, args.forget_ids_after, progress=not args.quiet)
+    seconds = time.perf_counter() - start
+    if args.json:
+        print(json.dumps(asdict(r) | {"seconds": round(seconds, 3)}))
+        return 0
+    print(f"compacted {masked(args.feedback)} in {seconds:.1f} s: {r.events_before:,} → {r.events_after:,} events in "
+          f"the log ({r.moved:,} repeats moved out, {r.ids_kept:,} of them keep their event id); "
+          f"{r.ids_forgotten:,} repeat ids forgotten")
+    return 0
+
+
 def main(argv=None) -> int:
     from model.store.checkpoint import CheckpointError
     from model.store.events import StoreUnavailable
@@ -352,7 +381,7 @@ def main(argv=None) -> int:
         return {"train": cmd_train, "evaluate": cmd_evaluate, "coldstart": cmd_coldstart,
                 "baselines": cmd_baselines, "compare": cmd_compare, "export": cmd_export,
                 "online-report": cmd_online_report, "retrain": cmd_retrain,
-                "rollback": cmd_rollback}[args.command](args)
+                "rollback": cmd_rollback, "compact": cmd_compact}[args.command](args)
     except (DataError, CheckpointError, ExportError, ValueError, StoreUnavailable, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

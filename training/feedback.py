@@ -1,10 +1,13 @@
-"""Fold the server's feedback store into a training data set (`python -m training train --feedback URL`)."""
+"""Fold the server's feedback store into a training data set (`python -m training train --feedback URL`), and
+compact it (`python -m training compact --feedback URL`)."""
 from __future__ import annotations
+
+import time
 
 import numpy as np
 from tqdm import tqdm
 
-from model.store.events import StoreUnavailable, masked, open_store
+from model.store.events import Compaction, StoreUnavailable, masked, open_store
 from training.data import DataError, Dataset, pair_keys
 
 PAGE = 50_000   # events read at a time: a store of any size is folded in bounded memory (besides the pairs)
@@ -71,3 +74,25 @@ def fold_feedback(data: Dataset, url: str, log=print, unverified: bool = False, 
         f"{len(user_ids) - data.n_users} new users, {len(item_ids) - data.n_items} new items")
     return Dataset(len(user_ids), len(item_ids), train, data.test, user_ids, item_ids, name=data.name + "+feedback",
                    feedback_seq=last)
+
+
+def compact_store(url: str, forget_ids_after_days: float | None = None, progress: bool = True) -> Compaction:
+    """Move the repeats out of the store at `url` (`FeedbackStore.compact`), forgetting repeat ids received more than
+    `forget_ids_after_days` ago (None: keep them all). Safe while servers write and follow the store."""
+    shown = masked(url)
+    if forget_ids_after_days is not None and not forget_ids_after_days >= 0:
+        raise ValueError(f"--forget-ids-after must be a number of days >= 0, got {forget_ids_after_days}")
+    try:
+        open_store(url, readonly=True).close()      # opened for writing, a missing store would be created
+        store = open_store(url)
+        try:
+            if store.fault:
+                raise StoreUnavailable(store.fault)
+            cutoff = None if forget_ids_after_days is None else time.time() - forget_ids_after_days * 86_400
+            with tqdm(total=store.last_seq(), desc="compact", unit="seq", disable=not progress,
+                      mininterval=1.0) as bar:
+                return store.compact(cutoff, bar.update)
+        finally:
+            store.close()
+    except (OSError, StoreUnavailable) as e:
+        raise DataError(f"cannot compact feedback store {shown}: {e}") from None

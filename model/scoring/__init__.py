@@ -63,13 +63,14 @@ class Scorer:
     whole-catalogue call through the graph-captured route (opt-in: not yet measured on a GPU). Live users and items
     grow the model's tables (`add_users`, `add_items`): a caller's model is copied first unless `owns_model`
     (`from_checkpoint`'s own). `n_users` counts the users; the user tables may hold more rows (`capacity`), free for
-    the next users or for scoring anonymous histories.
+    the next users or for scoring anonymous histories. `feedback_cap` bounds what online feedback adds to N(i) of a
+    model trained without a cap (see `NeighbourIndex`).
     """
 
     def __init__(self, model: CMN, indptr, indices, device: str | torch.device | None = None,
                  chunk_items: int = 2048, block_pairs: int = BLOCK_PAIRS,
                  packed_max_users: int = PACKED_MAX_USERS, recency=None,
-                 graph_catalogue: bool = False, owns_model: bool = False):
+                 graph_catalogue: bool = False, owns_model: bool = False, feedback_cap: int | None = None):
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         held = model if _holds(model, self.device) else copy.deepcopy(model).to(self.device)
         self.live = LiveModel(held, owns_model or held is not model)
@@ -80,7 +81,8 @@ class Scorer:
         self.packed_max_users = packed_max_users
         self.graph_catalogue = graph_catalogue
         self.exclude_self = model.cfg.exclude_self
-        self.neighbours = NeighbourIndex(indptr, indices, recency, model.cfg.max_neighbours, self.device)
+        self.neighbours = NeighbourIndex(indptr, indices, recency, model.cfg.max_neighbours, self.device,
+                                         feedback_cap)
         if self.neighbours.n_items != self.n_items:
             raise ValueError(f"neighbourhood CSR has {self.neighbours.n_items} items, the model {self.n_items}")
         self.routes()

@@ -11,10 +11,15 @@ number (`seq`) and commits in seq order, so a reader that has seen seq N and ask
 misses one that commits later.
 
 Event ids are unique per writer (a name the caller chooses; "" by default): a retry with the same id and payload
-is a duplicate, another payload under a used id is an `EventIdConflict`. Events without an id are duplicates of an
-event with the same writer, user and item received within the dedup window. Who the writers are is the caller's
+is a duplicate, another payload under a used id is an `EventIdConflict`. Who the writers are is the caller's
 business (the server names each API key, app/feedback.py); the column that holds the writer is `key_name`, the name
 it had when only the server wrote.
+
+A pair is stored once per writer: an event whose writer already stored its (user, item) with the same `verified`
+flag is a repeat. It changes nothing that reads the log (seen-sets and N(i) are sets; training folds unique pairs),
+so it gets no seq and is not replayed; its event id alone is recorded (table `repeats`), so that a retry of it is
+still a duplicate and another payload under it still a conflict. `compact` moves the repeats of stores written
+before this rule (or by `bulk_append`) out of the log, and forgets repeats' ids past a retention age.
 
 `verified` records whether the serving model knew the event's user and item when it was written; training folds
 unverified events into new embedding rows only when asked to (`--feedback-unverified`).
@@ -36,7 +41,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from model.store.impressions import (INSERT_CLICK, INSERT_IMPRESSION, SELECT_CLICKS, SELECT_IMPRESSIONS, SET_ARM,
                                      TABLES, Click, Impression)
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 # one statement each: sqlite3's executescript() commits the open transaction first, and creating or migrating the
 # schema must be one transaction
 SCHEMA = (
@@ -50,7 +55,6 @@ SCHEMA = (
         received REAL NOT NULL,
         verified INTEGER NOT NULL DEFAULT 0,
         UNIQUE (key_name, event_id))""",
-    "CREATE INDEX events_content ON events (key_name, user_id, item_id, received)",
 )
 # Schema 1 (event_id unique across all writers, no key_name and no verified flag) is rebuilt into schema 2 on the
 # first open for writing: SQLite cannot change a UNIQUE constraint in place. Its rows keep their seq, belong to the
@@ -69,7 +73,26 @@ ROLLOUTS = """CREATE TABLE IF NOT EXISTS rollouts (
     path TEXT NOT NULL,
     version TEXT NOT NULL,
     published REAL NOT NULL)"""
+# schema 4: the pair index (a writer's pair is looked up on every append, and compaction finds earlier copies
+# by it: SQLite keeps the rowid, seq, in the index) and the repeats' ids; created on every open for writing
+PAIRS = (
+    "DROP INDEX IF EXISTS events_content",
+    "CREATE INDEX IF NOT EXISTS events_pair ON events (key_name, user_id, item_id, verified)",
+    """CREATE TABLE IF NOT EXISTS repeats (
+        key_name TEXT NOT NULL,
+        event_id TEXT NOT NULL,
+        user_id TEXT NOT NULL,
+        item_id TEXT NOT NULL,
+        timestamp REAL NOT NULL,
+        received REAL NOT NULL,
+        PRIMARY KEY (key_name, event_id))""",
+    "CREATE INDEX IF NOT EXISTS repeats_received ON repeats (received)",
+)
 CONFLICTS_LISTED = 10
+COMPACT_PAGE = 10_000   # seq numbers per compaction transaction: appends wait for one page, never for the whole log
+# between two pages the append lock is left free this long: longer than SQLite's longest busy-wait step (100 ms), so
+# that an append waiting for the lock gets it before the next page does
+COMPACT_PAUSE_S = 0.15
 
 # The statements both backends run, with SQLite's "?" placeholders (the PostgreSQL store turns them into "%s").
 INSERT_EVENT = ("INSERT INTO events (key_name, event_id, user_id, item_id, timestamp, received, verified) "
@@ -77,11 +100,24 @@ INSERT_EVENT = ("INSERT INTO events (key_name, event_id, user_id, item_id, times
 INSERT_ROLLOUT = "INSERT INTO rollouts (path, version, published) VALUES (?, ?, ?)"
 SELECT_EVENTS = ("SELECT seq, user_id, item_id, timestamp, event_id, {verified}, received FROM events "
                  "WHERE seq > ? ORDER BY seq LIMIT ?")
-SELECT_ID = "SELECT user_id, item_id, timestamp FROM events WHERE key_name = ? AND event_id = ?"
-SELECT_RECENT = "SELECT 1 FROM events WHERE key_name = ? AND user_id = ? AND item_id = ? AND received >= ? LIMIT 1"
+INSERT_REPEAT = ("INSERT INTO repeats (key_name, event_id, user_id, item_id, timestamp, received) "
+                 "VALUES (?, ?, ?, ?, ?, ?)")
+SELECT_ID = ("SELECT user_id, item_id, timestamp FROM events WHERE key_name = ? AND event_id = ? UNION ALL "
+             "SELECT user_id, item_id, timestamp FROM repeats WHERE key_name = ? AND event_id = ?")
+SELECT_PAIR = "SELECT 1 FROM events WHERE key_name = ? AND user_id = ? AND item_id = ? AND verified = ? LIMIT 1"
+# compaction, per page of seq numbers (lo, hi]: an event is a repeat when an earlier one has its writer, pair and flag
+REPEATED = ("seq > ? AND seq <= ? AND EXISTS (SELECT 1 FROM events f WHERE f.key_name = events.key_name AND "
+            "f.user_id = events.user_id AND f.item_id = events.item_id AND f.verified = events.verified AND "
+            "f.seq < events.seq)")
+KEEP_REPEAT_IDS = ("INSERT INTO repeats (key_name, event_id, user_id, item_id, timestamp, received) "
+                   "SELECT key_name, event_id, user_id, item_id, timestamp, received FROM events "
+                   f"WHERE event_id IS NOT NULL AND received >= ? AND {REPEATED} ON CONFLICT DO NOTHING")
+DROP_REPEATS = f"DELETE FROM events WHERE {REPEATED}"
+FORGET_IDS = "DELETE FROM repeats WHERE received < ?"
 
 T = TypeVar("T")
 Row = tuple  # (key_name, event_id, user_id, item_id, timestamp, received, verified): INSERT_EVENT's parameters
+Pair = tuple  # (user_id, item_id, verified)
 
 
 @dataclass(frozen=True)
@@ -101,6 +137,17 @@ class Rollout:
     path: str
     version: str
     published: float
+
+
+@dataclass(frozen=True)
+class Compaction:
+    """What `compact` did: the log's events before and after, the repeats it moved out of the log, of which
+    `ids_kept` keep their event id, and the recorded repeat ids it forgot (received before the retention age)."""
+    events_before: int
+    events_after: int
+    moved: int
+    ids_kept: int
+    ids_forgotten: int
 
 
 class EventIdConflict(ValueError):
@@ -143,17 +190,19 @@ def masked(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
-def plan_append(events: list[Event], writer: str, now: float, dedup_window_s: float,
-                stored: dict[str, tuple], recent: set[tuple[str, str]]) -> tuple[list[Row], list[int], list[str]]:
+def plan_append(events: list[Event], writer: str, now: float, stored: dict[str, tuple],
+                pairs: set[Pair]) -> tuple[list[Row], list[int], list[Row], list[str]]:
     """What an append stores, given what the store holds: `stored` maps the writer's used event ids (among the
-    events') to their (user_id, item_id, timestamp), `recent` holds the (user_id, item_id) pairs the writer stored
-    within the dedup window. Returns the rows to insert, for each the index of its event, and the conflicting ids.
+    events') to their (user_id, item_id, timestamp), `pairs` holds the (user_id, item_id, verified) the writer has
+    in the log (among the events'). Returns the rows to insert, for each the index of its event, the repeats' ids
+    to record (INSERT_REPEAT's parameters) and the conflicting ids.
 
     Events earlier in the same append count as stored: a repeated id is a duplicate (or a conflict), a repeated
-    id-less pair a duplicate within the window."""
-    stored, recent = dict(stored), set(recent)
+    pair a repeat."""
+    stored, pairs = dict(stored), set(pairs)
     rows: list[Row] = []
     slots: list[int] = []
+    repeats: list[Row] = []
     conflicts: list[str] = []
     for n, e in enumerate(events):
         if e.event_id is not None:
@@ -163,15 +212,18 @@ def plan_append(events: list[Event], writer: str, now: float, dedup_window_s: fl
                 if old[:2] != (e.user_id, e.item_id) or (e.timestamp is not None and old[2] != e.timestamp):
                     conflicts.append(e.event_id)
                 continue
-        elif dedup_window_s > 0 and (e.user_id, e.item_id) in recent:
-            continue
         timestamp = now if e.timestamp is None else e.timestamp
-        rows.append((writer, e.event_id, e.user_id, e.item_id, timestamp, now, bool(e.verified)))
-        slots.append(n)
         if e.event_id is not None:
             stored[e.event_id] = (e.user_id, e.item_id, timestamp)
-        recent.add((e.user_id, e.item_id))
-    return rows, slots, conflicts
+        pair = (e.user_id, e.item_id, bool(e.verified))
+        if pair in pairs:
+            if e.event_id is not None:
+                repeats.append((writer, e.event_id, e.user_id, e.item_id, timestamp, now))
+            continue
+        pairs.add(pair)
+        rows.append((writer, e.event_id, e.user_id, e.item_id, timestamp, now, bool(e.verified)))
+        slots.append(n)
+    return rows, slots, repeats, conflicts
 
 
 class FeedbackStore(ABC):
@@ -201,8 +253,8 @@ class FeedbackStore(ABC):
         """event id → (user_id, item_id, timestamp) of those of `ids` the writer has used."""
 
     @abstractmethod
-    def _recent_pairs(self, conn, writer: str, pairs: list[tuple[str, str]], since: float) -> set[tuple[str, str]]:
-        """Those of `pairs` the writer stored with `received >= since`."""
+    def _stored_pairs(self, conn, writer: str, pairs: list[Pair]) -> set[Pair]:
+        """Those of `pairs` the writer has in the log."""
 
     @abstractmethod
     def _insert(self, conn, sql: str, rows: list[tuple]) -> list[int]:
@@ -227,22 +279,25 @@ class FeedbackStore(ABC):
 
     # ------------------------------------------------------------------ writes
 
-    def append(self, events: list[Event], writer: str = "", dedup_window_s: float = 0.0,
+    def append(self, events: list[Event], writer: str = "",
                clicks: list[tuple[str, int | None] | None] | None = None) -> list[int | None]:
-        """Store events durably, all or none; returns, per event, its seq, or None for a duplicate. `clicks`: per
-        event, the (impression id, position) it answers, or None; each stored event that names one is recorded in
-        `impression_clicks` in the same transaction (model/store/impressions.py).
+        """Store events durably, all or none; returns, per event, its seq, or None for a duplicate (a retried id)
+        or a repeat (a pair the writer has stored: its id is recorded, the log unchanged). `clicks`: per event, the
+        (impression id, position) it answers, or None; each event stored in the log that names one is recorded in
+        `impression_clicks` in the same transaction (model/store/impressions.py; a repeat, which has no seq, is not).
 
         Raises EventIdConflict (a used id with another payload) or StoreUnavailable (the write failed); either
         way nothing was stored."""
         def work(conn, now: float) -> list[int | None]:
             ids = list({e.event_id for e in events if e.event_id is not None})
-            pairs = list({(e.user_id, e.item_id) for e in events if e.event_id is None}) if dedup_window_s > 0 else []
             stored = self._stored_ids(conn, writer, ids) if ids else {}
-            recent = self._recent_pairs(conn, writer, pairs, now - dedup_window_s) if pairs else set()
-            rows, slots, conflicts = plan_append(events, writer, now, dedup_window_s, stored, recent)
+            pairs = list({(e.user_id, e.item_id, bool(e.verified)) for e in events})
+            pairs = self._stored_pairs(conn, writer, pairs) if pairs else set()
+            rows, slots, repeats, conflicts = plan_append(events, writer, now, stored, pairs)
             if conflicts:
                 raise EventIdConflict(conflicts)
+            if repeats:
+                self._execute_many(conn, INSERT_REPEAT, repeats)
             seqs: list[int | None] = [None] * len(events)
             for slot, seq in zip(slots, self._insert(conn, INSERT_EVENT, rows) if rows else []):
                 seqs[slot] = seq
@@ -253,6 +308,35 @@ class FeedbackStore(ABC):
                                                         for seq, impression, position, e in linked])
             return seqs
         return self._write(work)
+
+    def compact(self, forget_ids_before: float | None = None,
+                progress: Callable[[int], None] = lambda seqs: None) -> Compaction:
+        """Move the repeats out of the log: every event whose writer stored its (user, item, verified) at a lower
+        seq, except the last event (the store's last seq never goes back), a page of COMPACT_PAGE seq numbers per
+        transaction, the append lock left free between pages. Their ids are recorded as appends record a repeat's,
+        unless received before `forget_ids_before` (a time.time()); recorded ids received before it are forgotten.
+        `progress(n)`: n more seq numbers done.
+
+        What the log replays is unchanged (a repeat changes nothing: model/store/events.py), so a process starting
+        after it reaches the state of one that applied every event. Appends, readers and followers carry on
+        meanwhile: each page holds the append lock for one transaction, and a follower past a removed repeat only
+        misses a no-op."""
+        cutoff = float("-inf") if forget_ids_before is None else forget_ids_before
+        last, before = self.last_seq(), self.count()
+        moved = kept = 0
+        for lo in range(0, last, COMPACT_PAGE):
+            hi = min(lo + COMPACT_PAGE, last - 1)
+            def page(conn, now: float) -> tuple[int, int]:
+                return (self._execute(conn, KEEP_REPEAT_IDS, (cutoff, lo, hi)),
+                        self._execute(conn, DROP_REPEATS, (lo, hi)))
+            if lo < hi:
+                ids, dropped = self._write(page)
+                kept, moved = kept + ids, moved + dropped
+                time.sleep(COMPACT_PAUSE_S)
+            progress(min(lo + COMPACT_PAGE, last) - lo)
+        forgotten = self._write(lambda conn, now: self._execute(conn, FORGET_IDS, (cutoff,))) \
+            if forget_ids_before is not None else 0
+        return Compaction(before, self.count(), moved, kept, forgotten)
 
     def publish_checkpoint(self, path: str, version: str) -> int:
         """Record `path` (at `version`) as the checkpoint every serving process should run; returns its id."""
@@ -322,7 +406,17 @@ class FeedbackStore(ABC):
         return self._query("SELECT COALESCE(MAX(seq), 0) FROM events")[0][0]
 
     def count(self) -> int:
+        """The events in the log (repeats are not)."""
         return self._query("SELECT COUNT(*) FROM events")[0][0]
+
+    def repeat_ids(self) -> int:
+        """The repeats' event ids recorded (what `compact` forgets past a retention age)."""
+        return self._query("SELECT COUNT(*) FROM repeats")[0][0]
+
+    def repeats(self) -> list[Event]:
+        """The repeats whose ids are recorded, oldest first: acknowledged events that are not in the log."""
+        rows = self._query("SELECT user_id, item_id, timestamp, event_id, received FROM repeats ORDER BY received")
+        return [Event(r[0], r[1], r[2], r[3], received=r[4]) for r in rows]
 
     def ping(self) -> None:
         """Returns when the store can be read; raises StoreUnavailable otherwise."""
@@ -353,42 +447,76 @@ class FeedbackLog(FeedbackStore):
         if readonly:
             if not os.path.exists(path):
                 raise FileNotFoundError(f"feedback store not found: {path}")
-            self._db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
+            self._db = self._reader()
         else:
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            try:
+                os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            except OSError:
+                pass  # a directory that cannot be made is a store that cannot be written: `_open` says why
             self._open()
-            if self.fault and not self._columns():
-                raise StoreUnavailable(f"cannot create the feedback store: {self.fault}")
 
     # ------------------------------------------------------------------ opening, schema
 
     def _open(self) -> None:
-        """Connect and bring the schema up to date. A store that cannot be written (read-only file, full disk)
-        still opens for reading, with `fault` saying why; the next write reopens it."""
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self.fault = None
+        """Connect and bring the schema up to date. A store that cannot be written (read-only file or directory,
+        full disk) is still served for reading, with `fault` saying why; the next write reopens it."""
+        self.fault, db = None, None
         try:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            columns = self._columns()
+            db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            columns = self._columns(db=db)
             statements = SCHEMA if not columns else MIGRATE_FROM_1 if "key_name" not in columns else ()
-            self._db.execute("BEGIN IMMEDIATE")
-            for statement in statements + (ROLLOUTS,) + TABLES["sqlite"]:
-                self._db.execute(statement)
+            db.execute("BEGIN IMMEDIATE")
+            for statement in statements + (ROLLOUTS,) + PAIRS + TABLES["sqlite"]:
+                db.execute(statement)
             # written on every open: a write that must commit, so a store that cannot be written is known at once
-            self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-            self._db.execute("COMMIT")
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            db.execute("COMMIT")
         except (sqlite3.Error, OSError) as e:
-            self._rollback()
+            if db is not None:
+                self._rollback(db)
             self.fault = reason(e)
+            if db is None or not self._readable(db):
+                if db is not None:
+                    db.close()
+                db = self._reader() if os.path.exists(self.path) else self._empty()
+        self._db = db
 
-    def _columns(self, table: str = "events") -> set[str]:
-        return {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
+    def _reader(self) -> sqlite3.Connection:
+        """A read-only connection. In a directory nobody may write, SQLite cannot make the WAL's shared-memory
+        file: the store is then read as it is on disk (immutable), which is what it stays while nobody may write
+        there."""
+        db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False)
+        if self._readable(db):
+            return db
+        db.close()
+        return sqlite3.connect(f"file:{self.path}?mode=ro&immutable=1", uri=True, check_same_thread=False)
 
-    def _rollback(self) -> None:
+    @staticmethod
+    def _readable(db: sqlite3.Connection) -> bool:
         try:
-            if self._db.in_transaction:  # SQLite rolls back by itself after some errors (SQLITE_FULL, I/O errors)
-                self._db.execute("ROLLBACK")
+            db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+            return True
+        except sqlite3.Error:
+            return False
+
+    @staticmethod
+    def _empty() -> sqlite3.Connection:
+        """What a store that could not be created reads as: no events, no rollouts."""
+        db = sqlite3.connect(":memory:", check_same_thread=False, isolation_level=None)
+        for statement in SCHEMA + (ROLLOUTS,) + PAIRS + TABLES["sqlite"]:
+            db.execute(statement)
+        return db
+
+    def _columns(self, table: str = "events", db: sqlite3.Connection | None = None) -> set[str]:
+        return {row[1] for row in (db or self._db).execute(f"PRAGMA table_info({table})")}
+
+    def _rollback(self, db: sqlite3.Connection | None = None) -> None:
+        db = db or self._db
+        try:
+            if db.in_transaction:  # SQLite rolls back by itself after some errors (SQLITE_FULL, I/O errors)
+                db.execute("ROLLBACK")
         except sqlite3.Error:
             pass  # the error that made us roll back is the one to report; the next write starts with a reopen
 
@@ -429,11 +557,11 @@ class FeedbackLog(FeedbackStore):
                 raise StoreUnavailable(reason(e)) from e
 
     def _stored_ids(self, conn, writer, ids):
-        found = {i: conn.execute(SELECT_ID, (writer, i)).fetchone() for i in ids}
+        found = {i: conn.execute(SELECT_ID, (writer, i, writer, i)).fetchone() for i in ids}
         return {i: row for i, row in found.items() if row is not None}
 
-    def _recent_pairs(self, conn, writer, pairs, since):
-        return {p for p in pairs if conn.execute(SELECT_RECENT, (writer, *p, since)).fetchone()}
+    def _stored_pairs(self, conn, writer, pairs):
+        return {p for p in pairs if conn.execute(SELECT_PAIR, (writer, *p)).fetchone()}
 
     def _insert(self, conn, sql, rows):
         return [conn.execute(sql, row).lastrowid for row in rows]

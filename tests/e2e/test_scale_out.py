@@ -121,7 +121,7 @@ def test_sigkill_mid_stream_every_acknowledged_event_is_stored_and_applied_elsew
         results = kill_mid_stream(a, proc_a, requests, kill_after=40)
         acknowledged = acknowledged_ids(results)
         store = open_store(postgres_url)
-        stored = {e.event_id: e for _, e in store.events()}
+        stored = {e.event_id: e for _, e in store.events()} | {e.event_id: e for e in store.repeats()}
         last = store.last_seq()
         store.close()
         assert proc_a.returncode == -9

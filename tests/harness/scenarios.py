@@ -135,9 +135,20 @@ def sent_ids(results: list[Result]) -> set[str]:
 
 
 def stored_ids(store: Path) -> list[str]:
+    """The event ids the store holds durably: its log's, and the recorded ids of repeats (events of a pair the key
+    had stored, which the log holds once)."""
     log = FeedbackLog(str(store), readonly=True)
     try:
-        return [e.event_id for _, e in log.events()]
+        return [e.event_id for _, e in log.events()] + [e.event_id for e in log.repeats()]
+    finally:
+        log.close()
+
+
+def logged(store: Path) -> int:
+    """The events in the store's log (what a server replays and reports as `feedback_events`)."""
+    log = FeedbackLog(str(store), readonly=True)
+    try:
+        return log.count()
     finally:
         log.close()
 
@@ -244,6 +255,7 @@ class CrashReport:
     acknowledged: int = 0
     found: int = 0
     found_after_restart: int = 0
+    in_log: int = 0                    # of those found, the events in the log (the rest: recorded repeats)
     lost: list = field(default_factory=list)
     return_code: int | None = None
     visibility_violations: list = field(default_factory=list)
@@ -260,6 +272,7 @@ def crash_cycle(checkpoint: Path, tmp: Path, requests, kill_after: int, users, i
     rep.unanswered_requests = sum(r.status is None for r in results)
     found = set(stored_ids(tmp / "feedback.sqlite3"))  # read-only open of a store left by a killed writer
     rep.sent, rep.acknowledged, rep.found = len(sent), len(acked), len(found & sent)
+    rep.in_log = logged(tmp / "feedback.sqlite3")
     rep.lost = sorted(acked - found)
     with running_server(checkpoint, tmp) as (url, proc):
         rep.found_after_restart = httpx.get(f"{url}/health").json()["feedback_events"]

@@ -163,3 +163,28 @@ def test_synthetic_zipf_sets_how_concentrated_popularity_is():
     flat, steep = (np.bincount(data_mod.synthetic(n_users=400, n_items=600, zipf=z).train[:, 1]) for z in (0.6, 1.4))
     top = lambda pop: np.sort(pop)[-10:].sum() / pop.sum()  # noqa: E731
     assert top(steep) > 2 * top(flat)
+
+
+@pytest.mark.parametrize("route", [dict(packed_max_users=8), dict(packed_max_users=0, chunk_items=2)])
+def test_feedback_grows_an_uncapped_models_neighbourhoods_only_to_the_feedback_cap(route):
+    """Issue 23, finding 5: a model trained without a cap let feedback grow N(i) without bound (and with it the
+    cost of scoring and folding in). Feedback now fills an item to `feedback_cap` users, or to its trained length
+    where that is longer (no trained neighbourhood is cut), then its oldest drop; a new item is capped likewise."""
+    model = make_cmn(10, 3, d=6, hops=2)
+    lists = [[0, 1, 2, 3], [4], []]                        # item 0 trained longer than the cap, item 1 shorter
+    recency = [[3, 0, 1, 2], [4], []]                      # item 0: user 1 is its oldest
+    scorer = Scorer(model, *csr_of(lists), recency=[r for x in recency for r in x], feedback_cap=2, **route)
+    users = torch.arange(10)
+    scorer.score(users)                                    # caches built: the update must patch them
+    assert scorer.add_interactions([5, 6, 7, 8, 9], [0, 1, 1, 2, 2]) == 5
+    # item 0 keeps 4 (its trained length): 5 in, user 1 out; item 1 keeps 2: user 4 out; item 2 fills to 2
+    expected = [[0, 2, 3, 5], [6, 7], [8, 9]]
+    assert [sorted(scorer.indices[scorer.indptr[j]:scorer.indptr[j + 1]].tolist()) for j in range(3)] == expected
+    fresh = Scorer(model, *csr_of(expected), **route)
+    torch.testing.assert_close(scorer.score(users), fresh.score(users), rtol=0, atol=1e-5)
+    scorer.add_items(torch.zeros(1, 6))
+    assert scorer.add_interactions([1, 2, 3], [3, 3, 3]) == 3
+    assert sorted(scorer.indices[scorer.indptr[3]:scorer.indptr[4]].tolist()) == [2, 3]
+    uncapped = Scorer(model, *csr_of(lists), **route)      # no feedback_cap: as before, no bound
+    uncapped.add_interactions([5, 6, 7], [1, 1, 1])
+    assert int(uncapped.neighbours.lengths()[1]) == 4

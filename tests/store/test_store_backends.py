@@ -1,13 +1,16 @@
 """The feedback store's promises, on both backends (SQLite and PostgreSQL): every case runs on each.
 
-Appends are all or none and return seq numbers in commit order; event ids are idempotent per key; id-less events
-are deduplicated within a window; reads page by seq, and training folds either store a page at a time; rollout
+Appends are all or none and return seq numbers in commit order; event ids are idempotent per key; a pair is stored
+once per key (repeats keep only their ids), and compaction moves the repeats of older stores out; reads page by seq, and training folds either store a page at a time; rollout
 records; a store that cannot be reached raises StoreUnavailable for every operation and recovers by itself when
 the server is back. PostgreSQL runs against a
 real server (conftest: `postgres_url`, `stoppable_postgres`; skipped without one, failed in CI).
 """
 from __future__ import annotations
 
+import itertools
+import json
+import os
 import random
 import socket
 import sys
@@ -18,11 +21,16 @@ import time
 import numpy as np
 import psycopg
 import pytest
+import torch
 
-from model.store.events import (Event, EventIdConflict, FeedbackLog, FeedbackStore, Rollout, StoreUnavailable, masked,
-                            open_store)
-from model.store import events_pg
+from app.engine import Engine
+from model.store.checkpoint import load_checkpoint
+
+from model.store.events import (SCHEMA_VERSION, Event, EventIdConflict, FeedbackLog, FeedbackStore, Rollout,
+                                StoreUnavailable, masked, open_store)
+from model.store import events as events_mod, events_pg
 from model.store.events_pg import NOTIFY_CHANNEL, PostgresFeedbackStore
+from training import cli
 from training.data import DataError, Dataset
 from training.feedback import fold_feedback
 
@@ -97,17 +105,118 @@ def test_a_reused_id_is_a_duplicate_or_a_conflict_and_a_conflict_stores_nothing(
     assert ids(store) == ["a", "a"]
 
 
-def test_events_without_id_are_duplicates_within_the_window_only(store, url):
-    assert store.append([Event("u", "i", None)], dedup_window_s=3600)[0]
-    assert store.append([Event("u", "i", None)], dedup_window_s=3600) == [None]
-    first, new, again = store.append([Event("u", "i", None), Event("u", "j", None), Event("u", "j", None)],
-                                     dedup_window_s=3600)
-    assert first is None and new and again is None
-    assert store.append([Event("u", "i", None)], writer="k", dedup_window_s=3600)[0]    # another writer
-    execute(url, "UPDATE events SET received = received - 7200")                 # all two hours old now
-    assert store.append([Event("u", "i", None)], dedup_window_s=3600)[0]
-    assert store.append([Event("u", "i", None)], dedup_window_s=0)[0]          # 0: no content dedup
-    assert store.count() == 5
+def test_a_pair_is_stored_once_per_writer_and_a_repeats_id_stays_idempotent(store):
+    """The finding: the same (user, item) was stored again under each new event id, and the log grew without bound.
+    A repeat gets no seq (nothing replays it) but its id is recorded: a retry is a duplicate, another payload a
+    conflict."""
+    [first] = store.append([Event("u", "i", 1.0, "a")])
+    assert store.append([Event("u", "i", 2.0, "b"), Event("u", "i", None), Event("u", "j", None, "c")])[:2] == \
+        [None, None]
+    assert store.append([Event("u", "i", 2.0, "b")]) == [None]                 # the repeat's retry: a duplicate
+    with pytest.raises(EventIdConflict, match="b"):
+        store.append([Event("u", "x", None, "b")])                             # its id with another payload
+    with pytest.raises(EventIdConflict):
+        store.append([Event("u", "i", 3.0, "b")])                              # or another timestamp
+    assert store.append([Event("u", "i", None, "a2", verified=False)])[0]      # another flag: training tells them apart
+    assert store.append([Event("u", "i", None, "k")], writer="k")[0]           # another writer
+    assert [(e.user_id, e.item_id, e.event_id) for _, e in store.events()] == \
+        [("u", "i", "a"), ("u", "j", "c"), ("u", "i", "a2"), ("u", "i", "k")]
+    assert (store.count(), store.repeat_ids(), store.events()[0][0]) == (4, 1, first)
+
+
+def test_compaction_moves_repeats_out_keeps_their_ids_and_forgets_old_ones(store, url):
+    """A store written before the pair rule (here by bulk_append) holds repeats: compaction leaves one event per
+    writer, pair and flag (and the last event: the store's last seq never goes back), in seq order, and records the
+    repeats' ids, forgetting those received before the retention age."""
+    events = [Event(f"u{n % 3}", f"i{n % 2}", float(n), f"e{n}") for n in range(12)] + [Event("u0", "i0", None)]
+    store.bulk_append(events)
+    store.append([Event("u0", "i0", None, "k0")], writer="k")
+    execute(url, "UPDATE events SET received = received - 86400 WHERE event_id IN ('e7', 'e8')")   # a day old
+    before = store.events()
+    done = []
+    result = store.compact(forget_ids_before=time.time() - 3600, progress=done.append)
+    after = store.events()
+    # e0..e5 are the six first (u, i); e6..e11 and the id-less one repeat them; k0 is another writer's, and last
+    assert [e.event_id for _, e in after] == ["e0", "e1", "e2", "e3", "e4", "e5", "k0"]
+    assert [s for s, _ in after] == [s for s, e in before if e.event_id in {e.event_id for _, e in after}]
+    assert (result.events_before, result.events_after, result.moved) == (14, 7, 7)
+    assert (result.ids_kept, store.repeat_ids()) == (4, 4) and sum(done) == store.last_seq() == before[-1][0]
+    assert store.append([Event("u0", "i0", 6.0, "e6")]) == [None]              # a moved repeat's id: still a duplicate
+    with pytest.raises(EventIdConflict):
+        store.append([Event("u0", "i1", None, "e6")])
+    assert store.append([Event("u1", "i1", 7.0, "e7")]) == [None]              # forgotten, but still a repeat
+    assert store.repeat_ids() == 5                                             # (and recorded again)
+    assert store.compact(forget_ids_before=time.time() + 1).ids_forgotten == 5
+    assert store.repeat_ids() == 0 and [e.event_id for _, e in store.events()] == [e.event_id for _, e in after]
+    assert store.compact() == type(result)(7, 7, 0, 0, 0)                      # nothing left to do
+
+
+def test_replay_after_compaction_reaches_the_same_live_state(store, api_checkpoint):
+    """What compaction guarantees the serving processes: replaying the compacted store reaches the state that
+    replaying every repeat reached (the same batches of seq numbers, less the repeats: a follower applies what
+    arrived since its last read). The events repeat a known pair, and a live user's and a live item's pairs after
+    other users joined their neighbourhoods (a repeat that refitted them would change their rows)."""
+    ckpt = load_checkpoint(api_checkpoint)
+    users, items = ckpt.user_ids, ckpt.item_ids
+    events = [Event(users[n % 7], items[n % 5], None, f"k{n}") for n in range(20)]
+    events += [Event("live-user", items[0], None, "l0"), Event("live-user", items[1], None, "l1"),
+               Event(users[3], "live-item", None, "m0"), Event(users[4], "live-item", None, "m1")]
+    events += [Event(users[10 + n], items[n % 2], None, f"j{n}") for n in range(6)]
+    events += [Event("live-user", items[0], None, "l0-again"), Event(users[3], "live-item", None, "m0-again"),
+               Event(users[0], items[0], None, "k0-again")]
+    store.bulk_append(events)
+
+    def replayed() -> Engine:
+        engine = Engine(api_checkpoint, device="cpu")
+        for _, batch in itertools.groupby(store.events(), key=lambda row: (row[0] - 1) // 8):
+            engine.apply_rows(list(batch))
+        return engine
+    everything = replayed()
+    assert store.compact().moved == 2           # the live user's and item's repeats (the last event is kept)
+    compacted = replayed()
+    a, b = everything.recommender, compacted.recommender
+    assert (compacted.user_ids, compacted.item_ids) == (everything.user_ids, everything.item_ids)
+    assert b.seen_sets == a.seen_sets and b.interactions == a.interactions
+    assert torch.equal(b.popularity, a.popularity)
+    assert torch.equal(b.scorer.indptr, a.scorer.indptr) and torch.equal(b.scorer.indices, a.scorer.indices)
+    for table in ("user_memory", "user_output", "item_memory"):
+        rows = a.n_users if table.startswith("user") else a.n_items
+        assert torch.equal(getattr(b.scorer.model, table)[:rows], getattr(a.scorer.model, table)[:rows]), table
+    assert torch.equal(b.score(list(range(b.n_users))), a.score(list(range(a.n_users))))
+
+
+def test_appends_during_a_compaction_are_kept_in_order(url):
+    """Compaction holds the append lock a page at a time: a writer appending meanwhile loses nothing, and seqs
+    keep growing."""
+    store, writer = open_store(url), open_store(url)
+    try:
+        store.bulk_append(Event(f"u{n % 50}", f"i{n % 7}", float(n), f"old{n}") for n in range(3000))
+        appended, stop = [], threading.Event()
+
+        def write():   # a busy server's appends: one every few milliseconds
+            n = 0
+            while not stop.is_set():
+                appended.extend(writer.append([Event(f"w{n}", "i", None, f"new{n}")]))
+                n += 1
+                time.sleep(0.005)
+        thread = threading.Thread(target=write)
+        thread.start()
+        try:
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setattr(events_mod, "COMPACT_PAGE", 100)
+                mp.setattr(events_mod, "COMPACT_PAUSE_S", 0.01)
+                result = store.compact()
+        finally:
+            stop.set()
+            thread.join()
+        assert result.moved == 3000 - 350 - 1 and appended and all(appended)
+        kept = store.events()
+        assert [s for s, _ in kept] == sorted(s for s, _ in kept)
+        assert [e.event_id for _, e in kept if e.event_id.startswith("new")] == [f"new{n}" for n in
+                                                                                 range(len(appended))]
+    finally:
+        store.close()
+        writer.close()
 
 
 def test_verified_flags_and_timestamps_are_stored(store):
@@ -240,7 +349,7 @@ def test_the_schema_is_created_once_by_processes_starting_together(postgres_url)
     try:
         assert not errors and all(s.fault is None for s in stores)
         with psycopg.connect(postgres_url) as conn:
-            assert conn.execute("SELECT version FROM schema_version").fetchall() == [(3,)]
+            assert conn.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]
     finally:
         for s in stores:
             s.close()
@@ -424,3 +533,20 @@ def test_postgresql_without_psycopg_names_the_extra_to_install(monkeypatch):
     with pytest.raises(ImportError, match=r"cmn-service\[pg\]") as e:
         open_store("postgresql://cmn:secret@127.0.0.1:1/cmn")
     assert "secret" not in str(e.value)
+
+
+def test_the_compact_command_reports_what_it_did_and_explains_bad_input(store, url, capsys):
+    store.bulk_append(Event("u", f"i{n % 3}", None, f"e{n}") for n in range(10))
+    assert cli.main(["compact", "--feedback", url, "--quiet", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) | {"seconds": 0} == {
+        "events_before": 10, "events_after": 4, "moved": 6, "ids_kept": 6, "ids_forgotten": 0, "seconds": 0}
+    assert cli.main(["compact", "--feedback", url, "--quiet", "--forget-ids-after", "0"]) == 0
+    assert "4 → 4 events" in capsys.readouterr().out and store.repeat_ids() == 0
+    assert cli.main(["compact", "--feedback", url, "--forget-ids-after", "-1"]) == 2
+    assert "--forget-ids-after must be" in capsys.readouterr().err
+    missing = url.rsplit("/", 1)[0] + "/missing.sqlite3" if url.startswith("sqlite") else \
+        f"postgresql://cmn:s3cret@127.0.0.1:{closed_port()}/feedback"
+    assert cli.main(["compact", "--feedback", missing, "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot compact feedback store" in err and "s3cret" not in err and "Traceback" not in err
+    assert not url.startswith("sqlite") or not os.path.exists(missing[len("sqlite:///"):])   # not created

@@ -27,6 +27,7 @@ from training import cli
 from training.data import Dataset
 from training.feedback import fold_feedback
 from conftest import read_only, serving, settings_for, wait_ready
+from tests.harness.servers import running_server, server_log
 
 # the schema the server wrote before event ids were per key (kept verbatim: stores written by it exist)
 OLD_SCHEMA = """
@@ -195,6 +196,37 @@ async def test_a_read_only_store_at_start_is_reported_before_any_write(api_check
             assert r.status_code == 200 and r.json()["stored"] == 1
             assert (await client.get("/health")).json()["status"] == "ok"
     assert [e.event_id for _, e in FeedbackLog(str(path), readonly=True).events()] == ["before", "during"]
+
+
+@pytest.mark.parametrize("stored", [1, 0], ids=["store-in-it", "no-store-yet"])
+def test_a_read_only_store_directory_is_served_degraded_by_a_real_server(api_checkpoint, tmp_path, stored):
+    """Issue 23, finding 7: with the store's directory read-only (SQLite can make neither the store nor the WAL's
+    files there), `python -m app` exited with a traceback at start. It serves: recommendations 200, /health
+    degraded and not writable, feedback 503 + Retry-After with nothing stored; then, the directory writable again,
+    the next write succeeds without a restart."""
+    ckpt = load_checkpoint(api_checkpoint)
+    directory = tmp_path / "store"
+    directory.mkdir()
+    path = directory / "feedback.sqlite3"
+    if stored:
+        store = FeedbackLog(str(path))
+        store.append([Event(ckpt.user_ids[0], ckpt.item_ids[0], None, "before")])
+        store.close()
+    body = {"events": [{"user_id": ckpt.user_ids[1], "item_id": ckpt.item_ids[1], "event_id": "during"}]}
+    with ExitStack() as writable_again:
+        writable_again.enter_context(read_only(directory))
+        with running_server(api_checkpoint, tmp_path, feedback_path=path) as (url, _):
+            h = httpx.get(f"{url}/health").json()
+            assert (h["status"], h["store"], h["feedback_events"]) == ("degraded", "not_writable", stored)
+            assert httpx.post(f"{url}/recommend", json={"user_id": ckpt.user_ids[0]}).status_code == 200
+            r = httpx.post(f"{url}/feedback", json=body)
+            assert r.status_code == 503 and int(r.headers["retry-after"]) >= 1
+            writable_again.close()
+            r = httpx.post(f"{url}/feedback", json=body)
+            assert r.status_code == 200 and r.json()["stored"] == 1
+            assert httpx.get(f"{url}/health").json()["status"] == "ok"
+            assert "Traceback" not in server_log(tmp_path, url)
+    assert [e.event_id for _, e in FeedbackLog(str(path), readonly=True).events()] == ["before"][:stored] + ["during"]
 
 
 @pytest.mark.anyio
