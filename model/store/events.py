@@ -191,11 +191,11 @@ def masked(url: str) -> str:
 
 
 def plan_append(events: list[Event], writer: str, now: float, stored: dict[str, tuple],
-                pairs: set[Pair]) -> tuple[list[Row], list[int], list[Row], list[str]]:
+                pairs: set[Pair]) -> tuple[list[Row], list[int], list[Row], list[int], list[str]]:
     """What an append stores, given what the store holds: `stored` maps the writer's used event ids (among the
     events') to their (user_id, item_id, timestamp), `pairs` holds the (user_id, item_id, verified) the writer has
     in the log (among the events'). Returns the rows to insert, for each the index of its event, the repeats' ids
-    to record (INSERT_REPEAT's parameters) and the conflicting ids.
+    to record (INSERT_REPEAT's parameters), for each the index of its event, and the conflicting ids.
 
     Events earlier in the same append count as stored: a repeated id is a duplicate (or a conflict), a repeated
     pair a repeat."""
@@ -203,6 +203,7 @@ def plan_append(events: list[Event], writer: str, now: float, stored: dict[str, 
     rows: list[Row] = []
     slots: list[int] = []
     repeats: list[Row] = []
+    repeat_slots: list[int] = []
     conflicts: list[str] = []
     for n, e in enumerate(events):
         if e.event_id is not None:
@@ -219,11 +220,12 @@ def plan_append(events: list[Event], writer: str, now: float, stored: dict[str, 
         if pair in pairs:
             if e.event_id is not None:
                 repeats.append((writer, e.event_id, e.user_id, e.item_id, timestamp, now))
+                repeat_slots.append(n)
             continue
         pairs.add(pair)
         rows.append((writer, e.event_id, e.user_id, e.item_id, timestamp, now, bool(e.verified)))
         slots.append(n)
-    return rows, slots, repeats, conflicts
+    return rows, slots, repeats, repeat_slots, conflicts
 
 
 class FeedbackStore(ABC):
@@ -284,7 +286,8 @@ class FeedbackStore(ABC):
         """Store events durably, all or none; returns, per event, its seq, or None for a duplicate (a retried id)
         or a repeat (a pair the writer has stored: its id is recorded, the log unchanged). `clicks`: per event, the
         (impression id, position) it answers, or None; each event stored in the log that names one is recorded in
-        `impression_clicks` in the same transaction (model/store/impressions.py; a repeat, which has no seq, is not).
+        `impression_clicks` in the same transaction (model/store/impressions.py), and so is a repeat with an event
+        id (a click again on a pair stored before: no seq, but a click); a duplicate is not.
 
         Raises EventIdConflict (a used id with another payload) or StoreUnavailable (the write failed); either
         way nothing was stored."""
@@ -293,7 +296,7 @@ class FeedbackStore(ABC):
             stored = self._stored_ids(conn, writer, ids) if ids else {}
             pairs = list({(e.user_id, e.item_id, bool(e.verified)) for e in events})
             pairs = self._stored_pairs(conn, writer, pairs) if pairs else set()
-            rows, slots, repeats, conflicts = plan_append(events, writer, now, stored, pairs)
+            rows, slots, repeats, repeat_slots, conflicts = plan_append(events, writer, now, stored, pairs)
             if conflicts:
                 raise EventIdConflict(conflicts)
             if repeats:
@@ -301,9 +304,9 @@ class FeedbackStore(ABC):
             seqs: list[int | None] = [None] * len(events)
             for slot, seq in zip(slots, self._insert(conn, INSERT_EVENT, rows) if rows else []):
                 seqs[slot] = seq
-            if clicks:
-                linked = [(seq, *clicks[n], events[n]) for n, seq in enumerate(seqs)
-                          if seq is not None and clicks[n] is not None]
+            if clicks:   # a repeat with an id of its own is a new click on a pair the log has; a retry is none
+                clicked = [n for n, seq in enumerate(seqs) if seq is not None] + repeat_slots
+                linked = [(seqs[n], *clicks[n], events[n]) for n in clicked if clicks[n] is not None]
                 self._execute_many(conn, INSERT_CLICK, [(seq, impression, e.user_id, e.item_id, position, now)
                                                         for seq, impression, position, e in linked])
             return seqs

@@ -4,8 +4,9 @@ operator stopped: the tables the feedback store keeps for online evaluation, on 
 - `impressions`: one row per recorded list: its id (the answer's `impression_id`), the user, the items in the order
   shown (position 1 first, a JSON array), the strategy, the model version, the experiment arm, the time shown.
   Written in batches off the request path (app/impressions.py); pruned by age and by count (`prune_impressions`).
-- `impression_clicks`: one row per stored feedback event that named an impression, written in the same transaction
-  as the event (`FeedbackStore.append(..., clicks=...)`) and keyed by its `seq`. Whether it joins the impression
+- `impression_clicks`: one row per feedback event that named an impression and was not a retry, written in the same
+  transaction as the event (`FeedbackStore.append(..., clicks=...)`), with the event's `seq` (none for a repeat: a
+  pair the writer stored before is not logged again, but it is a click). Whether it joins the impression
   (the item was in the list, the user is the list's user) is decided when reading (`join`): an event may name an
   impression that was not sampled, is not flushed yet, or was pruned.
 - `arm_states`: experiment arms stopped (or resumed) by /admin, which every process follows.
@@ -30,7 +31,8 @@ TABLES = {
             shown REAL NOT NULL)""",
         "CREATE INDEX IF NOT EXISTS impressions_shown ON impressions (shown)",
         """CREATE TABLE IF NOT EXISTS impression_clicks (
-            seq INTEGER PRIMARY KEY,
+            id INTEGER PRIMARY KEY,
+            seq INTEGER,
             impression_id TEXT NOT NULL,
             user_id TEXT NOT NULL,
             item_id TEXT NOT NULL,
@@ -56,7 +58,8 @@ TABLES = {
             shown DOUBLE PRECISION NOT NULL)""",
         "CREATE INDEX IF NOT EXISTS impressions_shown ON impressions (shown)",
         """CREATE TABLE IF NOT EXISTS impression_clicks (
-            seq BIGINT PRIMARY KEY,
+            id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            seq BIGINT,
             impression_id TEXT NOT NULL,
             user_id TEXT NOT NULL,
             item_id TEXT NOT NULL,
@@ -81,7 +84,7 @@ SET_ARM = ("INSERT INTO arm_states (experiment, arm, stopped, changed) VALUES (?
 SELECT_IMPRESSIONS = ("SELECT impression_id, user_id, items, strategy, model_version, arm, shown FROM impressions "
                       "WHERE shown >= ? ORDER BY seq")
 SELECT_CLICKS = ("SELECT c.impression_id, c.user_id, c.item_id, c.position, c.received FROM impression_clicks c "
-                 "JOIN impressions i ON i.impression_id = c.impression_id WHERE i.shown >= ? ORDER BY c.seq")
+                 "JOIN impressions i ON i.impression_id = c.impression_id WHERE i.shown >= ? ORDER BY c.id")
 
 
 @dataclass(frozen=True)

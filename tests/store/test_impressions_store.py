@@ -1,5 +1,6 @@
 """The store's impression tables on both backends (SQLite and PostgreSQL): impressions recorded once per id, clicks
-recorded with the feedback event that names them (in the same transaction: a duplicate event records none), the
+recorded with the feedback event that names them (in the same transaction: a duplicate event records none, a
+repeated pair under a new id does), the
 retention by age and by count, and the arms stopped for every process."""
 from __future__ import annotations
 
@@ -48,6 +49,13 @@ def test_a_click_is_recorded_with_its_event_and_only_once(store):
         store.append([Event("u1", "i3", None, "e3"), Event("u1", "i3", None, "e1")], "key",
                      clicks=[("imp1", 3), ("imp1", 3)])
     assert len(store.clicks()) == 1 and len(store.events()) == 2
+    # a new event on the same pair (a second click on i2, from another list) is a repeat: not logged again, but
+    # a click of that list; without an id it could be a retry, so it is neither
+    store.record_impressions([shown(2, now + 1)])
+    assert store.append([Event("u1", "i2", None, "e4")], "key", clicks=[("imp2", 2)]) == [None]
+    assert store.append([Event("u1", "i2", None)], "key", clicks=[("imp2", 2)]) == [None]
+    assert [(c.impression_id, c.item_id) for c in store.clicks()] == [("imp1", "i2"), ("imp2", "i2")]
+    assert len(store.events()) == 2
 
 
 def test_clicks_join_only_the_user_and_items_of_their_list():
