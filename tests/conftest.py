@@ -10,7 +10,8 @@
 - `postgres_url` / `fresh_postgres_url`: fresh PostgreSQL databases (skipped without a server, failed in CI);
   `stoppable_postgres`: one on a private server the test may stop and start (tests/harness/postgres.py);
 - `trained_checkpoint`: ONE real `python -m training train` run on the synthetic default, shared by the session
-  (slow lane: every test that uses it is marked `slow`, see `pytest_collection_modifyitems`).
+  (slow lane: every test that uses it is marked `slow`, see `pytest_collection_modifyitems`), and
+  `trained_evaluation`: ONE `python -m training evaluate` of it.
 """
 from __future__ import annotations
 
@@ -290,14 +291,25 @@ class TrainedCheckpoint:
 
 @pytest.fixture(scope="session")
 def trained_checkpoint(tmp_path_factory) -> TrainedCheckpoint:
-    """`python -m training train --data synthetic --out X --epochs 3 --seed 0`, run once per session
-    (~60 s on 2 cores, most of it the auto-sized GMF pretraining)."""
+    """`python -m training train --data synthetic --out X --epochs 3 --seed 0 --device cpu`, run once per session
+    (~60 s on 2 cores, most of it the auto-sized GMF pretraining). `train`'s defaults otherwise: it cuts a
+    validation split and chooses the served strategy on it (the suite's one run of that path through the CLI).
+    On the cpu: the tests compare it with offline figures computed on the cpu (`trained_evaluation`)."""
     out = tmp_path_factory.mktemp("trained") / "model.ckpt"
     # ~60 s on an idle 2-core machine; the generous limit is for a busy one, where it has taken over 10 minutes
     proc = run_cli("train", "--data", "synthetic", "--out", str(out), "--epochs", str(ACCEPTANCE_EPOCHS),
-                   "--seed", "0", timeout=1800)
+                   "--seed", "0", "--device", "cpu", timeout=1800)
     assert proc.returncode == 0, f"training failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}"
     return TrainedCheckpoint(out, proc)
+
+
+@pytest.fixture(scope="session")
+def trained_evaluation(trained_checkpoint) -> dict:
+    """`python -m training evaluate --checkpoint <trained_checkpoint> --json --device cpu`'s JSON, run once per
+    session (every strategy of the checkpoint, sampled and full-catalogue: tens of seconds on 2 cores)."""
+    proc = run_cli("evaluate", "--checkpoint", str(trained_checkpoint.path), "--json", "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout)
 
 
 @pytest.fixture

@@ -151,8 +151,8 @@ def test_a_training_run_absorbs_live_users_and_a_reload_replaces_their_rows(tiny
         args = tiny_train_args(tiny.data, models / "next.ckpt", seed=0)
         proc = subprocess.run([sys.executable, "-m", "training", "train", "--data", args["data"], "--out",
                                args["out"], "--epochs", "1", "--pretrain-epochs", "1", "--neg", "1", "--embed-size",
-                               "16", "--hops", "2", "--device", "cpu", "--holdout", "none", "--no-full-eval",
-                               "--quiet", "--feedback", f"sqlite:///{store}"],
+                               "16", "--hops", "2", "--device", "cpu", "--holdout", "none", "--no-validation",
+                               "--no-full-eval", "--quiet", "--feedback", f"sqlite:///{store}"],
                               cwd=ROOT, capture_output=True, text=True, timeout=300,
                               env={**os.environ, "MPLBACKEND": "Agg"}, stdin=subprocess.DEVNULL)
         assert proc.returncode == 0, proc.stderr

@@ -7,8 +7,9 @@ import httpx
 import numpy as np
 import pytest
 
-from conftest import run_cli, staged_checkpoint
+from conftest import staged_checkpoint
 from tests.harness.servers import running_server
+from training.cli import main
 
 pytestmark = pytest.mark.slow
 
@@ -22,9 +23,9 @@ def test_exported_lists_are_the_served_lists(checkpoint, tmp_path):
     exported = {}
     for strategy in ("full", "two_stage", "retrieval"):
         out = tmp_path / f"{strategy}.jsonl"
-        proc = run_cli("export", "--checkpoint", checkpoint, "--out", str(out), "--strategy", strategy, "--k", "10",
-                       "--format", "jsonl", "--chunk-users", "50", "--device", "cpu")
-        assert proc.returncode == 0, proc.stderr
+        # the command's own entry point, in-process (training/test_export.py runs it as a real process once)
+        assert main(["export", "--checkpoint", checkpoint, "--out", str(out), "--strategy", strategy, "--k", "10",
+                     "--format", "jsonl", "--chunk-users", "50", "--device", "cpu"]) == 0
         exported[strategy] = {r["user_id"]: r for r in map(json.loads, open(out))}
     users = random.Random(0).sample(sorted(exported["full"]), 25)
     compared = 0

@@ -342,8 +342,8 @@ def test_training_folds_the_feedback_store(tiny, tmp_path):
     args = tiny_train_args(tiny.data, out, seed=0)
     proc = subprocess.run([sys.executable, "-m", "training", "train", "--data", args["data"], "--out", str(out),
                            "--epochs", "1", "--pretrain-epochs", "1", "--neg", "1", "--embed-size", "16",
-                           "--device", "cpu", "--holdout", "none", "--no-full-eval", "--quiet", "--feedback",
-                           str(tmp_path / "feedback.sqlite3")],
+                           "--device", "cpu", "--holdout", "none", "--no-validation", "--no-full-eval", "--quiet",
+                           "--feedback", str(tmp_path / "feedback.sqlite3")],
                           cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "MPLBACKEND": "Agg"})
     assert proc.returncode == 0, proc.stderr[-2000:]

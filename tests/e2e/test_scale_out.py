@@ -9,6 +9,7 @@ import json
 import shutil
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -60,12 +61,18 @@ def wait_until(condition, what: str, timeout: float = DEADLINE_S):
 
 
 def servers(stack: ExitStack, checkpoint: str, tmp_path: Path, n: int, **env) -> list[str]:
-    urls = []
-    for k in range(n):
-        work = tmp_path / f"p{k}"
+    """`n` servers on one store, started together (their start-ups overlap); each is stopped when `stack` closes,
+    those that started when another did not as well."""
+    works = [tmp_path / f"p{k}" for k in range(n)]
+    for work in works:
         work.mkdir()
-        urls.append(stack.enter_context(running_server(checkpoint, work, **env))[0])
-    return urls
+    starting = [running_server(checkpoint, work, **env) for work in works]
+    with ThreadPoolExecutor(n) as pool:
+        started = [pool.submit(server.__enter__) for server in starting]
+    for server, future in zip(starting, started):
+        if future.exception() is None:
+            stack.push(server.__exit__)
+    return [future.result()[0] for future in started]
 
 
 def test_feedback_through_one_process_changes_the_others_answers(api_checkpoint, tmp_path, store_url):

@@ -10,10 +10,7 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import signal
-import subprocess
-import sys
 import time
 
 import httpx
@@ -22,7 +19,7 @@ import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.harness.servers import ROOT, running_server
+from tests.harness.servers import running_server
 from model.store.checkpoint import load_checkpoint
 from model.scoring import Scorer
 
@@ -109,16 +106,9 @@ def test_served_scores_equal_offline_scores(server, ckpt):
     assert np.abs(offline_full[np.arange(len(users))[:, None], items] - offline_pairs).max() <= tol
 
 
-def evaluate_cli(ckpt_path: str) -> dict:
-    proc = subprocess.run([sys.executable, "-m", "training", "evaluate", "--checkpoint", ckpt_path, "--json",
-                           "--device", "cpu"], cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return json.loads(proc.stdout)
-
-
-def test_hr_at_10_from_the_api_equals_the_evaluator(server, ckpt, ckpt_path):
+def test_hr_at_10_from_the_api_equals_the_evaluator(server, ckpt, trained_evaluation):
     assert ckpt.test_users is not None, "the checkpoint holds no test split"
-    report = evaluate_cli(ckpt_path)
+    report = trained_evaluation     # `python -m training evaluate --checkpoint <ckpt> --json --device cpu`
     users, positives, negatives = ckpt.test_users, ckpt.test_positives, ckpt.test_negatives
     train = set(map(tuple, ckpt.train.tolist()))
     uid, iid = ckpt.user_ids, ckpt.item_ids

@@ -21,7 +21,7 @@ from training.cli import main
 from training.train import TrainingCollapsed, check_collapse, init_memories
 
 SMALL = "synthetic:n_users=300,n_items=400"       # ~27k triples an epoch: seconds, on one core
-FAST = ("--hops", "2", "--embed-size", "16", "--no-full-eval", "--quiet")
+FAST = ("--hops", "2", "--embed-size", "16", "--no-full-eval", "--no-validation", "--quiet")  # nothing chosen
 
 
 @pytest.fixture

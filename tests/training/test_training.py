@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ACCEPTANCE_EPOCHS, item_user_csr, make_cmn, random_train, run_cli
+from conftest import ACCEPTANCE_EPOCHS, item_user_csr, make_cmn, random_train
 from model.store.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from model.cmn import CMN, CMNConfig, gather_neighbourhoods
 from training import train as train_mod
@@ -234,12 +234,10 @@ def png_size(path) -> tuple[int, int]:
 
 
 @pytest.mark.slow
-def test_train_then_evaluate_cli(trained_checkpoint):
+def test_train_then_evaluate_cli(trained_checkpoint, trained_evaluation):
     out = trained_checkpoint.path
     assert "wrote" in trained_checkpoint.train.stdout and "Traceback" not in trained_checkpoint.train.stderr
-    proc = run_cli("evaluate", "--checkpoint", str(out), "--json")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout)
+    result = trained_evaluation                      # `python -m training evaluate --checkpoint out --json`
 
     sampled_keys = {f"{m}@{k}" for m in ("hr", "ndcg") for k in range(1, 11)}
     full_keys = {"hr@10", "recall@10", "ndcg@10"}
