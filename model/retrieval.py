@@ -8,6 +8,7 @@ at once, and a user folded in from a history list is served the same way), fitte
   fitted profiles rank as a binary history does (ItemKNN's TF-IDF scales every item of a user by the same idf), so
   one rule serves them all.
 - `EASERetrieval`: EASE's exact dense scores, stored in min(users, items)² floats instead of B's items².
+- `ALSRetrieval`: iALS item factors; a history's user vector is solved for at request time (`recalculate_user`).
 
 `TwoStage` holds what validation chose: the method, how many candidates R the retrieval proposes, how the two scores
 are blended, the weight of CMN in the blend, and the default strategy (`retrieval` where CMN's best weight was 0). The two scales are unrelated, so each score enters either
@@ -59,7 +60,7 @@ class Retrieval:
     trained items, those its users interacted with (weights summing to 1): its column is that mix of their columns (a
     user's retrieval score for it is the mix of its scores for them), and in a history it counts as that mix of them.
     Live items are not saved with the stage (`tensors`, `to`): a retrained model has them as trained items. A stage
-    implements `_trained_scores`, the (U, n_trained) scores of weighted histories of trained items."""
+    implements `trained_scores`, the (U, n_trained) scores of weighted histories of trained items."""
 
     def __init__(self, n_items: int, device: str | torch.device):
         self.n_items = self.n_trained = n_items
@@ -98,12 +99,12 @@ class Retrieval:
             rows = torch.cat([rows[keep], rows[live][slot_rows(sizes)]])
             weight = torch.cat([weight[keep]] + [m[1] for m in mixes])
             items = torch.cat([items[keep]] + [m[0] for m in mixes])
-        out = self._trained_scores(rows, items, weight, len(histories))
+        out = self.trained_scores(rows, items, weight, len(histories))
         if not self.live:
             return out
         return torch.cat([out, torch.stack([out[:, mix] @ w for mix, w in self.live], 1)], 1)
 
-    def _trained_scores(self, rows: torch.Tensor, items: torch.Tensor, weight: torch.Tensor,
+    def trained_scores(self, rows: torch.Tensor, items: torch.Tensor, weight: torch.Tensor,
                         n_rows: int) -> torch.Tensor:
         raise NotImplementedError
 
@@ -135,7 +136,7 @@ class ItemRetrieval(Retrieval):
     def layout(n_users: int, n_items: int) -> dict[str, tuple[str, list]]:
         return {"indptr": ("I64", [n_items + 1]), "indices": ("I32", [None]), "values": ("F32", [None])}
 
-    def _trained_scores(self, rows, items, weight, n_rows):
+    def trained_scores(self, rows, items, weight, n_rows):
         start = self.indptr[items]
         owner, slot, _ = expand_slots(start, self.indptr[items + 1] - start)
         out = torch.zeros(n_rows * self.n_trained, device=self.device)
@@ -202,7 +203,7 @@ class EASERetrieval(Retrieval):
         return cls(tensors["ease.diag"], tensors["ease.l2"], tensors.get("ease.p"), tensors.get("ease.k"),
                    tensors.get("ease.x_indptr"), tensors.get("ease.x_indices"))
 
-    def _trained_scores(self, rows, items, weight, n_rows):
+    def trained_scores(self, rows, items, weight, n_rows):
         x = torch.zeros(n_rows, self.n_trained, device=self.device)
         x.index_put_((rows, items), weight, accumulate=True)
         return self.dense_scores(x)
@@ -216,9 +217,64 @@ class EASERetrieval(Retrieval):
         return x - xp / self.diag
 
 
+class ALSRetrieval(Retrieval):
+    """iALS (Hu, Koren & Volinsky, ICDM 2008) as `implicit` fits it: a history's score for item j is u·y_j, the user
+    vector u recomputed from the history the way `implicit`'s `recalculate_user` does, for trained and folded-in
+    users alike: u = (YᵀY + λI + Σ_i (c_i − 1) y_i y_iᵀ)⁻¹ Σ_i c_i y_i over the history's items i, c_i = α·w_i, with
+    w_i its BM25 weight (`implicit.nearest_neighbours.bm25_weight`: idf_i, the history's length against the training
+    users' mean) or 1. Stored: the item factors Y (items × factors) and, in `settings`, α, λ, BM25's K1 (0: no
+    weighting) and B and the mean history length."""
+
+    def __init__(self, item_factors: torch.Tensor, idf: torch.Tensor, settings: torch.Tensor,
+                 device: str | torch.device = "cpu"):
+        if item_factors.dim() != 2 or len(idf) != len(item_factors) or settings.shape != (5,):
+            raise ValueError(f"iALS stage of inconsistent shapes (factors {tuple(item_factors.shape)}, idf "
+                             f"{tuple(idf.shape)}, settings {tuple(settings.shape)})")
+        super().__init__(len(item_factors), device)
+        self.item_factors = item_factors.to(self.device, torch.float32)
+        self.idf = idf.to(self.device, torch.float32)
+        self.settings = settings.to(torch.float32).cpu()
+        self.alpha, self.l2, self.k1, self.b, self.mean_length = self.settings.tolist()
+        self.gram = self.item_factors.T @ self.item_factors
+
+    def to(self, device: str | torch.device) -> "ALSRetrieval":
+        return ALSRetrieval(self.item_factors, self.idf, self.settings, device)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"ials.item_factors": self.item_factors.cpu(), "ials.idf": self.idf.cpu(),
+                "ials.settings": self.settings}
+
+    @staticmethod
+    def layout(n_users: int, n_items: int) -> dict[str, tuple[str, list]]:
+        return {"ials.item_factors": ("F32", [n_items, None]), "ials.idf": ("F32", [n_items]),
+                "ials.settings": ("F32", [5])}
+
+    def user_factors(self, rows: torch.Tensor, items: torch.Tensor, x: torch.Tensor, n_rows: int) -> torch.Tensor:
+        """(U, factors): each history's least-squares user vector (`rows`, `items`, `x`: its items and their values)."""
+        length = torch.zeros(n_rows, device=self.device).index_add_(0, rows, x)
+        if self.k1 > 0:
+            norm = (1.0 - self.b) + self.b * length / self.mean_length
+            x = x * (self.k1 + 1.0) / (self.k1 * norm[rows] + x) * self.idf[items]
+        c = self.alpha * x
+        y = self.item_factors[items]
+        a = self.gram + self.l2 * torch.eye(len(self.gram), device=self.device)
+        a = a.expand(n_rows, -1, -1).clone()
+        a.index_add_(0, rows, (c - 1.0)[:, None, None] * y[:, :, None] * y[:, None, :])
+        b = torch.zeros(n_rows, len(self.gram), device=self.device).index_add_(0, rows, c[:, None] * y)
+        out = torch.linalg.solve(a, b)
+        return torch.where((length > 0)[:, None], out, 0.0)   # implicit leaves an empty history at 0
+
+    def trained_scores(self, rows, items, weight, n_rows):
+        return self.user_factors(rows, items, weight, n_rows) @ self.item_factors.T
+
+
+RETRIEVAL_KINDS = {"ease.": EASERetrieval, "ials.": ALSRetrieval}
+
+
 def retrieval_layout(names, n_users: int, n_items: int) -> dict[str, tuple[str, list]]:
     """The checkpoint tensors (without their `retrieval.` prefix) a stage stored under `names` must have."""
-    kind = EASERetrieval if any(n.startswith("ease.") for n in names) else ItemRetrieval
+    kind = next((k for prefix, k in RETRIEVAL_KINDS.items() if any(n.startswith(prefix) for n in names)),
+                ItemRetrieval)
     return kind.layout(n_users, n_items)
 
 
@@ -226,6 +282,8 @@ def retrieval_from_tensors(tensors: dict[str, torch.Tensor], n_items: int) -> Re
     """A stage as `tensors()` stored it (the `retrieval.` prefix removed)."""
     if "ease.diag" in tensors:
         return EASERetrieval.from_tensors(tensors)
+    if "ials.item_factors" in tensors:
+        return ALSRetrieval(tensors["ials.item_factors"], tensors["ials.idf"], tensors["ials.settings"])
     return ItemRetrieval(tensors["indptr"], tensors["indices"], tensors["values"], n_items)
 
 

@@ -17,7 +17,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from model.retrieval import EASERetrieval, ItemRetrieval, Retrieval
+from model.retrieval import ALSRetrieval, EASERetrieval, ItemRetrieval, Retrieval
 from training.data import Dataset, holdout_validation
 from training.evaluate import TopPop, evaluate
 
@@ -118,32 +118,50 @@ class RP3beta(ItemSimilarityRecommender):
 
 
 class IALS:
-    """iALS (Hu, Koren & Volinsky, ICDM 2008) from the `implicit` library, the way ML engineers already run it:
-    BM25-weighted confidences, scores user · item factors. A baseline (`python -m training compare`), not a
-    retrieval stage: it has no item x item W."""
+    """iALS (Hu, Koren & Volinsky, ICDM 2008) from the `implicit` library, the way ML engineers already run it;
+    confidences α·w with w BM25 weights (`weighting` "bm25", implicit's bm25_weight) or 1 ("none"). Users are scored
+    by the stage (model/retrieval.py's ALSRetrieval): each history's user vector solved as `recalculate_user` does,
+    so an evaluated user is scored as a served or folded-in one is."""
 
-    grid = {"factors": (64, 128), "regularization": (0.01, 0.1), "alpha": (1.0, 5.0)}   # chosen on validation
+    # chosen on validation (training/two_stage.py, training/compare.py)
+    grid = {"factors": (128,), "regularization": (0.01, 0.1), "alpha": (1.0, 10.0), "weighting": ("bm25", "none")}
 
     def __init__(self, train: np.ndarray, n_users: int, n_items: int, factors: int = 128,
-                 regularization: float = 0.01, alpha: float = 1.0, iterations: int = 15, seed: int = 0):
+                 regularization: float = 0.01, alpha: float = 1.0, weighting: str = "bm25", iterations: int = 15,
+                 seed: int = 0):
         from implicit.cpu.als import AlternatingLeastSquares
         from implicit.nearest_neighbours import bm25_weight
         from threadpoolctl import threadpool_limits
+        if weighting not in ("bm25", "none"):
+            raise ValueError(f"iALS weighting must be 'bm25' or 'none', got {weighting!r}")
         self.n_items = n_items
         self.params = {"factors": factors, "regularization": regularization, "alpha": alpha,
-                       "iterations": iterations, "weighting": "bm25"}
+                       "iterations": iterations, "weighting": weighting}
+        x = interaction_matrix(train, n_users, n_items)
+        self.profiles = x
         with threadpool_limits(1, "blas"):   # implicit's own advice: its threads, not BLAS's, do the work
             als = AlternatingLeastSquares(factors=factors, regularization=regularization, alpha=alpha,
                                           iterations=iterations, random_state=seed)
-            als.fit(bm25_weight(interaction_matrix(train, n_users, n_items)).tocsr(), show_progress=False)
-        self.user_factors = torch.from_numpy(np.asarray(als.user_factors))
-        self.item_factors = torch.from_numpy(np.asarray(als.item_factors))
+            als.fit((bm25_weight(x) if weighting == "bm25" else x).tocsr(), show_progress=False)
+        # bm25_weight's own constants (K1 100, B 0.8) and statistics, so that a served history is weighted alike
+        lengths = np.asarray(x.sum(1)).ravel()
+        idf = np.log(n_users) - np.log1p(np.bincount(x.indices, minlength=n_items))
+        k1 = 100.0 if weighting == "bm25" else 0.0
+        self.stage = ALSRetrieval(torch.from_numpy(np.asarray(als.item_factors)), torch.from_numpy(idf),
+                                  torch.tensor([alpha, regularization, k1, 0.8, lengths.mean()]))
+
+    @staticmethod
+    def fits(n_users: int, n_items: int) -> bool:
+        return True
 
     def score(self, users: torch.Tensor, items: torch.Tensor | None = None) -> torch.Tensor:
-        u = self.user_factors[users.cpu().long()]
-        if items is None:
-            return u @ self.item_factors.T
-        return (u[:, None, :] * self.item_factors[items.cpu().long()]).sum(-1)
+        rows = self.profiles[np.asarray(users.cpu(), dtype=np.int64)].tocoo()
+        row, col = (torch.from_numpy(a.astype(np.int64)) for a in (rows.row, rows.col))
+        scores = self.stage.trained_scores(row, col, torch.from_numpy(rows.data.astype(np.float32)), rows.shape[0])
+        return scores if items is None else scores.gather(1, items.cpu().long())
+
+    def retrieval(self, device: str | torch.device = "cpu") -> Retrieval:
+        return self.stage.to(device)
 
 
 def feature_weighting(urm: sp.csr_matrix, weighting: str) -> sp.csr_matrix:
@@ -276,6 +294,8 @@ class EASE(ItemSimilarityRecommender):
 # the item-item methods: each is a baseline here and a retrieval stage that two-stage selection may choose
 # (training/two_stage.py); a new method is a class above and its name here
 ITEM_METHODS = {"rp3beta": RP3beta, "itemknn": ItemKNN, "ease": EASE}
+# every retrieval stage: the item-item methods and the factor model (a class with `retrieval()`, `fits`, `grid`)
+RETRIEVAL_METHODS = {**ITEM_METHODS, "ials": IALS}
 
 
 def run_baselines(data: Dataset, full: bool = True, dacrema_fit: bool = False, seed: int = 0) -> dict:

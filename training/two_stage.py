@@ -22,7 +22,7 @@ from model.store.checkpoint import Checkpoint
 from model.cmn import CMN
 from model.recommender import Recommender
 from model.retrieval import BLENDS, RRF_K, Retrieval, TwoStage, blend
-from training.baselines import ITEM_METHODS as METHODS
+from training.baselines import RETRIEVAL_METHODS as METHODS
 from training.data import Dataset, holdout_validation
 from training.metrics import positive_rank, rank_metrics
 
