@@ -256,10 +256,13 @@ class ALSRetrieval(Retrieval):
             norm = (1.0 - self.b) + self.b * length / self.mean_length
             x = x * (self.k1 + 1.0) / (self.k1 * norm[rows] + x) * self.idf[items]
         c = self.alpha * x
-        y = self.item_factors[items]
-        a = self.gram + self.l2 * torch.eye(len(self.gram), device=self.device)
-        a = a.expand(n_rows, -1, -1).clone()
-        a.index_add_(0, rows, (c - 1.0)[:, None, None] * y[:, :, None] * y[:, None, :])
+        order = torch.argsort(rows, stable=True)
+        rows, c, y = rows[order], c[order], self.item_factors[items[order]]
+        base = self.gram + self.l2 * torch.eye(len(self.gram), device=self.device)
+        counts = torch.bincount(rows, minlength=n_rows).tolist()
+        # one factors² matrix per history, not per history item: a batch of long histories stays small
+        a = torch.stack([base + ((c_u - 1.0)[:, None] * y_u).T @ y_u
+                         for c_u, y_u in zip(c.split(counts), y.split(counts))])
         b = torch.zeros(n_rows, len(self.gram), device=self.device).index_add_(0, rows, c[:, None] * y)
         out = torch.linalg.solve(a, b)
         return torch.where((length > 0)[:, None], out, 0.0)   # implicit leaves an empty history at 0
