@@ -31,7 +31,7 @@ from model.device import resolve_device
 from model.foldin import FoldedUser, FoldInConfig, fold_in_user
 from model.neighbours import neighbour_csr
 from model.ranking import top_k
-from model.retrieval import STRATEGIES, ItemRetrieval, TwoStage, blend
+from model.retrieval import STRATEGIES, Retrieval, TwoStage, blend
 from model.scoring import Scorer
 
 Lists = Sequence[Sequence[int]]
@@ -68,7 +68,7 @@ class Recommender:
     """
 
     def __init__(self, scorer: Scorer, train: np.ndarray, seen: np.ndarray | None = None,
-                 retrieval: ItemRetrieval | None = None, two_stage: TwoStage | None = None,
+                 retrieval: Retrieval | None = None, two_stage: TwoStage | None = None,
                  foldin: FoldInConfig | None = None):
         if (retrieval is None) != (two_stage is None):
             raise ValueError("a retrieval stage comes with its two-stage settings, and only with them")
@@ -96,7 +96,7 @@ class Recommender:
 
     @classmethod
     def from_model(cls, model: CMN, train: np.ndarray, seen: np.ndarray | None = None,
-                   retrieval: ItemRetrieval | None = None, two_stage: TwoStage | None = None,
+                   retrieval: Retrieval | None = None, two_stage: TwoStage | None = None,
                    **scorer_options) -> "Recommender":
         """A model being trained, with N(i) from `train` as training and evaluation build it: rows oldest first
         (as a checkpoint stores them), each item capped to its last `model.cfg.max_neighbours` rows."""

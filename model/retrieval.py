@@ -1,10 +1,14 @@
-"""The cheap first stage of two-stage recommendation: item-to-item retrieval, and how CMN re-ranks what it finds.
+"""The cheap first stage of two-stage recommendation: retrieval over the catalogue, and how CMN re-ranks what it finds.
 
-A retrieval stage is a sparse item × item matrix `W` with a bounded number of entries per row, fitted at training
-time (RP3beta, ItemKNN CF or EASE, training/baselines.py) and stored in the checkpoint. A user's retrieval score for
-item j is `Σ_{i ∈ history(u)} W[i, j]`: its history is the seen-set the Recommender keeps, so online feedback changes
-it at once, and a user folded in from a history list is served the same way. Every method's fitted profiles rank as
-a binary history does (ItemKNN's TF-IDF scales every item of a user by the same idf), so one rule serves them all.
+A retrieval stage scores every item for a history (the seen-set the Recommender keeps, so online feedback changes it
+at once, and a user folded in from a history list is served the same way), fitted at training time
+(training/baselines.py) and stored in the checkpoint, bounded in size:
+- `ItemRetrieval` (RP3beta, ItemKNN CF, EASE above its exact-storage bound): a sparse item × item matrix `W` with a
+  bounded number of entries per row; a history's score for item j is `Σ_{i ∈ history(u)} W[i, j]`. Every method's
+  fitted profiles rank as a binary history does (ItemKNN's TF-IDF scales every item of a user by the same idf), so
+  one rule serves them all.
+- `EASERetrieval`: EASE's exact dense scores, stored in min(users, items)² floats instead of B's items².
+- `ALSRetrieval`: iALS item factors; a history's user vector is solved for at request time (`recalculate_user`).
 
 `TwoStage` holds what validation chose: the method, how many candidates R the retrieval proposes, how the two scores
 are blended, the weight of CMN in the blend, and the default strategy (`retrieval` where CMN's best weight was 0). The two scales are unrelated, so each score enters either
@@ -49,27 +53,18 @@ class TwoStage:
         return asdict(self)
 
 
-class ItemRetrieval:
-    """`W` as CSR tensors on the scoring device: row i holds the items retrieved by an interaction with i.
+class Retrieval:
+    """What every retrieval stage shares: scores of histories over the catalogue, and live items.
 
-    An item added after training (a live item, model/online.py) has no row or column of W. It stands for a mix of
+    An item added after training (a live item, model/online.py) is unknown to the fitted stage. It stands for a mix of
     trained items, those its users interacted with (weights summing to 1): its column is that mix of their columns (a
-    user's retrieval score for it is the mix of its scores for them), and in a history it retrieves that mix of their
-    rows. Live items are not saved with the stage (`tensors`, `to`): a retrained model has them as trained items.
-    """
+    user's retrieval score for it is the mix of its scores for them), and in a history it counts as that mix of them.
+    Live items are not saved with the stage (`tensors`, `to`): a retrained model has them as trained items. A stage
+    implements `trained_scores`, the (U, n_trained) scores of weighted histories of trained items."""
 
-    def __init__(self, indptr: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, n_items: int,
-                 device: str | torch.device = "cpu"):
-        if len(indptr) != n_items + 1 or len(indices) != len(values) or int(indptr[-1]) != len(indices):
-            raise ValueError(f"retrieval matrix is not a CSR of {n_items} items "
-                             f"({len(indptr)} row pointers, {len(indices)} indices, {len(values)} values)")
-        if len(indices) and (int(indices.min()) < 0 or int(indices.max()) >= n_items):
-            raise ValueError("retrieval matrix names items outside the catalogue")
+    def __init__(self, n_items: int, device: str | torch.device):
         self.n_items = self.n_trained = n_items
         self.device = torch.device(device)
-        self.indptr = indptr.to(self.device, torch.long)
-        self.indices = indices.to(self.device, torch.long)
-        self.values = values.to(self.device, torch.float32)
         self.live: list[tuple[torch.Tensor, torch.Tensor]] = []   # per live item: (trained items, weights)
 
     def add_item(self, items, weights) -> int:
@@ -89,16 +84,9 @@ class ItemRetrieval:
             raise ValueError("a live item's retrieval mix names items that are not trained items")
         return items, weights / weights.sum().clamp(min=1e-12)
 
-    def to(self, device: str | torch.device) -> "ItemRetrieval":
-        return ItemRetrieval(self.indptr, self.indices, self.values, self.n_items, device)
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        """For the checkpoint: int32 indices and float32 values (half the bytes of int64)."""
-        return {"indptr": self.indptr.cpu(), "indices": self.indices.to(torch.int32).cpu(), "values": self.values.cpu()}
-
     def scores(self, histories: list[list[int]]) -> torch.Tensor:
-        """(U, n_items) retrieval scores of each history: its items' rows of W summed, gathered slot by slot (a live
-        item's row: its mix of rows), then live items' columns as their mixes of columns."""
+        """(U, n_items) retrieval scores of each history (a live item in it: its mix of trained items), then live
+        items' columns as their mixes of columns."""
         counts = torch.tensor([len(h) for h in histories], dtype=torch.long)
         items = torch.tensor([i for h in histories for i in h], dtype=torch.long, device=self.device)
         rows = slot_rows(counts).to(self.device)
@@ -111,14 +99,195 @@ class ItemRetrieval:
             rows = torch.cat([rows[keep], rows[live][slot_rows(sizes)]])
             weight = torch.cat([weight[keep]] + [m[1] for m in mixes])
             items = torch.cat([items[keep]] + [m[0] for m in mixes])
-        start = self.indptr[items]
-        owner, slot, _ = expand_slots(start, self.indptr[items + 1] - start)
-        out = torch.zeros(len(histories) * self.n_trained, device=self.device)
-        out.index_add_(0, rows[owner] * self.n_trained + self.indices[slot], self.values[slot] * weight[owner])
-        out = out.view(len(histories), self.n_trained)
+        out = self.trained_scores(rows, items, weight, len(histories))
         if not self.live:
             return out
         return torch.cat([out, torch.stack([out[:, mix] @ w for mix, w in self.live], 1)], 1)
+
+    def trained_scores(self, rows: torch.Tensor, items: torch.Tensor, weight: torch.Tensor,
+                        n_rows: int) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class ItemRetrieval(Retrieval):
+    """`W` as CSR tensors on the scoring device: row i holds the items retrieved by an interaction with i; a history's
+    score for j is its items' rows of W summed, gathered slot by slot."""
+
+    def __init__(self, indptr: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, n_items: int,
+                 device: str | torch.device = "cpu"):
+        if len(indptr) != n_items + 1 or len(indices) != len(values) or int(indptr[-1]) != len(indices):
+            raise ValueError(f"retrieval matrix is not a CSR of {n_items} items "
+                             f"({len(indptr)} row pointers, {len(indices)} indices, {len(values)} values)")
+        if len(indices) and (int(indices.min()) < 0 or int(indices.max()) >= n_items):
+            raise ValueError("retrieval matrix names items outside the catalogue")
+        super().__init__(n_items, device)
+        self.indptr = indptr.to(self.device, torch.long)
+        self.indices = indices.to(self.device, torch.long)
+        self.values = values.to(self.device, torch.float32)
+
+    def to(self, device: str | torch.device) -> "ItemRetrieval":
+        return ItemRetrieval(self.indptr, self.indices, self.values, self.n_items, device)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """For the checkpoint: int32 indices and float32 values (half the bytes of int64)."""
+        return {"indptr": self.indptr.cpu(), "indices": self.indices.to(torch.int32).cpu(), "values": self.values.cpu()}
+
+    @staticmethod
+    def layout(n_users: int, n_items: int) -> dict[str, tuple[str, list]]:
+        return {"indptr": ("I64", [n_items + 1]), "indices": ("I32", [None]), "values": ("F32", [None])}
+
+    def trained_scores(self, rows, items, weight, n_rows):
+        start = self.indptr[items]
+        owner, slot, _ = expand_slots(start, self.indptr[items + 1] - start)
+        out = torch.zeros(n_rows * self.n_trained, device=self.device)
+        out.index_add_(0, rows[owner] * self.n_trained + self.indices[slot], self.values[slot] * weight[owner])
+        return out.view(n_rows, self.n_trained)
+
+
+class EASERetrieval(Retrieval):
+    """EASE's exact scores (Steck, WWW 2019) for any history x: x·B with B = I − P·diag(1/diag(P)),
+    P = (XᵀX + λI)⁻¹, i.e. x − (x·P) / diag(P). B itself (items², dense) is not stored: where there are no more items
+    than users, P is (`p`, items²); else P = (I − Xᵀ K X) / λ with K = (XXᵀ + λI)⁻¹ (Woodbury's identity), and the
+    stage holds K (`k`, users²) and the binary training matrix X (`x_indptr`, `x_indices`, users × items CSR). Either
+    way a score is exactly the dense EASE's, for trained users and for histories folded in, in min(users, items)²
+    floats (training/baselines.py bounds that side)."""
+
+    def __init__(self, diag: torch.Tensor, l2: torch.Tensor, p: torch.Tensor | None = None,
+                 k: torch.Tensor | None = None, x_indptr: torch.Tensor | None = None,
+                 x_indices: torch.Tensor | None = None, device: str | torch.device = "cpu"):
+        n_items = len(diag)
+        if (p is None) == (k is None) or (k is not None and (x_indptr is None or x_indices is None)):
+            raise ValueError("an EASE stage holds either P, or K with the training matrix X")
+        if p is not None and tuple(p.shape) != (n_items, n_items):
+            raise ValueError(f"EASE's P is {tuple(p.shape)}, not {n_items} x {n_items}")
+        if k is not None and (tuple(k.shape) != (len(x_indptr) - 1,) * 2 or int(x_indptr[-1]) != len(x_indices)):
+            raise ValueError(f"EASE's K ({tuple(k.shape)}) and X ({len(x_indptr) - 1} users) do not match")
+        if k is not None and len(x_indices) and (int(x_indices.min()) < 0 or int(x_indices.max()) >= n_items):
+            raise ValueError("EASE's training matrix names items outside the catalogue")
+        super().__init__(n_items, device)
+        self.diag = diag.to(self.device, torch.float32)
+        self.l2 = l2.reshape(1).to(self.device, torch.float32)
+        self.p = None if p is None else p.to(self.device, torch.float32)
+        self.k = None if k is None else k.to(self.device, torch.float32)
+        if k is not None:
+            self.x_indptr, self.x_indices = x_indptr.to(self.device, torch.long), x_indices.to(self.device, torch.long)
+            users = slot_rows(self.x_indptr[1:] - self.x_indptr[:-1])
+            ones = torch.ones(len(users), device=self.device)
+            self.x = torch.sparse_coo_tensor(torch.stack([users, self.x_indices]), ones, (len(x_indptr) - 1, n_items),
+                                             check_invariants=True)
+            self.x = self.x.coalesce()
+            self.xt = self.x.t().coalesce()
+
+    def to(self, device: str | torch.device) -> "EASERetrieval":
+        return EASERetrieval(self.diag, self.l2, self.p, self.k, *(() if self.k is None else
+                                                                     (self.x_indptr, self.x_indices)), device=device)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {"ease.diag": self.diag.cpu(), "ease.l2": self.l2.cpu()}
+        if self.p is not None:
+            return {**out, "ease.p": self.p.cpu()}
+        return {**out, "ease.k": self.k.cpu(), "ease.x_indptr": self.x_indptr.cpu(),
+                "ease.x_indices": self.x_indices.to(torch.int32).cpu()}
+
+    @staticmethod
+    def layout(n_users: int, n_items: int) -> dict[str, tuple[str, list]]:
+        """The stored tensors of the form chosen for this size (training/baselines.py's EASE: P where items ≤ users)."""
+        out = {"ease.diag": ("F32", [n_items]), "ease.l2": ("F32", [1])}
+        if n_items <= n_users:
+            return {**out, "ease.p": ("F32", [n_items, n_items])}
+        return {**out, "ease.k": ("F32", [n_users, n_users]), "ease.x_indptr": ("I64", [n_users + 1]),
+                "ease.x_indices": ("I32", [None])}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> "EASERetrieval":
+        return cls(tensors["ease.diag"], tensors["ease.l2"], tensors.get("ease.p"), tensors.get("ease.k"),
+                   tensors.get("ease.x_indptr"), tensors.get("ease.x_indices"))
+
+    def trained_scores(self, rows, items, weight, n_rows):
+        x = torch.zeros(n_rows, self.n_trained, device=self.device)
+        x.index_put_((rows, items), weight, accumulate=True)
+        return self.dense_scores(x)
+
+    def dense_scores(self, x: torch.Tensor) -> torch.Tensor:
+        """x·B for (U, items) histories x (weights, not only 0/1)."""
+        if self.p is not None:
+            xp = x @ self.p
+        else:   # x·P = (x − ((x·Xᵀ)·K)·X) / λ, the products ordered so that nothing items² is formed
+            xp = (x - (self.xt @ (self.k @ (self.x @ x.T))).T) / self.l2
+        return x - xp / self.diag
+
+
+class ALSRetrieval(Retrieval):
+    """iALS (Hu, Koren & Volinsky, ICDM 2008) as `implicit` fits it: a history's score for item j is u·y_j, the user
+    vector u recomputed from the history the way `implicit`'s `recalculate_user` does, for trained and folded-in
+    users alike: u = (YᵀY + λI + Σ_i (c_i − 1) y_i y_iᵀ)⁻¹ Σ_i c_i y_i over the history's items i, c_i = α·w_i, with
+    w_i its BM25 weight (`implicit.nearest_neighbours.bm25_weight`: idf_i, the history's length against the training
+    users' mean) or 1. Stored: the item factors Y (items × factors) and, in `settings`, α, λ, BM25's K1 (0: no
+    weighting) and B and the mean history length."""
+
+    def __init__(self, item_factors: torch.Tensor, idf: torch.Tensor, settings: torch.Tensor,
+                 device: str | torch.device = "cpu"):
+        if item_factors.dim() != 2 or len(idf) != len(item_factors) or settings.shape != (5,):
+            raise ValueError(f"iALS stage of inconsistent shapes (factors {tuple(item_factors.shape)}, idf "
+                             f"{tuple(idf.shape)}, settings {tuple(settings.shape)})")
+        super().__init__(len(item_factors), device)
+        self.item_factors = item_factors.to(self.device, torch.float32)
+        self.idf = idf.to(self.device, torch.float32)
+        self.settings = settings.to(torch.float32).cpu()
+        self.alpha, self.l2, self.k1, self.b, self.mean_length = self.settings.tolist()
+        self.gram = self.item_factors.T @ self.item_factors
+
+    def to(self, device: str | torch.device) -> "ALSRetrieval":
+        return ALSRetrieval(self.item_factors, self.idf, self.settings, device)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"ials.item_factors": self.item_factors.cpu(), "ials.idf": self.idf.cpu(),
+                "ials.settings": self.settings}
+
+    @staticmethod
+    def layout(n_users: int, n_items: int) -> dict[str, tuple[str, list]]:
+        return {"ials.item_factors": ("F32", [n_items, None]), "ials.idf": ("F32", [n_items]),
+                "ials.settings": ("F32", [5])}
+
+    def user_factors(self, rows: torch.Tensor, items: torch.Tensor, x: torch.Tensor, n_rows: int) -> torch.Tensor:
+        """(U, factors): each history's least-squares user vector (`rows`, `items`, `x`: its items and their values)."""
+        length = torch.zeros(n_rows, device=self.device).index_add_(0, rows, x)
+        if self.k1 > 0:
+            norm = (1.0 - self.b) + self.b * length / self.mean_length
+            x = x * (self.k1 + 1.0) / (self.k1 * norm[rows] + x) * self.idf[items]
+        c = self.alpha * x
+        order = torch.argsort(rows, stable=True)
+        rows, c, y = rows[order], c[order], self.item_factors[items[order]]
+        base = self.gram + self.l2 * torch.eye(len(self.gram), device=self.device)
+        counts = torch.bincount(rows, minlength=n_rows).tolist()
+        # one factors² matrix per history, not per history item: a batch of long histories stays small
+        a = torch.stack([base + ((c_u - 1.0)[:, None] * y_u).T @ y_u
+                         for c_u, y_u in zip(c.split(counts), y.split(counts))])
+        b = torch.zeros(n_rows, len(self.gram), device=self.device).index_add_(0, rows, c[:, None] * y)
+        out = torch.linalg.solve(a, b)
+        return torch.where((length > 0)[:, None], out, 0.0)   # implicit leaves an empty history at 0
+
+    def trained_scores(self, rows, items, weight, n_rows):
+        return self.user_factors(rows, items, weight, n_rows) @ self.item_factors.T
+
+
+RETRIEVAL_KINDS = {"ease.": EASERetrieval, "ials.": ALSRetrieval}
+
+
+def retrieval_layout(names, n_users: int, n_items: int) -> dict[str, tuple[str, list]]:
+    """The checkpoint tensors (without their `retrieval.` prefix) a stage stored under `names` must have."""
+    kind = next((k for prefix, k in RETRIEVAL_KINDS.items() if any(n.startswith(prefix) for n in names)),
+                ItemRetrieval)
+    return kind.layout(n_users, n_items)
+
+
+def retrieval_from_tensors(tensors: dict[str, torch.Tensor], n_items: int) -> Retrieval:
+    """A stage as `tensors()` stored it (the `retrieval.` prefix removed)."""
+    if "ease.diag" in tensors:
+        return EASERetrieval.from_tensors(tensors)
+    if "ials.item_factors" in tensors:
+        return ALSRetrieval(tensors["ials.item_factors"], tensors["ials.idf"], tensors["ials.settings"])
+    return ItemRetrieval(tensors["indptr"], tensors["indices"], tensors["values"], n_items)
 
 
 def standardise(scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from model.retrieval import ALSRetrieval, EASERetrieval, ItemRetrieval, Retrieval
 from training.data import Dataset, holdout_validation
 from training.evaluate import TopPop, evaluate
 
@@ -53,6 +54,13 @@ class ItemSimilarityRecommender:
         scores = torch.from_numpy((rows @ self.W).toarray())
         # A candidate's score is its column of the full row: one sparse product serves both cases.
         return scores if items is None else scores.gather(1, items.cpu().long())
+
+    def retrieval(self, device: str | torch.device = "cpu") -> Retrieval:
+        """The method as a retrieval stage (model/retrieval.py): W, float32, on `device`."""
+        w = sp.csr_matrix(self.W, dtype=np.float32)
+        w.sort_indices()
+        return ItemRetrieval(torch.from_numpy(w.indptr.astype(np.int64)), torch.from_numpy(w.indices.astype(np.int64)),
+                             torch.from_numpy(w.data), self.n_items, device)
 
 
 class ItemKNN(ItemSimilarityRecommender):
@@ -110,32 +118,50 @@ class RP3beta(ItemSimilarityRecommender):
 
 
 class IALS:
-    """iALS (Hu, Koren & Volinsky, ICDM 2008) from the `implicit` library, the way ML engineers already run it:
-    BM25-weighted confidences, scores user · item factors. A baseline (`python -m training compare`), not a
-    retrieval stage: it has no item x item W."""
+    """iALS (Hu, Koren & Volinsky, ICDM 2008) from the `implicit` library, the way ML engineers already run it;
+    confidences α·w with w BM25 weights (`weighting` "bm25", implicit's bm25_weight) or 1 ("none"). Users are scored
+    by the stage (model/retrieval.py's ALSRetrieval): each history's user vector solved as `recalculate_user` does,
+    so an evaluated user is scored as a served or folded-in one is."""
 
-    grid = {"factors": (64, 128), "regularization": (0.01, 0.1), "alpha": (1.0, 5.0)}   # chosen on validation
+    # chosen on validation (training/two_stage.py, training/compare.py)
+    grid = {"factors": (128,), "regularization": (0.01, 0.1), "alpha": (1.0, 10.0), "weighting": ("bm25", "none")}
 
     def __init__(self, train: np.ndarray, n_users: int, n_items: int, factors: int = 128,
-                 regularization: float = 0.01, alpha: float = 1.0, iterations: int = 15, seed: int = 0):
+                 regularization: float = 0.01, alpha: float = 1.0, weighting: str = "bm25", iterations: int = 15,
+                 seed: int = 0):
         from implicit.cpu.als import AlternatingLeastSquares
         from implicit.nearest_neighbours import bm25_weight
         from threadpoolctl import threadpool_limits
+        if weighting not in ("bm25", "none"):
+            raise ValueError(f"iALS weighting must be 'bm25' or 'none', got {weighting!r}")
         self.n_items = n_items
         self.params = {"factors": factors, "regularization": regularization, "alpha": alpha,
-                       "iterations": iterations, "weighting": "bm25"}
+                       "iterations": iterations, "weighting": weighting}
+        x = interaction_matrix(train, n_users, n_items)
+        self.profiles = x
         with threadpool_limits(1, "blas"):   # implicit's own advice: its threads, not BLAS's, do the work
             als = AlternatingLeastSquares(factors=factors, regularization=regularization, alpha=alpha,
                                           iterations=iterations, random_state=seed)
-            als.fit(bm25_weight(interaction_matrix(train, n_users, n_items)).tocsr(), show_progress=False)
-        self.user_factors = torch.from_numpy(np.asarray(als.user_factors))
-        self.item_factors = torch.from_numpy(np.asarray(als.item_factors))
+            als.fit((bm25_weight(x) if weighting == "bm25" else x).tocsr(), show_progress=False)
+        # bm25_weight's own constants (K1 100, B 0.8) and statistics, so that a served history is weighted alike
+        lengths = np.asarray(x.sum(1)).ravel()
+        idf = np.log(n_users) - np.log1p(np.bincount(x.indices, minlength=n_items))
+        k1 = 100.0 if weighting == "bm25" else 0.0
+        self.stage = ALSRetrieval(torch.from_numpy(np.asarray(als.item_factors)), torch.from_numpy(idf),
+                                  torch.tensor([alpha, regularization, k1, 0.8, lengths.mean()]))
+
+    @staticmethod
+    def fits(n_users: int, n_items: int) -> bool:
+        return True
 
     def score(self, users: torch.Tensor, items: torch.Tensor | None = None) -> torch.Tensor:
-        u = self.user_factors[users.cpu().long()]
-        if items is None:
-            return u @ self.item_factors.T
-        return (u[:, None, :] * self.item_factors[items.cpu().long()]).sum(-1)
+        rows = self.profiles[np.asarray(users.cpu(), dtype=np.int64)].tocoo()
+        row, col = (torch.from_numpy(a.astype(np.int64)) for a in (rows.row, rows.col))
+        scores = self.stage.trained_scores(row, col, torch.from_numpy(rows.data.astype(np.float32)), rows.shape[0])
+        return scores if items is None else scores.gather(1, items.cpu().long())
+
+    def retrieval(self, device: str | torch.device = "cpu") -> Retrieval:
+        return self.stage.to(device)
 
 
 def feature_weighting(urm: sp.csr_matrix, weighting: str) -> sp.csr_matrix:
@@ -189,27 +215,36 @@ def _l1_rows(m: sp.csr_matrix) -> sp.csr_matrix:
 # seconds; an item-side solve of 16,980 takes minutes on 2 cores and 2.3 GB per float64 copy. 20,000 rows are 3.2 GB
 # per copy and about three copies live at once.
 EASE_MAX_SOLVE = 20_000
+# EASE is stored exactly (model/retrieval.py's EASERetrieval: P or K, min(users, items)² float32) up to this side:
+# 256 MiB; above it, up to EASE_MAX_SOLVE, each target item's EASE_TOPK largest weights (W, sparse). On citeulike-a
+# (5,551 users, so K is 123 MB) the exact form gives full NDCG@10 0.2283 where the top 1,000 gave 0.2054 (λ 20, test).
+EASE_MAX_EXACT = 8_192
+EASE_TOPK = 1000
 
 
 class EASE(ItemSimilarityRecommender):
     """EASE: B = argmin ||X − XB||² + λ||B||² with diag(B) = 0, in closed form B = I − P·diag(1/diag(P)),
-    P = (XᵀX + λI)⁻¹; W keeps each target item's (column's) `topk` largest weights, so a stored stage is bounded.
-    On citeulike-a (λ 20, test split) the dense B reaches full NDCG@10 0.2283, sampled 0.6975; its top 1,000 per
-    item 0.2054 and 0.7359; the 1,000 largest in magnitude (negative weights too) 0.2074 and 0.6676.
+    P = (XᵀX + λI)⁻¹. Stored exactly (`topk` None, model/retrieval.py's EASERetrieval) while min(users, items) ≤
+    EASE_MAX_EXACT, else as W, each target item's (column's) `topk` largest weights, so that a stored stage is bounded
+    either way. On citeulike-a (λ 20, test split) the dense B reaches full NDCG@10 0.2283, sampled 0.6975; its top
+    1,000 per item 0.2054 and 0.7359.
 
     Where there are fewer users than items, P comes from the users' side by Woodbury's identity,
-    P = (I − Xᵀ(XXᵀ + λI)⁻¹X) / λ, one row block at a time: the dense solve is min(users, items) square, refused
-    above EASE_MAX_SOLVE (`EASE.fits` says beforehand, so that selection can skip it)."""
+    P = (I − Xᵀ K X) / λ, K = (XXᵀ + λI)⁻¹: the dense solve is min(users, items) square, refused above
+    EASE_MAX_SOLVE (`EASE.fits` says beforehand, so that selection can skip it)."""
 
     grid = {"l2": (10.0, 20.0, 50.0, 100.0, 200.0, 500.0)}   # λ, chosen on validation by training/two_stage.py
 
-    def __init__(self, train: np.ndarray, n_users: int, n_items: int, l2: float = 20.0, topk: int = 1000):
+    def __init__(self, train: np.ndarray, n_users: int, n_items: int, l2: float = 20.0,
+                 topk: int | None | str = "auto"):
         if not self.fits(n_users, n_items):
             raise ValueError(f"EASE solves a dense {min(n_users, n_items):,}-square system here (the smaller of "
                              f"{n_users:,} users and {n_items:,} items); above {EASE_MAX_SOLVE:,} it does not fit "
                              "in memory: use rp3beta or itemknn")
         if not l2 > 0:
             raise ValueError(f"EASE's l2 must be > 0, got {l2}")
+        if topk == "auto":
+            topk = None if min(n_users, n_items) <= EASE_MAX_EXACT else EASE_TOPK
         self.n_items = n_items
         self.params = {"l2": float(l2), "topk": topk}
         x = interaction_matrix(train, n_users, n_items)
@@ -223,26 +258,44 @@ class EASE(ItemSimilarityRecommender):
         else:
             gram = (x @ x.T).toarray()
             gram[np.diag_indices(n_users)] += l2
-            m = np.asarray(x.T @ np.linalg.inv(gram))   # Xᵀ(XXᵀ + λI)⁻¹, items x users
+            k = np.linalg.inv(gram)
             xt = x.T.tocsr()
 
-            def p_rows(a: int, b: int) -> np.ndarray:
-                block = -np.asarray(xt @ m[a:b].T).T
+            def p_rows(a: int, b: int) -> np.ndarray:   # (I − XᵀKX)[a:b] / λ
+                block = -np.asarray(x.T @ (xt[a:b] @ k).T).T
                 block[np.arange(b - a), np.arange(a, b)] += 1.0
                 return block / l2
 
-            diag = (1.0 - np.asarray(x.multiply(m.T).sum(0)).ravel()) / l2
-        # column j of B is −P[:, j] / P[j, j]: row j of Bᵀ, P being symmetric
-        self.W = top_k_rows(lambda a, b: -p_rows(a, b) / diag[a:b, None], n_items, topk).T.tocsr()
+            step = max(1, BLOCK_CELLS // n_users)
+            diag = np.concatenate([(1.0 - np.asarray(xt[a:a + step].multiply(xt[a:a + step] @ k).sum(1)).ravel()) / l2
+                                   for a in range(0, n_items, step)])
+        if topk is None:
+            factors = {"p": p} if n_items <= n_users else {"k": k, "x_indptr": x.indptr, "x_indices": x.indices}
+            self.stage = EASERetrieval(torch.from_numpy(diag), torch.tensor([float(l2)]),
+                                       **{name: torch.from_numpy(np.asarray(v)) for name, v in factors.items()})
+        else:   # column j of B is −P[:, j] / P[j, j]: row j of Bᵀ, P being symmetric
+            self.W = top_k_rows(lambda a, b: -p_rows(a, b) / diag[a:b, None], n_items, topk).T.tocsr()
 
     @staticmethod
     def fits(n_users: int, n_items: int) -> bool:
         return min(n_users, n_items) <= EASE_MAX_SOLVE
 
+    def score(self, users: torch.Tensor, items: torch.Tensor | None = None) -> torch.Tensor:
+        if self.params["topk"] is not None:
+            return super().score(users, items)
+        x = torch.from_numpy(self.profiles[np.asarray(users.cpu(), dtype=np.int64)].toarray()).float()
+        scores = self.stage.dense_scores(x)
+        return scores if items is None else scores.gather(1, items.cpu().long())
+
+    def retrieval(self, device: str | torch.device = "cpu") -> Retrieval:
+        return super().retrieval(device) if self.params["topk"] is not None else self.stage.to(device)
+
 
 # the item-item methods: each is a baseline here and a retrieval stage that two-stage selection may choose
 # (training/two_stage.py); a new method is a class above and its name here
 ITEM_METHODS = {"rp3beta": RP3beta, "itemknn": ItemKNN, "ease": EASE}
+# every retrieval stage: the item-item methods and the factor model (a class with `retrieval()`, `fits`, `grid`)
+RETRIEVAL_METHODS = {**ITEM_METHODS, "ials": IALS}
 
 
 def run_baselines(data: Dataset, full: bool = True, dacrema_fit: bool = False, seed: int = 0) -> dict:

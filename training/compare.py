@@ -11,11 +11,11 @@ from __future__ import annotations
 import itertools
 import time
 
-from training.baselines import IALS, ITEM_METHODS
+from training.baselines import RETRIEVAL_METHODS
 from training.data import Dataset, holdout_validation
 from training.evaluate import TopPop, evaluate, evaluate_checkpoint
 
-PEERS = {"toppop": TopPop, **ITEM_METHODS, "ials": IALS}
+PEERS = {"toppop": TopPop, **RETRIEVAL_METHODS}
 
 
 def build(name: str, train, data: Dataset, params: dict):

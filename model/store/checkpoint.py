@@ -28,7 +28,7 @@ from safetensors.torch import save as save_tensors
 
 from model.cmn import CMN, CMNConfig
 from model.neighbours import neighbour_csr
-from model.retrieval import ItemRetrieval, TwoStage
+from model.retrieval import Retrieval, TwoStage, retrieval_from_tensors, retrieval_layout
 
 FORMAT = "cmn-checkpoint"
 # 2: exclude_self is in the config (1 kept it in meta['train_config']); 3: max_neighbours is in the config, and
@@ -69,7 +69,7 @@ class Checkpoint:
     metrics: dict = field(default_factory=dict)
     meta: dict = field(default_factory=dict)
     model_version: str = ""
-    retrieval: ItemRetrieval | None = None   # the two-stage retrieval stage (on cpu), with its settings
+    retrieval: Retrieval | None = None   # the two-stage retrieval stage (on cpu), with its settings
     two_stage: TwoStage | None = None
 
     def build_model(self, device: str | torch.device = "cpu") -> CMN:
@@ -213,8 +213,8 @@ def _expected_layout(config: CMNConfig, tensors: dict) -> dict[str, tuple[str, l
         layout.update({"test.users": ("I64", [n_test]), "test.positives": ("I64", [n_test]),
                        "test.negatives": ("I64", [n_test, None])})
     if any(name.startswith("retrieval.") for name in tensors):
-        layout.update({"retrieval.indptr": ("I64", [config.n_items + 1]), "retrieval.indices": ("I32", [None]),
-                       "retrieval.values": ("F32", [None])})
+        stage = [name[len("retrieval."):] for name in tensors if name.startswith("retrieval.")]
+        layout.update({f"retrieval.{k}": v for k, v in retrieval_layout(stage, config.n_users, config.n_items).items()})
     return layout
 
 
@@ -308,9 +308,9 @@ def load_checkpoint(path: str, max_bytes: int = MAX_BYTES, within: str | None = 
             test_negatives=tensors["test.negatives"].numpy() if "test.negatives" in tensors else None,
             metrics=json.loads(meta.get("metrics", "{}")), meta=extra,
             model_version=meta.get("model_version", ""))
-        if "retrieval.indptr" in tensors:
-            ckpt.retrieval = ItemRetrieval(tensors["retrieval.indptr"], tensors["retrieval.indices"],
-                                           tensors["retrieval.values"], config.n_items)
+        stage = {k[len("retrieval."):]: v for k, v in tensors.items() if k.startswith("retrieval.")}
+        if stage:
+            ckpt.retrieval = retrieval_from_tensors(stage, config.n_items)
             ckpt.two_stage = TwoStage(**json.loads(meta["two_stage"]))
     except CheckpointError:
         raise

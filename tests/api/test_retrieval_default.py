@@ -1,11 +1,10 @@
 """A checkpoint whose validation chose the retrieval stage's own list (CMN weight 0) serves it by default: the answer
-says `"strategy": "retrieval"`, the list is EASE's (history × W, computed here with scipy), fold-in histories get
-the same rule, and a live item created by feedback (which EASE has no row or column for until the next training
-run) is scored as the mix of the trained items its users interacted with. Real HTTP."""
+says `"strategy": "retrieval"`, the list is numpy's dense EASE (history × B, computed here), fold-in histories get
+the same rule, and a live item created by feedback (which EASE has no row or column for until the next training run)
+is scored as the mix of the trained items its users interacted with. Real HTTP."""
 import httpx
 import numpy as np
 import pytest
-import scipy.sparse as sp
 
 from conftest import make_cmn
 from model.online import Online
@@ -33,10 +32,11 @@ def ease_default(tmp_path_factory):
 
 
 def ease_top(data, stage, history, k):
-    """The top-k unseen items of a history by EASE's W, scored with scipy."""
-    w = EASE(data.train, data.n_users, data.n_items, **stage.params).W
-    x = sp.csr_matrix((np.ones(len(history)), ([0] * len(history), history)), shape=(1, data.n_items))
-    scores = (x @ w).toarray()[0]
+    """The top-k unseen items of a history by numpy's dense EASE: B = I − P·diag(1/diag(P)), P = (XᵀX + λI)⁻¹."""
+    x = np.zeros((data.n_users, data.n_items))
+    x[data.train[:, 0], data.train[:, 1]] = 1.0
+    p = np.linalg.inv(x.T @ x + stage.params["l2"] * np.eye(data.n_items))
+    scores = np.eye(data.n_items)[list(history)].sum(0) @ (np.eye(data.n_items) - p / np.diag(p)[None, :])
     scores[list(history)] = -np.inf
     return [int(i) for i in np.argsort(-scores, kind="stable")[:k]], scores
 

@@ -7,6 +7,8 @@ import torch
 
 import training.baselines as baselines
 from conftest import make_cmn
+from model.retrieval import TwoStage
+from model.store.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from training.baselines import EASE, run_baselines
 from training.evaluate import evaluate
 from training.data import holdout_validation, synthetic
@@ -33,6 +35,35 @@ def test_ease_is_the_closed_form(n_users, n_items):
     assert np.all(ease.W.diagonal() == 0)
     scores = ease.score(torch.arange(n_users)).numpy()
     np.testing.assert_allclose(scores, x @ expected, atol=1e-10)
+
+
+@pytest.mark.parametrize("n_users, n_items", [(40, 25), (20, 35)], ids=["stores P", "stores K and X"])
+def test_the_stored_exact_stage_scores_any_history_as_the_dense_closed_form(n_users, n_items, tmp_path):
+    """The stage stored without B (P, or Woodbury's K with X) scores trained users, a history of items nobody fitted
+    it with, and a live item's mix exactly as x·B with numpy's dense B, before and after a checkpoint round trip."""
+    x, pairs = random_pairs(n_users, n_items, seed=3)
+    pairs = np.ascontiguousarray(pairs)
+    b = closed_form(x, 4.0)
+    ease = EASE(pairs, n_users, n_items, l2=4.0)
+    assert ease.params["topk"] is None
+    stage = ease.retrieval()
+    assert set(stage.tensors()) >= ({"ease.p"} if n_items <= n_users else {"ease.k", "ease.x_indices"})
+    histories = [list(np.flatnonzero(row)) for row in x] + [[0, 3, n_items - 1]]
+    expected = np.concatenate([x, np.eye(n_items)[[0, 3, n_items - 1]].sum(0)[None]]) @ b
+    np.testing.assert_allclose(stage.scores(histories).numpy(), expected, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(ease.score(torch.arange(n_users)).numpy(), x @ b, rtol=1e-4, atol=1e-5)
+    model = make_cmn(n_users, n_items, d=4, hops=1)
+    ckpt = Checkpoint(model.cfg, model.state_dict(), [f"u{u}" for u in range(n_users)],
+                      [f"i{i}" for i in range(n_items)], train=pairs, seen=pairs,
+                      retrieval=stage, two_stage=TwoStage("ease", 10, 0.0, ease.params, strategy="retrieval"))
+    save_checkpoint(ckpt, str(tmp_path / "m.ckpt"))
+    loaded = load_checkpoint(str(tmp_path / "m.ckpt")).retrieval
+    live = loaded.add_item([1, 2], [1.0, 3.0])   # a live item: 1/4 of item 1's column and 3/4 of item 2's
+    got = loaded.scores([histories[-1], [live]]).numpy()
+    np.testing.assert_allclose(got[0, :n_items], expected[-1], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(got[0, live], 0.25 * expected[-1, 1] + 0.75 * expected[-1, 2], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(got[1, :n_items], (0.25 * np.eye(n_items)[1] + 0.75 * np.eye(n_items)[2]) @ b,
+                               rtol=1e-4, atol=1e-5)
 
 
 def test_ease_keeps_each_items_topk_largest_weights():
