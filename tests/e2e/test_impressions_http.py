@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from app.experiments import arm_of, read_experiment
 from model.store.events import open_store
-from tests.harness.servers import ROOT, free_port, running_server
+from tests.harness.servers import ROOT, free_port, running_server, wait_until
 from training.online import online_metrics
 
 pytestmark = pytest.mark.slow
@@ -32,15 +32,6 @@ def store_url(request, tmp_path):
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'shared.sqlite3'}"
     return request.getfixturevalue("postgres_url")
-
-
-def wait_until(condition, what: str, timeout: float = DEADLINE_S):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := condition():
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"not within {timeout} s: {what}")
 
 
 def servers(stack: ExitStack, checkpoint: str, tmp_path: Path, **env) -> list[str]:

@@ -19,7 +19,7 @@ import pytest
 
 from app.engine import CATCH_UP_PAGE, Engine
 from tests.harness.scenarios import acknowledged_ids, feedback_stream, kill_mid_stream, known_ids, perturbed_copy
-from tests.harness.servers import running_server
+from tests.harness.servers import running_server, wait_until
 from model.store.checkpoint import load_checkpoint
 from model.store.events import Event, open_store
 
@@ -49,15 +49,6 @@ def listed(url: str, user: str, candidates: list[str]) -> list[str]:
                    timeout=10)
     assert r.status_code == 200, r.text
     return [x["item_id"] for x in r.json()["items"]]
-
-
-def wait_until(condition, what: str, timeout: float = DEADLINE_S):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := condition():
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"not within {timeout} s: {what}")
 
 
 def servers(stack: ExitStack, checkpoint: str, tmp_path: Path, n: int, **env) -> list[str]:

@@ -72,3 +72,14 @@ def wait_healthy(url: str, proc: subprocess.Popen, timeout: float) -> None:
             pass
         time.sleep(0.2)
     raise TimeoutError(f"server at {url} not healthy after {timeout} s")
+
+
+def wait_until(condition, what: str, timeout: float = 10):
+    """condition()'s first true value within `timeout` s (an upper bound for what must happen, never an
+    expectation of speed), else AssertionError naming `what`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := condition():
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"not within {timeout} s: {what}")
