@@ -139,7 +139,7 @@ class Service:
             arm = self.experiments.assign(r.user_id, r.strategy)
             by = engine if arm is None or arm.model_version in (None, engine.version) else \
                 self.models.arm_engines.get(arm.model_version)
-            if by is None or arm.strategy not in by.recommender.strategies:
+            if by is None or (arm is not None and arm.strategy not in by.recommender.strategies):
                 arm, by = None, engine    # the arm's model is not loaded here, or does not offer its strategy
             arms.append(arm)
             engines.append(by)
