@@ -12,6 +12,7 @@ import pytest
 
 from app.experiments import ExperimentFileError, arm_of, read_experiment
 from app.impressions import Impressions
+from app.models import UNLOADABLE
 from app.service import Service
 from conftest import read_only, serving, settings_for, staged_checkpoint, synthetic_checkpoint, wait_ready
 from model.recommender import Recommender
@@ -321,3 +322,39 @@ async def test_an_arm_serves_its_own_model_version_beside_the_served_one(tmp_pat
             fault["detail"]
         ans = await served(next(u for u in users if expected[u] == "b"))
         assert "arm" not in ans and ans["model_version"] == va
+
+
+async def test_an_arm_without_a_checkpoint_serves_the_newest_published_with_its_version(tmp_path):
+    """B was rolled out, then A again (a rollback): an arm naming B's version alone is served by B's file; an arm
+    whose checkpoint holds another version than it names serves nobody."""
+    models = tmp_path / "models"
+    models.mkdir()
+    a = synthetic_checkpoint(models / "a.ckpt", n_users=60, n_items=300, seed=0)
+    b = synthetic_checkpoint(models / "b.ckpt", n_users=60, n_items=300, seed=1)
+    va, vb = load_checkpoint(a).model_version, load_checkpoint(b).model_version
+    store = open_store(str(tmp_path / "feedback.sqlite3"))
+    store.publish_checkpoint(b, vb)
+    store.publish_checkpoint(a, va)
+    store.close()
+    path = write_experiment(tmp_path / "exp.json", [
+        {"name": "b", "strategy": "full", "share": 0.5, "model_version": vb},
+        {"name": "wrong", "strategy": "full", "share": 0.5, "model_version": "v-other", "checkpoint": "b.ckpt"}])
+    users = load_checkpoint(a).user_ids[:30]
+    expected = {u: arm_of(read_experiment(path), u).name for u in users}
+    assert set(expected.values()) == {"b", "wrong"}
+    by_b = offline_lists(b, users, 5)
+    async with serving(settings_for(a, tmp_path, experiment_file=path, feedback_poll_s=0.02)) as client:
+        await wait_ready(client)
+        want = [{"model_version": vb, "status": "ok"},
+                {"model_version": "v-other", "status": "failed", "detail": UNLOADABLE}]
+        for _ in range(1500):
+            if (health := (await client.get("/health")).json())["arm_models"] == want:
+                break
+            await asyncio.sleep(0.02)
+        assert health["model_version"] == va and health["arm_models"] == want
+        for u in users:
+            ans = (await client.post("/recommend", json={"user_id": u, "k": 5})).json()
+            if expected[u] == "b":
+                assert (ans["arm"], ans["model_version"], [x["item_id"] for x in ans["items"]]) == ("b", vb, by_b[u])
+            else:
+                assert "arm" not in ans and ans["model_version"] == va
