@@ -55,6 +55,7 @@ class Models:
         self.rollout: Rollout | None = None
         self.arm_engines: dict[str, Engine] = {}   # model version → its engine, for experiment arms
         self.arm_faults: dict[str, str] = {}       # model version → why it is not loaded (no paths: /health shows it)
+        self._arms_lock = asyncio.Lock()
         self._lock = asyncio.Lock()   # one load-and-swap at a time: a reload, or a rollout being followed
 
     def engine_or_503(self) -> Engine:
@@ -162,30 +163,32 @@ class Models:
         with that version) not loaded yet, and drop those no longer wanted. A version that fails is logged once and
         not tried again until an arm stops wanting it (a fixed file is then picked up by removing and re-adding
         the arm, or by a restart)."""
-        for version in set(self.arm_engines) - set(wanted):
-            del self.arm_engines[version]
-            log.info("arm model %s unloaded", version, extra={"event": "arm_model_unload", "model_version": version})
-        self.arm_faults = {v: why for v, why in self.arm_faults.items() if v in wanted}
-        for version, path in wanted.items():
-            if version in self.arm_engines or version in self.arm_faults:
-                continue
-            if len(self.arm_engines) >= self.settings.max_arm_models:
-                self.arm_faults[version] = (f"more model versions in the experiment than CMN_MAX_ARM_MODELS="
-                                            f"{self.settings.max_arm_models}")
-                log.error("arm model %s not loaded: %s", version, self.arm_faults[version],
-                          extra={"event": "arm_model_failed", "model_version": version})
-                continue
-            try:
-                engine = await run_on(self.io_threads, self._build_arm, version, path)
-            except StoreUnavailable:
-                continue  # tried again at the next poll; the event follower reports the store's state
-            except Exception as e:
-                self.arm_faults[version] = UNLOADABLE
-                log.error("arm model %s not loaded, its arm serves nobody: %s", version, e,
-                          extra={"event": "arm_model_failed", "model_version": version, "path": path})
-                continue
-            self.arm_engines[version] = engine
-            await self.sync()  # events stored while it was being built
+        async with self._arms_lock:  # the follower and the first load may both ask
+            for version in set(self.arm_engines) - set(wanted):
+                del self.arm_engines[version]
+                log.info("arm model %s unloaded", version,
+                         extra={"event": "arm_model_unload", "model_version": version})
+            self.arm_faults = {v: why for v, why in self.arm_faults.items() if v in wanted}
+            for version, path in wanted.items():
+                if version in self.arm_engines or version in self.arm_faults:
+                    continue
+                if len(self.arm_engines) >= self.settings.max_arm_models:
+                    self.arm_faults[version] = (f"more model versions in the experiment than CMN_MAX_ARM_MODELS="
+                                                f"{self.settings.max_arm_models}")
+                    log.error("arm model %s not loaded: %s", version, self.arm_faults[version],
+                              extra={"event": "arm_model_failed", "model_version": version})
+                    continue
+                try:
+                    engine = await run_on(self.io_threads, self._build_arm, version, path)
+                except StoreUnavailable:
+                    continue  # tried again at the next poll; the event follower reports the store's state
+                except Exception as e:
+                    self.arm_faults[version] = UNLOADABLE
+                    log.error("arm model %s not loaded, its arm serves nobody: %s", version, e,
+                              extra={"event": "arm_model_failed", "model_version": version, "path": path})
+                    continue
+                self.arm_engines[version] = engine
+                await self.sync()  # events stored while it was being built
 
     def _build_arm(self, version: str, path: str | None) -> Engine:
         if path is None:

@@ -231,4 +231,5 @@ class Service:
                       model_version=e.version, device=str(e.device), users=e.n_users, items=e.n_items,
                       interactions=e.recommender.interactions, live_users=e.online.live_users,
                       live_items=e.online.live_items, feedback_events=f.events, applied_seq=e.feedback_seq,
-                      lag_s=lag, rollout=self.models.rollout, arm_models=self.models.arm_models(), worker=WORKER, uptime_s=uptime, warnings=e.warnings)
+                      lag_s=lag, rollout=self.models.rollout, arm_models=self.models.arm_models(), worker=WORKER,
+                      uptime_s=uptime, warnings=e.warnings)
