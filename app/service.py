@@ -90,11 +90,11 @@ class Service:
         if not await self.models.load_first():
             return
         self._spawn(self.feedback.follow())
-        await self._keep_arm_models()
         # the ~200k long-lived objects of torch/FastAPI/pydantic and the loaded model leave the cyclic GC's
         # generations: each full collection would otherwise stall the server ~90 ms (p99 123 → 24 ms at
         # concurrency 32, docs/performance.md). Later objects, a reloaded engine's included, are collected as usual.
         gc.freeze()
+        await self._keep_arm_models()   # after the freeze: an arm's model is dropped when its arm goes
 
     async def stop(self) -> None:
         """Graceful: uvicorn has already drained in-flight requests; finish the model thread, close the store."""
