@@ -12,10 +12,14 @@ every process, replica and restart (Python's hash() is salted per process). Arms
 Renaming the experiment reshuffles everyone; changing a share moves only the users at the ranges' edges.
 
 An arm serves its users only while it is active: not stopped (by `"stopped": true` in the file, or through
-/admin/experiment, which records it in the feedback store for every process), its strategy offered by the model
-served, and its `model_version`, when it names one, the version served (so a rollout does not mix another model's
-lists into the arm's statistics). A user whose arm is not active, an anonymous session, and a request that names
-its own `strategy` are served as if there were no experiment: the answer names no arm, and the impression has none.
+/admin/experiment, which records it in the feedback store for every process) and its strategy offered by its model.
+An arm's model is the one served, unless it names a `model_version`: then it is that version's, which each process
+loads beside the served one (app/models.py `Models.keep_arms`, at most CMN_MAX_ARM_MODELS of them) from the arm's
+`checkpoint` (a file in CMN_CHECKPOINT_DIR, as /admin/reload takes) or, without one, the newest checkpoint
+published in the store with that version (a rollout, or a rollback's). The arm serves nobody until its model is
+loaded, nor when it cannot be (/health `arm_models` says so). A user whose arm is not active, an anonymous session,
+and a request that names its own `strategy` are served as if there were no experiment: the answer names no arm, and
+the impression has none.
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from typing import Literal
 
@@ -44,9 +49,17 @@ class Arm(BaseModel):
     name: str = Field(pattern=NAME)
     strategy: Literal["full", "two_stage", "retrieval"]
     share: float = Field(gt=0, le=1, description="fraction of users in this arm")
-    model_version: str | None = Field(None, max_length=64, description="serve the arm only while this version is "
-                                                                       "served")
+    model_version: str | None = Field(None, max_length=64, description="the model version the arm serves "
+                                                                       "(default: the one served)")
+    checkpoint: str | None = Field(None, max_length=4096, description="the file of model_version, in "
+                                   "CMN_CHECKPOINT_DIR (default: the newest published with that version)")
     stopped: bool = False
+
+    @model_validator(mode="after")
+    def _checkpoint_names_its_version(self):
+        if self.checkpoint is not None and self.model_version is None:
+            raise ValueError("a checkpoint needs the model_version it holds")
+        return self
 
 
 class Experiment(BaseModel):
@@ -126,21 +139,30 @@ class Experiments:
         """The store's word (an operator's /admin call) overrides the file's."""
         return self.stopped_in_store.get(arm.name, arm.stopped)
 
-    def assign(self, user_id: str | None, strategy: str | None, version: str, offered: tuple[str, ...]) -> Arm | None:
-        """The active arm serving this request, or None (see the module's docstring)."""
+    def assign(self, user_id: str | None, strategy: str | None) -> Arm | None:
+        """The arm of this request when it is not stopped, or None; whether its model serves it is the caller's
+        to check (see the module's docstring)."""
         if self.experiment is None or user_id is None or strategy is not None:
             return None
         arm = arm_of(self.experiment, user_id)
-        if arm is None or self.stopped(arm) or arm.strategy not in offered or \
-                (arm.model_version is not None and arm.model_version != version):
-            return None
-        return arm
+        return None if arm is None or self.stopped(arm) else arm
 
-    async def follow(self) -> None:
+    def arm_models(self, serving: str) -> dict[str, str | None]:
+        """The model versions the arms not stopped serve beside `serving`, each with its arm's checkpoint (None:
+        the store's)."""
+        wanted: dict[str, str | None] = {}
+        for arm in self.experiment.arms if self.experiment else ():
+            if arm.model_version not in (None, serving) and not self.stopped(arm):
+                wanted.setdefault(arm.model_version, arm.checkpoint)
+        return wanted
+
+    async def follow(self, then: Callable[[], Awaitable[None]]) -> None:
+        """Poll the file and the arms' states, then `then` (the arms' models follow them)."""
         while True:
             await asyncio.sleep(self.poll_s)
             try:
                 await self.refresh()
+                await then()
             except Exception:  # a follower that dies would leave stopped arms serving
                 log.exception("following the experiment failed", extra={"event": "experiment_follow_failed"})
 

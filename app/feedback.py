@@ -91,20 +91,23 @@ class Feedback:
                 log.exception("following the feedback store failed", extra={"event": "follow_failed"})
 
     async def sync(self, until: int = 0) -> None:
-        """Apply every event stored so far, by any process, in sequence order, on the model thread; at once when
-        this process has applied `until` already. A failed read is recorded (health, metrics), not raised."""
+        """Apply every event stored so far, by any process, in sequence order, on the model thread, to the served
+        engine and to those of experiment arms (app/models.py `keep_arms`); at once when this process has applied
+        `until` already. A failed read is recorded (health, metrics), not raised."""
         async with self._lock:
-            engine = self.models.engine
-            if engine is None or (until and engine.feedback_seq >= until):
+            served = self.models.engine
+            if served is None or (until and served.feedback_seq >= until):
                 return
             try:
-                while True:
-                    rows = await run_on(self.io_threads, self.store.events, engine.feedback_seq, CATCH_UP_PAGE)
-                    if rows:
-                        await run_on(self.model_thread, engine.apply_rows, rows)
-                        self._count(rows[-1][0], [seq for seq, _ in rows])
-                    if len(rows) < CATCH_UP_PAGE:
-                        break
+                for engine in (served, *self.models.arm_engines.values()):
+                    while True:
+                        rows = await run_on(self.io_threads, self.store.events, engine.feedback_seq, CATCH_UP_PAGE)
+                        if rows:
+                            await run_on(self.model_thread, engine.apply_rows, rows)
+                            if engine is served:
+                                self._count(rows[-1][0], [seq for seq, _ in rows])
+                        if len(rows) < CATCH_UP_PAGE:
+                            break
             except StoreUnavailable as e:
                 if self.read_fault is None:
                     log.error("feedback store unreachable: %s", e.detail, extra={"event": "store_unreachable"})

@@ -4,6 +4,10 @@ A checkpoint reloaded through /admin/reload is published in the feedback store, 
 store follows it (`follow_rollout`); a replica started after a rollout serves what the others serve (`load_first`).
 A load that fails leaves the serving model untouched. Each new engine replays the store's events before it is
 swapped in, and the events stored meanwhile are applied right after (`sync`, app/feedback.py).
+
+Experiment arms may serve other model versions side by side (`keep_arms`): each is a whole Engine, as large in
+memory as the served one, loaded off the request path, fed the store's events like it, and dropped when no active
+arm names its version any more.
 """
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ from concurrent.futures import Executor
 from app import metrics
 from app.batcher import run_on
 from app.engine import Engine
-from app.schemas import ReloadResponse, Rollout
+from app.schemas import ArmModel, ReloadResponse, Rollout
 from app.settings import Settings
 from model.store.events import FeedbackStore, StoreUnavailable
 
@@ -49,6 +53,9 @@ class Models:
         self.engine: Engine | None = None
         self.status, self.detail = "loading", None
         self.rollout: Rollout | None = None
+        self.arm_engines: dict[str, Engine] = {}   # model version → its engine, for experiment arms
+        self.arm_faults: dict[str, str] = {}       # model version → why it is not loaded (no paths: /health shows it)
+        self._arms_lock = asyncio.Lock()
         self._lock = asyncio.Lock()   # one load-and-swap at a time: a reload, or a rollout being followed
 
     def engine_or_503(self) -> Engine:
@@ -150,6 +157,55 @@ class Models:
             return None
         self.rollout = Rollout(id=published.id, model_version=engine.version, status="ok")
         return engine
+
+    async def keep_arms(self, wanted: dict[str, str | None]) -> None:
+        """Load the engine of each version in `wanted` (version → the arm's checkpoint, None: the newest published
+        with that version) not loaded yet, and drop those no longer wanted. A version that fails is logged once and
+        not tried again until an arm stops wanting it (a fixed file is then picked up by removing and re-adding
+        the arm, or by a restart)."""
+        async with self._arms_lock:  # the follower and the first load may both ask
+            for version in set(self.arm_engines) - set(wanted):
+                del self.arm_engines[version]
+                log.info("arm model %s unloaded", version,
+                         extra={"event": "arm_model_unload", "model_version": version})
+            self.arm_faults = {v: why for v, why in self.arm_faults.items() if v in wanted}
+            for version, path in wanted.items():
+                if version in self.arm_engines or version in self.arm_faults:
+                    continue
+                if len(self.arm_engines) >= self.settings.max_arm_models:
+                    self.arm_faults[version] = (f"more model versions in the experiment than CMN_MAX_ARM_MODELS="
+                                                f"{self.settings.max_arm_models}")
+                    log.error("arm model %s not loaded: %s", version, self.arm_faults[version],
+                              extra={"event": "arm_model_failed", "model_version": version})
+                    continue
+                try:
+                    engine = await run_on(self.io_threads, self._build_arm, version, path)
+                except StoreUnavailable:
+                    continue  # tried again at the next poll; the event follower reports the store's state
+                except Exception as e:
+                    self.arm_faults[version] = UNLOADABLE
+                    log.error("arm model %s not loaded, its arm serves nobody: %s", version, e,
+                              extra={"event": "arm_model_failed", "model_version": version, "path": path})
+                    continue
+                self.arm_engines[version] = engine
+                await self.sync()  # events stored while it was being built
+
+    def _build_arm(self, version: str, path: str | None) -> Engine:
+        if path is None:
+            published = next((r for r in self.store.rollouts() if r.version == version), None)
+            if published is None:
+                raise LookupError(f"no checkpoint of version {version} was published in the feedback store, and "
+                                  "the arm names no checkpoint")
+            path = published.path
+        configured = path == os.path.abspath(self.settings.checkpoint)
+        engine = self._build(path, None if configured else self.settings.checkpoint_dir)
+        if engine.version != version:
+            raise ValueError(f"{path} holds model version {engine.version}, not {version}")
+        return engine
+
+    def arm_models(self) -> list[ArmModel]:
+        return [*(ArmModel(model_version=v, status="ok") for v in self.arm_engines),
+                *(ArmModel(model_version=v, status="failed", detail=why) for v, why in self.arm_faults.items())]
 
     async def follow_rollout(self) -> None:
         """Load the checkpoint published last, when it is newer than the one this process follows."""

@@ -217,6 +217,13 @@ class Rollout(BaseModel):
     detail: str | None = None
 
 
+class ArmModel(BaseModel):
+    model_version: str = Field(description="the version an experiment arm serves beside the served model")
+    status: Literal["ok", "failed"] = Field(description="failed: it could not be loaded here, and the arm's users "
+                                                        "are served as outside the experiment (detail says why)")
+    detail: str | None = None
+
+
 class Health(BaseModel):
     status: Literal["ok", "degraded", "loading", "failed"] = Field(
         description="degraded: recommendations are served, but the feedback store cannot be written or read, or "
@@ -226,6 +233,8 @@ class Health(BaseModel):
     applied_seq: int | None = Field(None, description="sequence number of the last stored event applied here")
     lag_s: float | None = Field(None, description="time since this process last read the store to its end")
     rollout: Rollout | None = None
+    arm_models: list[ArmModel] = Field(default_factory=list, description="the other model versions this process "
+                                       "loaded for experiment arms (app/experiments.py)")
     worker: str | None = Field(None, description="who answered: host name and process id (replicas and "
                                                  "CMN_WORKERS > 1 run several)")
     model_version: str | None = None

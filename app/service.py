@@ -45,6 +45,7 @@ RECENT_LISTS = 10_000
 class Shown(NamedTuple):
     impression_id: str
     arm: str | None
+    model_version: str
 
 
 class Service:
@@ -82,7 +83,7 @@ class Service:
         await self.experiments.refresh()
         self.batcher.start()
         self._spawn(self.impressions.follow())
-        self._spawn(self.experiments.follow())
+        self._spawn(self.experiments.follow(then=self._keep_arm_models))
         self._spawn(self._serve())
 
     async def _serve(self) -> None:
@@ -93,6 +94,7 @@ class Service:
         # generations: each full collection would otherwise stall the server ~90 ms (p99 123 → 24 ms at
         # concurrency 32, docs/performance.md). Later objects, a reloaded engine's included, are collected as usual.
         gc.freeze()
+        await self._keep_arm_models()   # after the freeze: an arm's model is dropped when its arm goes
 
     async def stop(self) -> None:
         """Graceful: uvicorn has already drained in-flight requests; finish the model thread, close the store."""
@@ -107,6 +109,11 @@ class Service:
         metrics.process_exited()
         log.info("stopped", extra={"event": "shutdown"})
 
+    async def _keep_arm_models(self) -> None:
+        """Load the model versions the experiment's arms serve beside the served one, drop those they no longer do."""
+        if self.models.engine is not None:
+            await self.models.keep_arms(self.experiments.arm_models(self.models.engine.version))
+
     def _spawn(self, coro) -> None:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
@@ -119,34 +126,50 @@ class Service:
         """The answers to /recommend (one request) or /recommend/batch, the engine that gave them, and for each
         its impression id and experiment arm. Everything that can refuse a request does so before it is queued:
         a model to answer, the cost limits, the after_seq asked for (read from the store now if need be), the
-        key's scope, its work rate (in scored pairs). A request in an active arm is served with the arm's strategy
-        (app/experiments.py)."""
+        key's scope, its work rate (in scored pairs). A request in an active arm is served with the arm's strategy,
+        by the arm's model (app/experiments.py); each answer's Shown names the model version that gave it."""
         self.models.engine_or_503()
         check_limits(self.settings, reqs, batch)
         seq = max((r.after_seq for r in reqs if r.after_seq is not None), default=None)
         if not await self.feedback.caught_up(seq):
             raise beyond_the_store(seq, self.models.engine.feedback_seq, batch)
         engine = self.models.engine_or_503()
-        offered = engine.recommender.strategies
-        arms = [self.experiments.assign(r.user_id, r.strategy, engine.version, offered) for r in reqs]
-        jobs = [engine.prepare(r if arm is None else r.model_copy(update={"strategy": arm.strategy}))
-                for r, arm in zip(reqs, arms)]
+        arms, engines = [], []
+        for r in reqs:
+            arm = self.experiments.assign(r.user_id, r.strategy)
+            by = engine if arm is None or arm.model_version in (None, engine.version) else \
+                self.models.arm_engines.get(arm.model_version)
+            if by is None or (arm is not None and arm.strategy not in by.recommender.strategies):
+                arm, by = None, engine    # the arm's model is not loaded here, or does not offer its strategy
+            arms.append(arm)
+            engines.append(by)
+        jobs = [by.prepare(r if arm is None else r.model_copy(update={"strategy": arm.strategy}))
+                for r, arm, by in zip(reqs, arms, engines)]
         self.auth.require_history(caller, reqs, jobs)
         pairs = sum(job.pairs for job in jobs)
         self.auth.charge_pairs(caller, pairs)
+        # one submission per model: each batch is scored by one engine
+        groups: dict[int, list[int]] = {}
+        for i, by in enumerate(engines):
+            groups.setdefault(id(by), []).append(i)
         try:
-            answers = await self.batcher.submit(engine, jobs, caller.name)
+            done = await asyncio.gather(*(self.batcher.submit(engines[at[0]], [jobs[i] for i in at], caller.name)
+                                          for at in groups.values()))
         except QueueFull:
             self.auth.refund_pairs(caller, pairs)
             raise
         except Backlogged as e:
             self.auth.refund_pairs(caller, pairs)
             raise self.auth.too_much_work(caller, str(e), e.wait) from None
+        answers: list[Answer] = [None] * len(reqs)
+        for at, got in zip(groups.values(), done):
+            for i, answer in zip(at, got):
+                answers[i] = answer
         lists = [tuple(i for i, *_ in a.items) for a in answers]
         self.recent_lists.extend(lists)
-        shown = [Shown(self.impressions.record(r.user_id, items, a.strategy or "popularity", engine.version,
-                                               arm and arm.name), arm and arm.name)
-                 for r, a, items, arm in zip(reqs, answers, lists, arms)]
+        shown = [Shown(self.impressions.record(r.user_id, items, a.strategy or "popularity", by.version,
+                                               arm and arm.name), arm and arm.name, by.version)
+                 for r, a, items, arm, by in zip(reqs, answers, lists, arms, engines)]
         return engine, answers, shown
 
     async def write_feedback(self, events: list[FeedbackEvent], caller: Caller) -> FeedbackResponse:
@@ -208,4 +231,5 @@ class Service:
                       model_version=e.version, device=str(e.device), users=e.n_users, items=e.n_items,
                       interactions=e.recommender.interactions, live_users=e.online.live_users,
                       live_items=e.online.live_items, feedback_events=f.events, applied_seq=e.feedback_seq,
-                      lag_s=lag, rollout=self.models.rollout, worker=WORKER, uptime_s=uptime, warnings=e.warnings)
+                      lag_s=lag, rollout=self.models.rollout, arm_models=self.models.arm_models(), worker=WORKER,
+                      uptime_s=uptime, warnings=e.warnings)

@@ -181,7 +181,10 @@ class OnlineSettings(BaseSettings):
     impression_max_rows: int = Field(10_000_000, ge=1, description="most impressions the store keeps; the oldest "
                                      "go first")
     experiment_file: str | None = Field(None, description="a JSON experiment (arms: strategy, share, optional "
-                                        "model_version); re-read when it changes; unset: no experiment")
+                                        "model_version and checkpoint); re-read when it changes; unset: no "
+                                        "experiment")
+    max_arm_models: int = Field(2, ge=0, description="model versions loaded beside the served one for experiment "
+                                "arms, each as large in memory as the served model; an arm past it serves nobody")
 
     @field_validator("experiment_file", mode="before")
     @classmethod

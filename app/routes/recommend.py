@@ -39,15 +39,15 @@ INLINE_ENTRIES = 2_000
 @router.post("/recommend", response_model=RecommendResponse, responses=ERRORS)
 async def recommend(req: RecommendRequest, service: ServiceDep, caller: RecommendCaller):
     start = time.perf_counter()
-    engine, (answer,), (shown,) = await service.recommend([req], caller, batch=False)
-    return await render(lambda: response(req.user_id, answer, shown, engine.version, start), entries([answer]))
+    _, (answer,), (shown,) = await service.recommend([req], caller, batch=False)
+    return await render(lambda: response(req.user_id, answer, shown, start), entries([answer]))
 
 
 @router.post("/recommend/batch", response_model=BatchResponse, responses=ERRORS)
 async def recommend_batch(batch: BatchRequest, service: ServiceDep, caller: RecommendCaller):
     start = time.perf_counter()
     engine, answers, shown = await service.recommend(batch.requests, caller, batch=True)
-    return await render(lambda: {"results": [response(r.user_id, a, s, engine.version, start)
+    return await render(lambda: {"results": [response(r.user_id, a, s, start)
                                              for r, a, s in zip(batch.requests, answers, shown)],
                                  "model_version": engine.version, "took_ms": elapsed_ms(start)}, entries(answers))
 
@@ -68,7 +68,7 @@ def elapsed_ms(start: float) -> float:
     return round((time.perf_counter() - start) * 1000, 3)
 
 
-def response(user_id: str | None, answer: Answer, shown: Shown, version: str, start: float) -> dict:
+def response(user_id: str | None, answer: Answer, shown: Shown, start: float) -> dict:
     """One RecommendResponse as plain JSON data (absent rather than null where the schema says so): building
     256 pydantic models of 1,000 items each cost more than scoring them."""
     kind = "fallback" if answer.fallback else answer.cold_start or "personalised"
@@ -84,7 +84,7 @@ def response(user_id: str | None, answer: Answer, shown: Shown, version: str, st
             item["explanation"] = [{"user_id": u, "weight": w, "live": True} if live_user else
                                    {"user_id": u, "weight": w} for u, w, live_user in e]
         items.append(item)
-    body = {"user_id": user_id, "items": items, "model_version": version}
+    body = {"user_id": user_id, "items": items, "model_version": shown.model_version}
     if answer.fallback:
         body["fallback"] = answer.fallback
     if answer.strategy:

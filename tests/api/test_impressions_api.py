@@ -12,8 +12,11 @@ import pytest
 
 from app.experiments import ExperimentFileError, arm_of, read_experiment
 from app.impressions import Impressions
+from app.models import UNLOADABLE
 from app.service import Service
-from conftest import read_only, serving, settings_for, staged_checkpoint, wait_ready
+from conftest import read_only, serving, settings_for, staged_checkpoint, synthetic_checkpoint, wait_ready
+from model.recommender import Recommender
+from model.store.checkpoint import load_checkpoint
 from model.store.events import open_store
 
 pytestmark = pytest.mark.anyio
@@ -213,3 +216,145 @@ async def test_the_admin_routes_without_an_experiment(api_checkpoint, tmp_path):
         assert r.status_code == 404 and "no experiment is running" in r.json()["detail"]
         r = await client.post("/admin/experiment/arms/a/pause", headers={"X-API-Key": "adm"})
         assert r.status_code == 422
+
+
+def offline_lists(path: str, users: list[str], k: int, exclude: dict[str, list[str]] | None = None) -> dict:
+    """Each user's top-k item ids by `Recommender` over the checkpoint itself (optionally excluding items)."""
+    ckpt = load_checkpoint(path)
+    rec = Recommender.from_checkpoint(ckpt)
+    user_index = {u: n for n, u in enumerate(ckpt.user_ids)}
+    item_index = {i: n for n, i in enumerate(ckpt.item_ids)}
+    exclude = exclude or {}
+    items, _ = rec.recommend([user_index[u] for u in users], k=k, strategy="full",
+                             exclude=[[item_index[i] for i in exclude.get(u, [])] for u in users])
+    return {u: [ckpt.item_ids[j] for j in row] for u, row in zip(users, items.tolist())}
+
+
+async def test_an_arm_serves_its_own_model_version_beside_the_served_one(tmp_path):
+    """Two checkpoints: A is served, arm "b" names B's version and file. Each user's list comes from its arm's model
+    (as `Recommender` over that checkpoint ranks it), answer and impression name that version, feedback reaches B's
+    engine too; stopping the arm returns its users to A, removing it unloads B, and a version that cannot be loaded
+    serves nobody (and /health says so without a path)."""
+    models = tmp_path / "models"
+    models.mkdir()
+    a = synthetic_checkpoint(models / "a.ckpt", n_users=60, n_items=300, seed=0)
+    b = synthetic_checkpoint(models / "b.ckpt", n_users=60, n_items=300, seed=1)
+    va, vb = load_checkpoint(a).model_version, load_checkpoint(b).model_version
+    assert va != vb
+    arms = [{"name": "a", "strategy": "full", "share": 0.5},
+            {"name": "b", "strategy": "full", "share": 0.5, "model_version": vb, "checkpoint": "b.ckpt"}]
+    path = write_experiment(tmp_path / "exp.json", arms)
+    users = [u for u in load_checkpoint(a).user_ids if u in set(load_checkpoint(b).user_ids)][:24]
+    experiment = read_experiment(path)
+    expected = {u: arm_of(experiment, u).name for u in users}
+    assert set(expected.values()) == {"a", "b"}
+    by_a, by_b = offline_lists(a, users, 5), offline_lists(b, users, 5)
+
+    def rewrite(arms: list[dict], bump: int) -> None:
+        write_experiment(tmp_path / "exp.json", arms)
+        os.utime(path, ns=(os.stat(path).st_atime_ns, os.stat(path).st_mtime_ns + bump * 10 ** 9))
+
+    async with serving(settings_for(a, tmp_path, experiment_file=path, feedback_poll_s=0.02,
+                                    impression_flush_s=0.02)) as client:
+        await wait_ready(client)
+
+        async def health() -> dict:
+            return (await client.get("/health")).json()
+
+        async def served(user: str) -> dict:
+            r = await client.post("/recommend", json={"user_id": user, "k": 5})
+            assert r.status_code == 200, r.text
+            return r.json()
+
+        async def arm_models(want: list[dict]) -> None:
+            for _ in range(1500):
+                if (await health())["arm_models"] == want:
+                    return
+                await asyncio.sleep(0.02)
+            raise AssertionError(f"arm_models never became {want}: {(await health())['arm_models']}")
+
+        await arm_models([{"model_version": vb, "status": "ok"}])
+        answers = [await served(u) for u in users]
+        for u, ans in zip(users, answers):
+            arm, version, lists = ("b", vb, by_b) if expected[u] == "b" else ("a", va, by_a)
+            assert (ans["arm"], ans["model_version"]) == (arm, version)
+            assert [x["item_id"] for x in ans["items"]] == lists[u]
+        # a batch mixing both arms is answered by both models
+        batch = (await client.post("/recommend/batch", json={"requests": [{"user_id": u, "k": 5} for u in users]})
+                 ).json()
+        assert [(r["arm"], r["model_version"], [x["item_id"] for x in r["items"]]) for r in batch["results"]] == \
+            [(x["arm"], x["model_version"], [i["item_id"] for i in x["items"]]) for x in answers]
+        assert batch["model_version"] == va
+        # each impression names the version that gave its list
+        store = store_of(tmp_path)
+        stored = await until(lambda: {i.impression_id: i for i in store.impressions()}
+                             if store.impression_count() >= 2 * len(users) else None, "impressions written")
+        assert all((stored[x["impression_id"]].arm, stored[x["impression_id"]].model_version) ==
+                   (x["arm"], x["model_version"]) for x in answers)
+        # feedback reaches B's engine: a b-user's clicked item leaves its list, as B ranks it without that item
+        user_b = next(u for u in users if expected[u] == "b")
+        clicked = by_b[user_b][0]
+        r = await client.post("/feedback", json={"events": [{"user_id": user_b, "item_id": clicked}]})
+        assert r.status_code == 200, r.text
+        after = await served(user_b)
+        assert [x["item_id"] for x in after["items"]] == offline_lists(b, [user_b], 5, {user_b: [clicked]})[user_b]
+        # stopping the arm returns its users to A, and B is dropped
+        rewrite([arms[0], {**arms[1], "stopped": True}], 1)
+        await arm_models([])
+        for u in users:
+            if expected[u] == "b" and u != user_b:
+                ans = await served(u)
+                assert ("arm" not in ans, ans["model_version"], [x["item_id"] for x in ans["items"]]) == \
+                    (True, va, by_a[u])
+        # resumed it loads again; removed from the file, its model is unloaded
+        rewrite(arms, 2)
+        await arm_models([{"model_version": vb, "status": "ok"}])
+        rewrite(arms[:1], 3)
+        await arm_models([])
+        # a version that cannot be loaded serves nobody, and /health says so without naming a path
+        rewrite([arms[0], {"name": "c", "strategy": "full", "share": 0.5, "model_version": "v-none"}], 4)
+        for _ in range(1500):
+            if (await health())["arm_models"]:
+                break
+            await asyncio.sleep(0.02)
+        (fault,) = (await health())["arm_models"]
+        assert fault["model_version"] == "v-none" and fault["status"] == "failed" and str(tmp_path) not in \
+            fault["detail"]
+        ans = await served(next(u for u in users if expected[u] == "b"))
+        assert "arm" not in ans and ans["model_version"] == va
+
+
+async def test_an_arm_without_a_checkpoint_serves_the_newest_published_with_its_version(tmp_path):
+    """B was rolled out, then A again (a rollback): an arm naming B's version alone is served by B's file; an arm
+    whose checkpoint holds another version than it names serves nobody."""
+    models = tmp_path / "models"
+    models.mkdir()
+    a = synthetic_checkpoint(models / "a.ckpt", n_users=60, n_items=300, seed=0)
+    b = synthetic_checkpoint(models / "b.ckpt", n_users=60, n_items=300, seed=1)
+    va, vb = load_checkpoint(a).model_version, load_checkpoint(b).model_version
+    store = open_store(str(tmp_path / "feedback.sqlite3"))
+    store.publish_checkpoint(b, vb)
+    store.publish_checkpoint(a, va)
+    store.close()
+    path = write_experiment(tmp_path / "exp.json", [
+        {"name": "b", "strategy": "full", "share": 0.5, "model_version": vb},
+        {"name": "wrong", "strategy": "full", "share": 0.5, "model_version": "v-other", "checkpoint": "b.ckpt"}])
+    users = load_checkpoint(a).user_ids[:30]
+    expected = {u: arm_of(read_experiment(path), u).name for u in users}
+    assert set(expected.values()) == {"b", "wrong"}
+    by_b = offline_lists(b, users, 5)
+    async with serving(settings_for(a, tmp_path, experiment_file=path, feedback_poll_s=0.02)) as client:
+        await wait_ready(client)
+        want = [{"model_version": vb, "status": "ok"},
+                {"model_version": "v-other", "status": "failed", "detail": UNLOADABLE}]
+        for _ in range(1500):
+            if (health := (await client.get("/health")).json())["arm_models"] == want:
+                break
+            await asyncio.sleep(0.02)
+        assert health["model_version"] == va and health["arm_models"] == want
+        for u in users:
+            ans = (await client.post("/recommend", json={"user_id": u, "k": 5})).json()
+            if expected[u] == "b":
+                assert (ans["arm"], ans["model_version"], [x["item_id"] for x in ans["items"]]) == ("b", vb, by_b[u])
+            else:
+                assert "arm" not in ans and ans["model_version"] == va
