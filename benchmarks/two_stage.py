@@ -83,13 +83,17 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", required=True, help="a citeulike-a checkpoint (with or without retrieval)")
     ap.add_argument("--scale", type=int, default=10, help="the synthetic catalogue's size in citeulike-a's (0: skip)")
+    ap.add_argument("--per-row", type=int, default=200,
+                    help="the synthetic item-item stage's entries per item, where the checkpoint's stage is not "
+                         "item-item (exact EASE); otherwise its own count is used")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--json", help="also write the rows here")
     args = ap.parse_args(argv)
     base = citeulike(args.checkpoint)
     rows = compare("citeulike-a", base, args.rounds)
     if args.scale:
-        per_row = int(round(len(base.retrieval.values) / base.n_items))
+        per_row = (int(round(len(base.retrieval.values) / base.n_items)) if isinstance(base.retrieval, ItemRetrieval)
+                   else args.per_row)
         rows += compare(f"synthetic {args.scale}x", synthetic(base, args.scale, per_row), args.rounds)
     if args.json:
         with open(args.json, "w") as f:
