@@ -1,6 +1,6 @@
-"""`python -m training {train,evaluate,coldstart,baselines,compare,export,online-report,retrain,rollback,compact}`:
-the offline side of the service. Arguments in, results printed; the work is done by training/train.py, evaluate.py,
-coldstart.py, baselines.py, compare.py, export.py, online.py, retrain.py and feedback.py."""
+"""`python -m training {train,evaluate,coldstart,baselines,compare,export,finetune,online-report,retrain,rollback,
+compact}`: the offline side of the service. Arguments in, results printed; the work is done by training/train.py,
+evaluate.py, coldstart.py, baselines.py, compare.py, export.py, finetune.py, online.py, retrain.py and feedback.py."""
 from __future__ import annotations
 
 import argparse
@@ -147,6 +147,31 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--device", default="cpu")
     k.add_argument("--json", action="store_true", help="print one JSON object (the tuning log goes to stderr)")
     k.add_argument("--trust-pickle", action="store_true", help=TRUST_PICKLE)
+
+    n = sub.add_parser("finetune", help="fine-tune a --validation checkpoint's CMN as a re-ranker of its retrieval "
+                                        "stage's candidates (hard negatives), then choose the two-stage settings "
+                                        "again")
+    n.add_argument("--checkpoint", required=True, help="trained with --validation (copied, never modified)")
+    n.add_argument("--data", required=True, help="the data it was trained on")
+    n.add_argument("--out", required=True, help="the checkpoint written; metrics JSON and PNG go next to it")
+    n.add_argument("--epochs", type=int, default=2, help="fine-tuning epochs (default 2); the best validation "
+                                                         "epoch is kept, the input's weights if none beats them")
+    n.add_argument("--candidates", type=int, default=200, metavar="R",
+                   help="each user's top-R retrieval candidates, the hard negatives' pool (default 200)")
+    n.add_argument("--hard", type=float, default=1.0, metavar="F",
+                   help="the fraction of negatives drawn from the candidates, the rest uniform (default 1.0)")
+    n.add_argument("--lr", type=float, help="learning rate (default: the checkpoint's)")
+    n.add_argument("--method", help="the retrieval stage (default: the checkpoint's; needed where it holds none)")
+    n.add_argument("--params", type=json.loads, help="its hyperparameters as JSON, e.g. '{\"l2\": 10}' "
+                                                     "(default: the checkpoint's stage's, else the method's)")
+    n.add_argument("--methods", help="comma-separated methods the closing two-stage selection tries (default: the "
+                                     "fine-tuning's stage only: CMN was tuned on its candidates)")
+    n.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda[:N]")
+    shown = n.add_mutually_exclusive_group()
+    shown.add_argument("--progress", dest="progress", action="store_const", const=True, default=None,
+                       help="progress bars even when stderr is not a terminal")
+    shown.add_argument("--quiet", dest="progress", action="store_const", const=False, help="no progress bars")
+    n.add_argument("--trust-pickle", action="store_true", help=TRUST_PICKLE)
 
     r = sub.add_parser("retrain", help="train on the stored events on a schedule; publish a candidate only when it "
                                        "is not worse than the serving model on the newest interactions")
@@ -315,6 +340,15 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_finetune(args) -> int:
+    from training.finetune import FinetuneConfig, finetune
+    methods = tuple(m.strip() for m in args.methods.split(",")) if args.methods else None
+    finetune(FinetuneConfig(args.checkpoint, args.data, args.out, args.epochs, args.candidates, args.hard, args.lr,
+                            args.method, args.params, methods, args.device,
+                            sys.stderr.isatty() if args.progress is None else args.progress, args.trust_pickle))
+    return 0
+
+
 def cmd_retrain(args) -> int:
     from model.device import resolve_device
     from training.retrain import Retrainer, duration, stop_on_sigterm, summary
@@ -379,7 +413,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return {"train": cmd_train, "evaluate": cmd_evaluate, "coldstart": cmd_coldstart,
-                "baselines": cmd_baselines, "compare": cmd_compare, "export": cmd_export,
+                "baselines": cmd_baselines, "compare": cmd_compare, "export": cmd_export, "finetune": cmd_finetune,
                 "online-report": cmd_online_report, "retrain": cmd_retrain,
                 "rollback": cmd_rollback, "compact": cmd_compact}[args.command](args)
     except (DataError, CheckpointError, ExportError, ValueError, StoreUnavailable, FileNotFoundError) as e:

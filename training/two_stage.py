@@ -122,18 +122,26 @@ def select_two_stage(model: CMN, fit: Dataset, methods=None, candidates=CANDIDAT
                     "retrieval" if best["weight"] == 0 else "two_stage"), table
 
 
-def fit_two_stage(model: CMN, fit: Dataset, data: Dataset, log=print) -> tuple[Retrieval, TwoStage, list[dict]]:
+def fit_two_stage(model: CMN, fit: Dataset, data: Dataset, log=print,
+                  methods=None) -> tuple[Retrieval, TwoStage, list[dict]]:
     """Choose on `fit` (validation split, training less validation items), then fit the chosen retrieval on every
     training pair of `data` for serving."""
-    stage, table = select_two_stage(model, fit, log=log)
+    stage, table = select_two_stage(model, fit, methods, log=log)
     retrieval, _ = fit_retrieval(stage.method, data.train, data.n_users, data.n_items, **stage.params)
     return retrieval, stage, table
 
 
-def add_two_stage(ckpt: Checkpoint, data: Dataset, log=print) -> list[dict]:
+def add_two_stage(ckpt: Checkpoint, data: Dataset, log=print, methods=None) -> list[dict]:
     """Choose and fit the two-stage settings of a checkpoint trained with --validation, as `train` does at its end,
     and set them on `ckpt`; returns the validation table. `data` is what it was trained on: the validation split is
     cut from it again with the checkpoint's seed (the pairs its epoch was chosen on; nothing of the test split)."""
+    fit = validation_split(ckpt, data)
+    ckpt.retrieval, ckpt.two_stage, table = fit_two_stage(ckpt.build_model(), fit, data, log, methods)
+    return table
+
+
+def validation_split(ckpt: Checkpoint, data: Dataset) -> Dataset:
+    """The validation split a checkpoint trained with --validation on `data` chose its epoch on."""
     cfg = ckpt.meta.get("train_config", {})
     if not cfg.get("validation"):
         raise ValueError("the checkpoint was not trained with --validation: there is no held-out split of its "
@@ -141,6 +149,4 @@ def add_two_stage(ckpt: Checkpoint, data: Dataset, log=print) -> list[dict]:
     if (list(ckpt.user_ids) != list(data.user_ids) or list(ckpt.item_ids) != list(data.item_ids)
             or not np.array_equal(np.unique(ckpt.train, axis=0), np.unique(data.train, axis=0))):
         raise ValueError(f"the checkpoint was not trained on {data.name}: its users, items or training pairs differ")
-    fit = holdout_validation(data, cfg["seed"])
-    ckpt.retrieval, ckpt.two_stage, table = fit_two_stage(ckpt.build_model(), fit, data, log)
-    return table
+    return holdout_validation(data, cfg["seed"])
