@@ -97,8 +97,9 @@ def retrieve_all(rec: Recommender, n_users: int) -> tuple[torch.Tensor, torch.Te
 @torch.no_grad()
 def rerank_figures(model: CMN, train: np.ndarray, users: list[int], items: torch.Tensor, valid: torch.Tensor,
                    found: torch.Tensor, positives: torch.Tensor) -> dict:
-    """Validation full NDCG@10 of the users' candidate lists re-ranked by CMN alone (weight 1), by the retrieval
-    alone (weight 0), and by the best blend over two_stage.py's grid (R up to the lists' length, blend, weight)."""
+    """Validation full NDCG@10 of the users' candidate lists re-ranked by CMN alone (weight 1; also of their first
+    R for two_stage.py's shorter R), by the retrieval alone (weight 0), and by the best blend over two_stage.py's
+    grid (R up to the lists' length, blend, weight)."""
     model.eval()
     cmn = Recommender.from_model(model, train).score_lists(users, items, valid, "full")
     width = items.shape[1]
@@ -109,9 +110,9 @@ def rerank_figures(model: CMN, train: np.ndarray, users: list[int], items: torch
                 ndcg = validation_ndcg(blend(cmn[:, :r], found[:, :r], valid[:, :r], weight, kind),
                                        items[:, :r], valid[:, :r], positives)
                 grid.append({"candidates": r, "blend": kind, "weight": weight, "ndcg@10": ndcg})
-    at_width = [g for g in grid if g["candidates"] == width]
-    return {"cmn": next(g["ndcg@10"] for g in at_width if g["weight"] == 1.0),
-            "retrieval": next(g["ndcg@10"] for g in at_width if g["weight"] == 0.0),
+    alone = lambda weight: {g["candidates"]: g["ndcg@10"] for g in grid
+                            if g["weight"] == weight and g["blend"] == "zscore"}
+    return {"cmn": alone(1.0)[width], "retrieval": alone(0.0)[width], "cmn_by_candidates": alone(1.0),
             "best": max(grid, key=lambda g: g["ndcg@10"])}   # the first of equals: smallest R, zscore, weight
 
 
