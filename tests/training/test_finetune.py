@@ -11,6 +11,7 @@ from conftest import make_cmn, random_train, run_cli
 from model.recommender import Recommender
 from model.retrieval import TwoStage
 from model.store.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from training.cli import main
 from training.data import holdout_validation, load
 from training.finetune import rerank_figures, retrieve_all
 from training.sampler import TripleSampler
@@ -141,6 +142,7 @@ def tiny_checkpoint(path, validation: bool = True) -> str:
 
 
 def test_finetune_refuses_a_checkpoint_without_validation(tmp_path):
+    """Through a real process: one error line, exit code 2, no traceback, nothing written."""
     out = tmp_path / "out.ckpt"
     proc = run_cli("finetune", "--checkpoint", tiny_checkpoint(tmp_path / "in.ckpt", validation=False),
                    "--data", SPEC, "--out", str(out), "--method", "ease")
@@ -151,11 +153,25 @@ def test_finetune_refuses_a_checkpoint_without_validation(tmp_path):
     assert not out.exists()
 
 
-def test_finetune_needs_a_stage_when_the_checkpoint_has_none(tmp_path):
-    proc = run_cli("finetune", "--checkpoint", tiny_checkpoint(tmp_path / "in.ckpt"), "--data", SPEC,
-                   "--out", str(tmp_path / "out.ckpt"))
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert "--method" in proc.stderr.splitlines()[-1]
+BAD_FINETUNES = {
+    "no stage in the checkpoint, none named": ([], "--method"),
+    "other data": (["--method", "ease", "--data", "synthetic:n_users=50,n_items=40,per_user=8"], "was not trained on"),
+    "hard fraction above 1": (["--method", "ease", "--hard", "1.5"], "--hard"),
+    "params not an object": (["--method", "ease", "--params", "[10]"], "JSON object"),
+    "params the method does not take": (["--method", "ease", "--params", '{"alpha": 1}'], "alpha"),
+    "unknown method": (["--method", "bpr"], "unknown retrieval method"),
+}
+
+
+@pytest.mark.parametrize("extra, message", BAD_FINETUNES.values(), ids=BAD_FINETUNES.keys())
+def test_finetune_refuses_bad_settings(tmp_path, capsys, extra, message):
+    out = tmp_path / "out.ckpt"
+    argv = ["finetune", "--checkpoint", tiny_checkpoint(tmp_path / "in.ckpt"), "--data", SPEC, "--out", str(out),
+            "--quiet", *extra]
+    rc = main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err[-1].startswith("error: ") and message in err[-1], err
+    assert not out.exists()
 
 
 def test_finetune_writes_a_checkpoint_with_reselected_two_stage_settings(tmp_path):
