@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -66,6 +66,8 @@ class FinetuneConfig:
             raise ValueError(f"--lr must be > 0, got {self.lr}")
         if self.params is not None and not isinstance(self.params, dict):
             raise ValueError(f"--params must be a JSON object such as {{\"l2\": 10}}, got {self.params!r}")
+        if os.path.abspath(self.out) == os.path.abspath(self.checkpoint):
+            raise ValueError("--out must not be --checkpoint: the input model is read, never overwritten")
         if os.path.isdir(self.out):
             raise ValueError(f"--out {self.out} is a directory; give a file path such as {self.out}/model.ckpt")
 
@@ -172,13 +174,13 @@ def finetune(cfg: FinetuneConfig, log=print) -> dict:
     log(f"kept epoch {best}" + ("" if best else ": fine-tuning did not improve the best blend's validation NDCG@10 "
                                                 "of the input model; its weights are written unchanged"))
 
-    ckpt.state, ckpt.model_version = best_state, ""
+    base_version, ckpt.state, ckpt.model_version = ckpt.model_version, best_state, ""
     table = add_two_stage(ckpt, data, log, cfg.methods or (method,))
-    record = {"from": cfg.checkpoint, "from_model_version": load_checkpoint(cfg.checkpoint).model_version,
+    record = {"from": cfg.checkpoint, "from_model_version": base_version,
               "method": method, "params": params, "candidates": cfg.candidates, "hard": cfg.hard,
               "epochs": cfg.epochs, "kept_epoch": best, "lr": lr, "validation": history}
     ckpt.meta = {**ckpt.meta, "finetune": record}
-    metrics = {"config": {k: v for k, v in vars(cfg).items()}, "finetune": record,
+    metrics = {"config": asdict(cfg), "finetune": record,
                "two_stage": {"chosen": ckpt.two_stage.to_dict(), "validation": table},
                "seconds": time.perf_counter() - started}
     ckpt.metrics = metrics

@@ -160,18 +160,20 @@ BAD_FINETUNES = {
     "params not an object": (["--method", "ease", "--params", "[10]"], "JSON object"),
     "params the method does not take": (["--method", "ease", "--params", '{"alpha": 1}'], "alpha"),
     "unknown method": (["--method", "bpr"], "unknown retrieval method"),
+    "output over the input": (["--method", "ease", "--out", "{in}"], "--out must not be --checkpoint"),
 }
 
 
 @pytest.mark.parametrize("extra, message", BAD_FINETUNES.values(), ids=BAD_FINETUNES.keys())
 def test_finetune_refuses_bad_settings(tmp_path, capsys, extra, message):
-    out = tmp_path / "out.ckpt"
-    argv = ["finetune", "--checkpoint", tiny_checkpoint(tmp_path / "in.ckpt"), "--data", SPEC, "--out", str(out),
-            "--quiet", *extra]
+    out, src = tmp_path / "out.ckpt", tiny_checkpoint(tmp_path / "in.ckpt")
+    before = (tmp_path / "in.ckpt").read_bytes()
+    argv = ["finetune", "--checkpoint", src, "--data", SPEC, "--out", str(out), "--quiet",
+            *(arg.replace("{in}", src) for arg in extra)]
     rc = main(argv)
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and err[-1].startswith("error: ") and message in err[-1], err
-    assert not out.exists()
+    assert not out.exists() and (tmp_path / "in.ckpt").read_bytes() == before
 
 
 def test_finetune_writes_a_checkpoint_with_reselected_two_stage_settings(tmp_path):
