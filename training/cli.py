@@ -243,7 +243,8 @@ def cmd_evaluate(args) -> int:
         print(json.dumps(result))
         return 0
     print(f"{'':22s}{'sampled HR@10':>14s}{'NDCG@10':>9s}{'raw HR@10':>11s}{'full HR@10':>12s}{'NDCG@10':>9s}")
-    for name, m in [*result["strategies"].items(), ("toppop", result["toppop"])]:
+    members = [(f"  stage {name} alone", m) for name, m in result["members"].items()]
+    for name, m in [*result["strategies"].items(), *members, ("toppop", result["toppop"])]:
         label = f"{name}{' (default)' if name == result['strategy'] else ''}"
         print(f"{label:22s}{m['sampled']['hr@10']:14.4f}{m['sampled']['ndcg@10']:9.4f}"
               f"{m['sampled_raw']['hr@10']:11.4f}{m['full']['hr@10']:12.4f}{m['full']['ndcg@10']:9.4f}")
