@@ -35,8 +35,8 @@ k 10, known users at random (the same users for every strategy), 1 user a reques
 keep-alive connection, one request at a time. Each round runs every (users, strategy) cell for --duration seconds,
 the order of the strategies reversed every other round, so a load spike on the shared machine hits them all; a
 --warmup of each cell first is not counted. Reported per cell: requests, p50 and p99 of the client's latency over
-all rounds, requests/s (one connection), the server's CPU ms per request (from /proc) and full's p50 and p99 over
-this cell's (full / two_stage: how much faster); every answer is checked to be a 200 ranked by the strategy asked
+all rounds, requests/s (one connection), the server's CPU ms per request (from /proc), its model calls per request
+(from /metrics) and full's p50 and p99 over this cell's (full / two_stage: how much faster); every answer is checked to be a 200 ranked by the strategy asked
 for. Also the checkpoint's size, its stage and, where the checkpoint records it, the stage's fit time.
 """
 
@@ -222,16 +222,25 @@ def served_strategies(answer: dict) -> set:
     return {r.get("strategy") for r in answer["results"]} if "results" in answer else {answer.get("strategy")}
 
 
+def model_calls(conn: http.client.HTTPConnection) -> float:
+    """The server's model calls so far (/metrics: cmn_batch_size's count): a request is cut into several where
+    CMN_MAX_BATCH or CMN_MAX_CALL_MS (at the model thread's measured pairs per second) says so."""
+    conn.request("GET", "/metrics")
+    text = conn.getresponse().read().decode()
+    return float(re.search(r"^cmn_batch_size_count (\S+)$", text, re.M).group(1))
+
+
 class Cell:
     """One (users a request, strategy): its bodies, taken in turn, and what its measured requests took."""
 
     def __init__(self, users: int, strategy: str, bodies: list[tuple[str, bytes]]):
         self.users, self.strategy, self.bodies = users, strategy, bodies
-        self.next, self.latencies, self.cpu_s, self.errors = 0, [], 0.0, []
+        self.next, self.latencies, self.cpu_s, self.calls, self.errors = 0, [], 0.0, 0.0, []
 
     def run(self, conn: http.client.HTTPConnection, seconds: float, pid: int, measured: bool, least: int = 3) -> None:
         """Requests one after the other for `seconds` (at least `least` of them)."""
-        cpu_before, n, until = cpu_seconds(pid)[0], 0, time.perf_counter() + seconds
+        calls_before, cpu_before = model_calls(conn), cpu_seconds(pid)[0]
+        n, until = 0, time.perf_counter() + seconds
         while n < least or time.perf_counter() < until:
             path, body = self.bodies[self.next % len(self.bodies)]
             self.next, n = self.next + 1, n + 1
@@ -248,6 +257,7 @@ class Cell:
                 self.latencies.append(took)
         if measured:
             self.cpu_s += cpu_seconds(pid)[0] - cpu_before
+            self.calls += model_calls(conn) - calls_before
 
 
 def compare_strategies(url: str, pid: int, user_ids: list[str], strategies: tuple[str, ...], sizes: list[int],
@@ -276,6 +286,7 @@ def compare_strategies(url: str, pid: int, user_ids: list[str], strategies: tupl
         rows.append({"users": cell.users, "strategy": cell.strategy, "requests": len(lat),
                      "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99)),
                      "req_per_s": len(lat) / lat.sum() * 1e3, "cpu_ms_per_request": cell.cpu_s * 1e3 / len(lat),
+                     "model_calls_per_request": cell.calls / len(lat),
                      "errors": len(cell.errors), "first_errors": cell.errors[:3]})
     for row in rows:
         full = next(r for r in rows if r["users"] == row["users"] and r["strategy"] == "full")
@@ -334,10 +345,11 @@ def strategies_main(args, checkpoint: Path, extra_env: dict) -> int:
     finally:
         stop(proc)
     print(f"{'users':>5} {'strategy':>9} {'requests':>8} {'p50 ms':>9} {'p99 ms':>9} {'req/s':>7} {'CPU ms/req':>10} "
-          f"{'full/p50':>8} {'full/p99':>8} {'errors':>6}")
+          f"{'calls/req':>9} {'full/p50':>8} {'full/p99':>8} {'errors':>6}")
     for r in rows:
         print(f"{r['users']:>5} {r['strategy']:>9} {r['requests']:>8} {r['p50_ms']:>9.2f} {r['p99_ms']:>9.2f} "
-              f"{r['req_per_s']:>7.1f} {r['cpu_ms_per_request']:>10.2f} {r['full_over_p50']:>7.2f}x "
+              f"{r['req_per_s']:>7.1f} {r['cpu_ms_per_request']:>10.2f} "
+              f"{r['model_calls_per_request']:>9.1f} {r['full_over_p50']:>7.2f}x "
               f"{r['full_over_p99']:>7.2f}x {r['errors']:>6}")
         for e in r["first_errors"]:
             print(f"      error: {e}")
