@@ -328,7 +328,11 @@ def strategies_main(args, checkpoint: Path, extra_env: dict) -> int:
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    strategies = STRATEGIES if ckpt.retrieval is not None else ("full",)
+    offered = STRATEGIES if ckpt.retrieval is not None else ("full",)
+    if missing := set(args.only or ()) - set(offered):
+        print(f"error: {checkpoint} does not offer {sorted(missing)} (it offers {list(offered)})", file=sys.stderr)
+        return 2
+    strategies = tuple(s for s in offered if s == "full" or s in (args.only or offered))
     stage = ckpt.two_stage.to_dict() if ckpt.two_stage is not None else None
     fits = fit_seconds(ckpt)
     user_ids = list(ckpt.user_ids)
@@ -386,6 +390,9 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=5, help="--strategies: rounds")
     ap.add_argument("--users", default="1,64", type=users_per_request, help="--strategies: users a request, "
                     "comma-separated (1: /recommend; 2..256: /recommend/batch)")
+    ap.add_argument("--only", type=lambda text: text.split(","), metavar="STRATEGY,...",
+                    help="--strategies: measure only these (and full, the reference), e.g. `--only full` to see "
+                         "full's model calls without the other strategies' calls moving the measured rate")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     if args.serve_bare:

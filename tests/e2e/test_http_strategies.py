@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from benchmarks.http_load import main
-from conftest import REPO, staged_checkpoint
+from conftest import REPO, small_checkpoint, staged_checkpoint
 
 
 @pytest.mark.slow
@@ -31,9 +31,12 @@ def test_every_strategy_and_request_size_is_measured_through_http(tmp_path):
     assert "two_stage" in run.stdout and "full/p50" in run.stdout
 
 
-def test_a_missing_checkpoint_is_an_error_not_a_traceback(tmp_path, capsys):
+def test_a_missing_checkpoint_or_strategy_is_an_error_not_a_traceback(tmp_path, capsys):
     assert main(["--strategies", "--checkpoint", str(tmp_path / "absent.ckpt"), "--workdir", str(tmp_path)]) == 2
     assert "checkpoint not found" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--strategies", "--checkpoint", str(tmp_path / "absent.ckpt"), "--users", "1,1000"])
     assert "from 1 to 256" in capsys.readouterr().err
+    without_stage = small_checkpoint(tmp_path / "cmn-only.ckpt")
+    assert main(["--strategies", "--checkpoint", without_stage, "--only", "two_stage", "--workdir", str(tmp_path)]) == 2
+    assert "does not offer ['two_stage'] (it offers ['full'])" in capsys.readouterr().err
