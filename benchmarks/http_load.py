@@ -28,16 +28,17 @@ weights (memories scaled to std 0.5) on citeulike-a's training pairs, string ids
 --strategies: instead, the cost of each strategy the checkpoint offers (full; two_stage and retrieval where it has a
 retrieval stage) through the real server, `python -m app` alone (no wrk, no bare app):
 
-    python -m benchmarks.http_load --strategies --checkpoint /tmp/hs/qs.ckpt --json /tmp/hs/strategies.json
+    python -m benchmarks.http_load --strategies --checkpoint artifacts/model.ckpt --rounds 10 --duration 5
 
 k 10, known users at random (the same users for every strategy), 1 user a request (`POST /recommend`) and 64
-(`POST /recommend/batch`, one model call of CMN_MAX_BATCH's default 64 unless CMN_MAX_CALL_MS splits it), one
-keep-alive connection, one request at a time. Each round runs every (users, strategy) cell for --duration seconds,
-the order of the strategies reversed every other round, so a load spike on the shared machine hits them all; a
---warmup of each cell first is not counted. Reported per cell: requests, p50 and p99 of the client's latency over
-all rounds, requests/s (one connection), the server's CPU ms per request (from /proc), its model calls per request
-(from /metrics) and full's p50 and p99 over this cell's (full / two_stage: how much faster); every answer is checked to be a 200 ranked by the strategy asked
-for. Also the checkpoint's size, its stage and, where the checkpoint records it, the stage's fit time.
+(`POST /recommend/batch`, one model call of CMN_MAX_BATCH's default 64 unless CMN_MAX_CALL_MS splits it), one keep-alive
+connection, one request at a time. Each round runs every (users, strategy) cell for --duration seconds, the order of
+the strategies reversed every other round, so a load spike on the shared machine hits them all; a --warmup of each
+cell first is not counted. Reported per cell: requests, p50 and p99 of the client's latency over all rounds,
+requests/s (one connection), the server's CPU ms per request (from /proc), its model calls per request (from
+/metrics) and full's p50 and p99 over this cell's (full / two_stage: how much faster); every answer is checked to be
+a 200 ranked by the strategy asked for. Also the checkpoint's size, its stage and, where the checkpoint records it,
+the stage's fit time.
 """
 
 import argparse
@@ -333,6 +334,9 @@ def strategies_main(args, checkpoint: Path, extra_env: dict) -> int:
         print(f"error: {checkpoint} does not offer {sorted(missing)} (it offers {list(offered)})", file=sys.stderr)
         return 2
     strategies = tuple(s for s in offered if s == "full" or s in (args.only or offered))
+    if max(args.users) > len(ckpt.user_ids):
+        print(f"error: {max(args.users)} users a request, but {checkpoint} knows {len(ckpt.user_ids)}", file=sys.stderr)
+        return 2
     stage = ckpt.two_stage.to_dict() if ckpt.two_stage is not None else None
     fits = fit_seconds(ckpt)
     user_ids = list(ckpt.user_ids)

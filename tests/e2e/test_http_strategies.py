@@ -40,3 +40,5 @@ def test_a_missing_checkpoint_or_strategy_is_an_error_not_a_traceback(tmp_path, 
     without_stage = small_checkpoint(tmp_path / "cmn-only.ckpt")
     assert main(["--strategies", "--checkpoint", without_stage, "--only", "two_stage", "--workdir", str(tmp_path)]) == 2
     assert "does not offer ['two_stage'] (it offers ['full'])" in capsys.readouterr().err
+    assert main(["--strategies", "--checkpoint", without_stage, "--workdir", str(tmp_path)]) == 2
+    assert "64 users a request, but" in capsys.readouterr().err
