@@ -24,9 +24,25 @@ at concurrency 32
 
 Needs wrk (`apt-get install -y wrk`). Without --checkpoint one is written to --workdir: a CMN with random
 weights (memories scaled to std 0.5) on citeulike-a's training pairs, string ids as a service would see.
+
+--strategies: instead, the cost of each strategy the checkpoint offers (full; two_stage and retrieval where it has a
+retrieval stage) through the real server, `python -m app` alone (no wrk, no bare app):
+
+    python -m benchmarks.http_load --strategies --checkpoint artifacts/model.ckpt --rounds 10 --duration 5
+
+k 10, known users at random (the same users for every strategy), 1 user a request (`POST /recommend`) and 64
+(`POST /recommend/batch`, one model call of CMN_MAX_BATCH's default 64 unless CMN_MAX_CALL_MS splits it), one keep-alive
+connection, one request at a time. Each round runs every (users, strategy) cell for --duration seconds, the order of
+the strategies reversed every other round, so a load spike on the shared machine hits them all; a --warmup of each
+cell first is not counted. Reported per cell: requests, p50 and p99 of the client's latency over all rounds,
+requests/s (one connection), the server's CPU ms per request (from /proc), its model calls per request (from
+/metrics) and full's p50 and p99 over this cell's (full / two_stage: how much faster); every answer is checked to be
+a 200 ranked by the strategy asked for. Also the checkpoint's size, its stage and, where the checkpoint records it,
+the stage's fit time.
 """
 
 import argparse
+import http.client
 import json
 import os
 import re
@@ -37,6 +53,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from tests.harness.servers import free_port, stop, wait_healthy
 
@@ -192,6 +209,166 @@ def write_bodies(path: Path, user_ids: list[str], item_ids: list[str], candidate
     return path
 
 
+# --------------------------------------------------------------------------- strategies side by side
+
+def strategy_bodies(user_ids: list[str], strategy: str, users: np.ndarray) -> list[tuple[str, bytes]]:
+    """(path, body) for each row of `users` (indices): /recommend for one user, /recommend/batch for several."""
+    def one(u: int) -> dict:
+        return {"user_id": user_ids[u], "k": 10, "strategy": strategy}
+    return [("/recommend", json.dumps(one(row[0])).encode()) if len(row) == 1 else
+            ("/recommend/batch", json.dumps({"requests": [one(u) for u in row]}).encode()) for row in users]
+
+
+def served_strategies(answer: dict) -> set:
+    return {r.get("strategy") for r in answer["results"]} if "results" in answer else {answer.get("strategy")}
+
+
+def model_calls(conn: http.client.HTTPConnection) -> float:
+    """The server's model calls so far (/metrics: cmn_batch_size's count): a request is cut into several where
+    CMN_MAX_BATCH or CMN_MAX_CALL_MS (at the model thread's measured pairs per second) says so."""
+    conn.request("GET", "/metrics")
+    text = conn.getresponse().read().decode()
+    return float(re.search(r"^cmn_batch_size_count (\S+)$", text, re.M).group(1))
+
+
+class Cell:
+    """One (users a request, strategy): its bodies, taken in turn, and what its measured requests took."""
+
+    def __init__(self, users: int, strategy: str, bodies: list[tuple[str, bytes]]):
+        self.users, self.strategy, self.bodies = users, strategy, bodies
+        self.next, self.latencies, self.cpu_s, self.calls, self.errors = 0, [], 0.0, 0.0, []
+
+    def run(self, conn: http.client.HTTPConnection, seconds: float, pid: int, measured: bool, least: int = 3) -> None:
+        """Requests one after the other for `seconds` (at least `least` of them)."""
+        calls_before, cpu_before = model_calls(conn), cpu_seconds(pid)[0]
+        n, until = 0, time.perf_counter() + seconds
+        while n < least or time.perf_counter() < until:
+            path, body = self.bodies[self.next % len(self.bodies)]
+            self.next, n = self.next + 1, n + 1
+            start = time.perf_counter()
+            conn.request("POST", path, body, {"Content-Type": "application/json"})
+            response = conn.getresponse()
+            data = response.read()
+            took = time.perf_counter() - start
+            if response.status != 200:
+                self.errors.append(f"{response.status} {data[:200]!r}")
+            elif (served := served_strategies(json.loads(data))) != {self.strategy}:
+                self.errors.append(f"asked for {self.strategy}, ranked by {sorted(map(str, served))}")
+            if measured:
+                self.latencies.append(took)
+        if measured:
+            self.cpu_s += cpu_seconds(pid)[0] - cpu_before
+            self.calls += model_calls(conn) - calls_before
+
+
+def compare_strategies(url: str, pid: int, user_ids: list[str], strategies: tuple[str, ...], sizes: list[int],
+                       rounds: int, seconds: float, warmup: float, seed: int = 0) -> list[dict]:
+    """Every (users a request, strategy) cell, interleaved round by round; one row per cell."""
+    rng = np.random.default_rng(seed)
+    cells = []
+    for size in sizes:
+        users = np.stack([rng.choice(len(user_ids), size, replace=False) for _ in range(64)])
+        cells += [Cell(size, s, strategy_bodies(user_ids, s, users)) for s in strategies]
+    conn = http.client.HTTPConnection(url.removeprefix("http://"), timeout=300)
+    try:
+        for cell in cells:
+            cell.run(conn, warmup, pid, measured=False, least=2)
+        with tqdm(total=rounds * len(cells), desc="rounds x cells", leave=False) as progress:
+            for r in range(rounds):
+                for size in sizes:
+                    for cell in [c for c in cells if c.users == size][::1 if r % 2 == 0 else -1]:
+                        cell.run(conn, seconds, pid, measured=True)
+                        progress.update()
+    finally:
+        conn.close()
+    rows = []
+    for cell in cells:
+        lat = np.array(cell.latencies) * 1e3
+        rows.append({"users": cell.users, "strategy": cell.strategy, "requests": len(lat),
+                     "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99)),
+                     "req_per_s": len(lat) / lat.sum() * 1e3, "cpu_ms_per_request": cell.cpu_s * 1e3 / len(lat),
+                     "model_calls_per_request": cell.calls / len(lat),
+                     "errors": len(cell.errors), "first_errors": cell.errors[:3]})
+    for row in rows:
+        full = next(r for r in rows if r["users"] == row["users"] and r["strategy"] == "full")
+        row["full_over_p50"], row["full_over_p99"] = full["p50_ms"] / row["p50_ms"], full["p99_ms"] / row["p99_ms"]
+    return rows
+
+
+def fit_seconds(ckpt) -> dict:
+    """Fit times the checkpoint records for its retrieval stage (keys ending in `seconds`), by where they are."""
+    found = {}
+
+    def walk(value, where: str) -> None:
+        if isinstance(value, dict):
+            for key, v in value.items():
+                if str(key).endswith("seconds") and isinstance(v, (int, float)):
+                    found[f"{where}.{key}"] = v
+                else:
+                    walk(v, f"{where}.{key}")
+    walk(ckpt.meta, "meta")
+    walk(ckpt.metrics.get("two_stage", {}), "metrics.two_stage")
+    return found
+
+
+def users_per_request(text: str) -> list[int]:
+    try:
+        sizes = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not comma-separated integers: {text!r}") from None
+    if not all(1 <= n <= 256 for n in sizes):
+        raise argparse.ArgumentTypeError(f"users a request run from 1 to 256 (a batch's most): {text!r}")
+    return sizes
+
+
+def strategies_main(args, checkpoint: Path, extra_env: dict) -> int:
+    from model.recommender import STRATEGIES
+    from model.store.checkpoint import CheckpointError, load_checkpoint
+    try:
+        ckpt = load_checkpoint(str(checkpoint))
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    offered = STRATEGIES if ckpt.retrieval is not None else ("full",)
+    if missing := set(args.only or ()) - set(offered):
+        print(f"error: {checkpoint} does not offer {sorted(missing)} (it offers {list(offered)})", file=sys.stderr)
+        return 2
+    strategies = tuple(s for s in offered if s == "full" or s in (args.only or offered))
+    if max(args.users) > len(ckpt.user_ids):
+        print(f"error: {max(args.users)} users a request, but {checkpoint} knows {len(ckpt.user_ids)}", file=sys.stderr)
+        return 2
+    stage = ckpt.two_stage.to_dict() if ckpt.two_stage is not None else None
+    fits = fit_seconds(ckpt)
+    user_ids = list(ckpt.user_ids)
+    print(f"checkpoint {checkpoint}: {checkpoint.stat().st_size / 1e6:.1f} MB; {len(user_ids):,} users, "
+          f"{len(ckpt.item_ids):,} items; retrieval stage {stage or '(none: full only)'}; stage fit time "
+          f"{fits or '(not recorded in the checkpoint)'}")
+    print(f"nproc {os.cpu_count()}; load average {os.getloadavg()}; server env {extra_env or '(defaults)'}; "
+          f"{args.rounds} rounds x {args.duration:g} s a cell after {args.warmup:g} s of warm-up", flush=True)
+    del ckpt
+    url, proc = start_server("real", checkpoint, Path(args.workdir), extra_env)
+    try:
+        rows = compare_strategies(url, proc.pid, user_ids, strategies, args.users, args.rounds, args.duration,
+                                  args.warmup)
+    finally:
+        stop(proc)
+    print(f"{'users':>5} {'strategy':>9} {'requests':>8} {'p50 ms':>9} {'p99 ms':>9} {'req/s':>7} {'CPU ms/req':>10} "
+          f"{'calls/req':>9} {'full/p50':>8} {'full/p99':>8} {'errors':>6}")
+    for r in rows:
+        print(f"{r['users']:>5} {r['strategy']:>9} {r['requests']:>8} {r['p50_ms']:>9.2f} {r['p99_ms']:>9.2f} "
+              f"{r['req_per_s']:>7.1f} {r['cpu_ms_per_request']:>10.2f} "
+              f"{r['model_calls_per_request']:>9.1f} {r['full_over_p50']:>7.2f}x "
+              f"{r['full_over_p99']:>7.2f}x {r['errors']:>6}")
+        for e in r["first_errors"]:
+            print(f"      error: {e}")
+    print(f"load average at the end {os.getloadavg()}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"checkpoint": str(checkpoint), "bytes": checkpoint.stat().st_size,
+                                               "stage": stage, "fit_seconds": fits, "rows": rows, "env": extra_env,
+                                               "command": " ".join(sys.argv)}, indent=2))
+    return 1 if any(r["errors"] for r in rows) else 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--serve-bare", type=int, metavar="PORT", help=argparse.SUPPRESS)
@@ -212,11 +389,26 @@ def main(argv=None) -> int:
                          "/tmp/before REV`), interleaved with the others, and report real/baseline")
     ap.add_argument("--plain", action="store_true", help="also serve the app under `uvicorn app.main:app` "
                     "(uvicorn's defaults, without app/protocol.py), interleaved with the others")
+    ap.add_argument("--strategies", action="store_true", help="instead: p50/p99 of each strategy the checkpoint "
+                    "offers, 1 and 64 users a request, interleaved rounds (see above)")
+    ap.add_argument("--rounds", type=int, default=5, help="--strategies: rounds")
+    ap.add_argument("--users", default="1,64", type=users_per_request, help="--strategies: users a request, "
+                    "comma-separated (1: /recommend; 2..256: /recommend/batch)")
+    ap.add_argument("--only", type=lambda text: text.split(","), metavar="STRATEGY,...",
+                    help="--strategies: measure only these (and full, the reference), e.g. `--only full` to see "
+                         "full's model calls without the other strategies' calls moving the measured rate")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     if args.serve_bare:
         serve_bare(args.serve_bare)
         return 0
+    if args.strategies:
+        if not args.checkpoint:
+            ap.error("--strategies needs --checkpoint (a trained one: a random model has no retrieval stage)")
+        Path(args.workdir).mkdir(parents=True, exist_ok=True)
+        if args.quick:
+            args.duration, args.warmup, args.rounds = 0.5, 0.2, 2
+        return strategies_main(args, Path(args.checkpoint), dict(kv.split("=", 1) for kv in args.env))
     if not shutil.which("wrk"):
         print("error: wrk not found (apt-get install -y wrk)", file=sys.stderr)
         return 2

@@ -373,8 +373,11 @@ def two_stage_section(b: dict, base: dict | None, rel_out: str) -> list[str]:
     weights = sorted({r["weight"] for r in table})
     rows = list(dict.fromkeys((r["method"], r["candidates"], r["blend"]) for r in table))
     cell = {(r["method"], r["candidates"], r["blend"], r["weight"]): r["ndcg@10"] for r in table}
-    best_row = (chosen["method"], chosen["candidates"], chosen["blend"])
-    method = LABELS.get(chosen["method"], chosen["method"])
+    # the grid's rows name a stage by its members of weight > 0: a member kept only for the tail order is not one
+    fusion = chosen.get("fusion") or {chosen["method"]: 1.0}
+    stage = "+".join(m for m, w in fusion.items() if w > 0)
+    best_row = (stage, chosen["candidates"], chosen["blend"])
+    method = LABELS.get(stage, stage)
     L = ["## Two-stage recommendation: retrieval + CMN re-ranking (issue 16)", "",
          "The served default on a checkpoint trained with `--validation` is `two_stage`: a retrieval stage (RP3beta "
          "or ItemKNN CF, fitted at training time and stored in the checkpoint) proposes R items per user, CMN scores "

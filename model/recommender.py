@@ -31,7 +31,7 @@ from model.device import resolve_device
 from model.foldin import FoldedUser, FoldInConfig, fold_in_user
 from model.neighbours import neighbour_csr
 from model.ranking import top_k
-from model.retrieval import STRATEGIES, Retrieval, TwoStage, blend
+from model.retrieval import STRATEGIES, Retrieval, TwoStage, blend, tiered
 from model.scoring import Scorer
 
 Lists = Sequence[Sequence[int]]
@@ -143,7 +143,8 @@ class Recommender:
         `exclude_seen` are given once or per user; `exclude` and `candidates` per user. Without `candidates` the
         whole catalogue is ranked: by CMN over every item (`full`), by CMN over the R items the retrieval stage
         proposes (`two_stage`), or by the retrieval stage alone (`retrieval`); the default is `full` without a
-        retrieval stage, else the one validation chose (`TwoStage.strategy`). Given `candidates`, those are ranked (two_stage: by the blend).
+        retrieval stage, else the one validation chose (`TwoStage.strategy`). Given `candidates`, those are ranked in
+        the order the whole-catalogue list gives them (`rank_candidates`).
         """
         strategy = self._strategy(strategy)
         if histories is None:
@@ -155,8 +156,8 @@ class Recommender:
     def score(self, users: Sequence[int] | torch.Tensor | None = None, items=None, strategy: str | None = None, *,
               histories: Histories | None = None, seed: int | None = None) -> torch.Tensor:
         """(U, C) scores of users (or `histories`, as in `recommend`) × candidate items, or (U, n_items): the
-        evaluator's protocol. Over the whole catalogue, `two_stage` scores the R retrieved items (seen items are
-        never retrieved) and -inf elsewhere."""
+        evaluator's protocol. `two_stage` and `retrieval` rank any items as their whole-catalogue lists do
+        (`rank_candidates`): the R retrieved items first (seen items are never retrieved)."""
         strategy = self._strategy(strategy)
         if histories is None:
             return self._score(known(users), items, strategy)
@@ -166,17 +167,10 @@ class Recommender:
     def _score(self, users: list[int], items, strategy: str) -> torch.Tensor:
         if strategy == "full":
             return self.scorer.score(torch.tensor(users, device=self.device), items)
-        if items is not None:
-            items = torch.as_tensor(items, dtype=torch.long, device=self.device)
-            return self.score_lists(users, items, torch.ones_like(items, dtype=torch.bool), strategy)
-        dense = self._retrieval_scores(users)
-        if strategy == "retrieval":
-            return dense
-        items, valid = self.retrieve(users, [list(self.seen_sets[u]) for u in users], dense)
-        out = torch.full((len(users), self.n_items), -torch.inf, device=self.device)
-        rows = torch.arange(len(users), device=self.device)[:, None].expand_as(items)
-        out[rows[valid], items[valid]] = self.score_lists(users, items, valid, strategy, dense)[valid]
-        return out
+        items = self._catalogue(len(users)) if items is None else torch.as_tensor(items, dtype=torch.long,
+                                                                                   device=self.device)
+        return self.rank_candidates(users, items, torch.ones_like(items, dtype=torch.bool), strategy,
+                                    [list(self.seen_sets[u]) for u in users])
 
     def _recommend(self, users: list[int], k, exclude_seen, exclude, candidates,
                    strategy: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -184,15 +178,35 @@ class Recommender:
         ks, drop_seen = per_row(k, n), per_row(exclude_seen, n)
         exclude = per_row(exclude, n) if exclude is not None else [()] * n
         banned = [list(x) + list(self.seen_sets[u]) if s else list(x) for u, s, x in zip(users, drop_seen, exclude)]
-        dense = None
-        if candidates is None and strategy == "two_stage":
+        if candidates is None and strategy == "two_stage":   # the list is the R proposed items, re-ranked
             dense = self._retrieval_scores(users)
             items, valid = self.retrieve(users, banned, dense)
-        elif candidates is None:
+            return self._top(self.score_lists(users, items, valid, strategy, dense), items, banned, ks)
+        if candidates is None:
             return self._top(self._score(users, None, strategy), None, banned, ks)
+        items, valid = self._pad(per_row(candidates, n))
+        scores = (self.score_lists(users, items, valid, strategy) if strategy == "full" else
+                  self.rank_candidates(users, items, valid, strategy, banned))
+        return self._top(scores, items, banned, ks)
+
+    def _catalogue(self, n_rows: int) -> torch.Tensor:
+        return torch.arange(self.n_items, device=self.device).expand(n_rows, -1)
+
+    def rank_candidates(self, users: list[int], items: torch.Tensor, valid: torch.Tensor, strategy: str,
+                        banned: list[list[int]]) -> torch.Tensor:
+        """(U, W) scores of any items (where `valid`) by `two_stage` or `retrieval`, ranked as the whole-catalogue
+        list ranks them (model/retrieval.py `tiered`): the user's R proposed items (`banned` left out) by the
+        strategy's score, then the rest by the stage's tail order."""
+        histories = [list(self.seen_sets[u]) for u in users]
+        if self.two_stage.tail is None:
+            dense = tail = self.retrieval.scores(histories)
+            if strategy == "retrieval":   # its own order past the R proposed too: the scores as they are
+                return dense.gather(1, items.clamp(min=0)).masked_fill(~valid, -torch.inf)
         else:
-            items, valid = self._pad(per_row(candidates, n))
-        return self._top(self.score_lists(users, items, valid, strategy, dense), items, banned, ks)
+            members = self.retrieval.member_scores(histories)
+            dense, tail = self.retrieval.fuse(members), members[self.two_stage.tail]
+        proposed, found = self.retrieve(users, banned, dense)
+        return tiered(proposed, found, self.score_lists(users, proposed, found, strategy, dense), items, valid, tail)
 
     def fold_in(self, items: Sequence[int], seed: int | None = None) -> FoldedUser:
         """A user's rows of M and C fitted to `items` (model/foldin.py), stored nowhere. Deterministic for a seed

@@ -10,11 +10,20 @@ at once, and a user folded in from a history list is served the same way), fitte
 - `EASERetrieval`: EASE's exact dense scores, stored in min(users, items)² floats instead of B's items².
 - `ALSRetrieval`: iALS item factors; a history's user vector is solved for at request time (`recalculate_user`).
 
+- `FusedRetrieval`: several of the above as one stage (Gorse's multi-recall, fused rather than unioned): each
+  member's scores standardised over the user's row of the catalogue, then weighted and summed.
+
 `TwoStage` holds what validation chose: the method, how many candidates R the retrieval proposes, how the two scores
 are blended, the weight of CMN in the blend, and the default strategy (`retrieval` where CMN's best weight was 0). The two scales are unrelated, so each score enters either
 standardised over the user's candidates (`zscore`, what checkpoints without a `blend` setting use) or by its rank
 among them (`rrf`, reciprocal-rank fusion: only the orders count, not how far apart the scores are). Weight 1 is CMN's
 order of the retrieved candidates, weight 0 the retrieval's own order, with either blend.
+
+A list of given candidates is ranked as the whole-catalogue list ranks them (`tiered`): the items the retrieval
+proposes (a user's top R) first, by the strategy's score, then every other one by the `tail` member's order (the
+stage's own order where none was chosen). Beyond its top few hundred a dense model's order is noise over rare items
+(EASE ranks a random item above the held-out one far more often than RP3beta does: docs/results.md), so validation
+may hand the tail to another member.
 """
 from __future__ import annotations
 
@@ -37,6 +46,8 @@ class TwoStage:
     params: dict           # the retrieval method's hyperparameters (for the record)
     blend: str = "zscore"  # how the two scores are combined (BLENDS)
     strategy: str = "two_stage"   # the default strategy: two_stage, or retrieval (validation gave CMN weight 0)
+    fusion: dict | None = None    # a fused stage: member method → weight (`method` is the members joined by "+")
+    tail: str | None = None       # the member that orders items the retrieval does not propose; None: the stage
 
     def __post_init__(self):
         if self.candidates < 1:
@@ -48,6 +59,10 @@ class TwoStage:
         if self.strategy not in STRATEGIES[1:]:
             raise ValueError(f"a retrieval stage's default strategy must be two_stage or retrieval, "
                              f"got {self.strategy!r}")
+        if self.fusion is not None and list(self.fusion) != self.method.split("+"):
+            raise ValueError(f"a fused stage's method names its members: {self.method!r} against {list(self.fusion)}")
+        if self.tail is not None and self.tail not in (self.fusion or {}):
+            raise ValueError(f"the tail order must be one of a fused stage's members, got {self.tail!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -146,15 +161,16 @@ class ItemRetrieval(Retrieval):
 
 class EASERetrieval(Retrieval):
     """EASE's exact scores (Steck, WWW 2019) for any history x: x·B with B = I − P·diag(1/diag(P)),
-    P = (XᵀX + λI)⁻¹, i.e. x − (x·P) / diag(P). B itself (items², dense) is not stored: where there are no more items
-    than users, P is (`p`, items²); else P = (I − Xᵀ K X) / λ with K = (XXᵀ + λI)⁻¹ (Woodbury's identity), and the
-    stage holds K (`k`, users²) and the binary training matrix X (`x_indptr`, `x_indices`, users × items CSR). Either
-    way a score is exactly the dense EASE's, for trained users and for histories folded in, in min(users, items)²
-    floats (training/baselines.py bounds that side)."""
+    P = (XᵀX + Λ)⁻¹, i.e. x − (x·P) / diag(P). B itself (items², dense) is not stored: where there are no more items
+    than users, P is (`p`, items²); else P = (D⁻¹ − D⁻¹Xᵀ K X D⁻¹) / λ with K = (XD⁻¹Xᵀ + λI)⁻¹ (Woodbury's
+    identity; D = Λ/λ, `scale`, absent for Λ = λI), and the stage holds K (`k`, users²), D and the binary training
+    matrix X (`x_indptr`, `x_indices`, users × items CSR). Either way a score is exactly the dense EASE's, for trained
+    users and for histories folded in, in min(users, items)² floats (training/baselines.py bounds that side)."""
 
     def __init__(self, diag: torch.Tensor, l2: torch.Tensor, p: torch.Tensor | None = None,
                  k: torch.Tensor | None = None, x_indptr: torch.Tensor | None = None,
-                 x_indices: torch.Tensor | None = None, device: str | torch.device = "cpu"):
+                 x_indices: torch.Tensor | None = None, scale: torch.Tensor | None = None,
+                 device: str | torch.device = "cpu"):
         n_items = len(diag)
         if (p is None) == (k is None) or (k is not None and (x_indptr is None or x_indices is None)):
             raise ValueError("an EASE stage holds either P, or K with the training matrix X")
@@ -164,11 +180,14 @@ class EASERetrieval(Retrieval):
             raise ValueError(f"EASE's K ({tuple(k.shape)}) and X ({len(x_indptr) - 1} users) do not match")
         if k is not None and len(x_indices) and (int(x_indices.min()) < 0 or int(x_indices.max()) >= n_items):
             raise ValueError("EASE's training matrix names items outside the catalogue")
+        if scale is not None and (k is None or tuple(scale.shape) != (n_items,)):
+            raise ValueError(f"EASE's per-item regularisation scale ({tuple(scale.shape)}) goes with K, one per item")
         super().__init__(n_items, device)
         self.diag = diag.to(self.device, torch.float32)
         self.l2 = l2.reshape(1).to(self.device, torch.float32)
         self.p = None if p is None else p.to(self.device, torch.float32)
         self.k = None if k is None else k.to(self.device, torch.float32)
+        self.scale = None if scale is None else scale.to(self.device, torch.float32)
         if k is not None:
             self.x_indptr, self.x_indices = x_indptr.to(self.device, torch.long), x_indices.to(self.device, torch.long)
             users = slot_rows(self.x_indptr[1:] - self.x_indptr[:-1])
@@ -180,28 +199,32 @@ class EASERetrieval(Retrieval):
 
     def to(self, device: str | torch.device) -> "EASERetrieval":
         return EASERetrieval(self.diag, self.l2, self.p, self.k, *(() if self.k is None else
-                                                                     (self.x_indptr, self.x_indices)), device=device)
+                                                                     (self.x_indptr, self.x_indices, self.scale)),
+                             device=device)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {"ease.diag": self.diag.cpu(), "ease.l2": self.l2.cpu()}
         if self.p is not None:
             return {**out, "ease.p": self.p.cpu()}
-        return {**out, "ease.k": self.k.cpu(), "ease.x_indptr": self.x_indptr.cpu(),
-                "ease.x_indices": self.x_indices.to(torch.int32).cpu()}
+        out = {**out, "ease.k": self.k.cpu(), "ease.x_indptr": self.x_indptr.cpu(),
+               "ease.x_indices": self.x_indices.to(torch.int32).cpu()}
+        return out if self.scale is None else {**out, "ease.scale": self.scale.cpu()}
 
     @staticmethod
-    def layout(n_users: int, n_items: int) -> dict[str, tuple[str, list]]:
-        """The stored tensors of the form chosen for this size (training/baselines.py's EASE: P where items ≤ users)."""
+    def layout(n_users: int, n_items: int, names=()) -> dict[str, tuple[str, list]]:
+        """The stored tensors of the form chosen for this size (training/baselines.py's EASE: P where items ≤ users),
+        `ease.scale` where `names` has it (EDLAE's per-item regularisation)."""
         out = {"ease.diag": ("F32", [n_items]), "ease.l2": ("F32", [1])}
         if n_items <= n_users:
             return {**out, "ease.p": ("F32", [n_items, n_items])}
-        return {**out, "ease.k": ("F32", [n_users, n_users]), "ease.x_indptr": ("I64", [n_users + 1]),
-                "ease.x_indices": ("I32", [None])}
+        out = {**out, "ease.k": ("F32", [n_users, n_users]), "ease.x_indptr": ("I64", [n_users + 1]),
+               "ease.x_indices": ("I32", [None])}
+        return {**out, "ease.scale": ("F32", [n_items])} if "ease.scale" in names else out
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> "EASERetrieval":
         return cls(tensors["ease.diag"], tensors["ease.l2"], tensors.get("ease.p"), tensors.get("ease.k"),
-                   tensors.get("ease.x_indptr"), tensors.get("ease.x_indices"))
+                   tensors.get("ease.x_indptr"), tensors.get("ease.x_indices"), tensors.get("ease.scale"))
 
     def trained_scores(self, rows, items, weight, n_rows):
         x = torch.zeros(n_rows, self.n_trained, device=self.device)
@@ -212,8 +235,10 @@ class EASERetrieval(Retrieval):
         """x·B for (U, items) histories x (weights, not only 0/1)."""
         if self.p is not None:
             xp = x @ self.p
-        else:   # x·P = (x − ((x·Xᵀ)·K)·X) / λ, the products ordered so that nothing items² is formed
-            xp = (x - (self.xt @ (self.k @ (self.x @ x.T))).T) / self.l2
+        else:   # x·P = (x/D − ((x/D·Xᵀ)·K)·X/D) / λ, the products ordered so that nothing items² is formed
+            xd = x if self.scale is None else x / self.scale
+            xk = (self.xt @ (self.k @ (self.x @ xd.T))).T
+            xp = (xd - (xk if self.scale is None else xk / self.scale)) / self.l2
         return x - xp / self.diag
 
 
@@ -271,18 +296,79 @@ class ALSRetrieval(Retrieval):
         return self.user_factors(rows, items, weight, n_rows) @ self.item_factors.T
 
 
-RETRIEVAL_KINDS = {"ease.": EASERetrieval, "ials.": ALSRetrieval}
+class FusedRetrieval(Retrieval):
+    """Members' scores fused: Σ_m w_m · z_m, z_m member m's scores standardised over the user's row (the whole
+    catalogue, live items included), so that the fused order does not depend on which items are asked about. A member
+    of weight 0 is kept for its order alone (`TwoStage.tail`). Live items are the members' (each mixes its own
+    columns)."""
+
+    def __init__(self, members: dict[str, Retrieval], weights: dict[str, float]):
+        if list(members) != list(weights) or len(members) < 2:
+            raise ValueError(f"a fused stage needs two members or more, each with a weight "
+                             f"({list(members)} against {list(weights)})")
+        first = next(iter(members.values()))
+        super().__init__(first.n_items, first.device)
+        self.members, self.weights = members, {name: float(w) for name, w in weights.items()}
+
+    def add_item(self, items, weights) -> int:
+        for member in self.members.values():
+            member.add_item(items, weights)
+        self.n_items += 1
+        return self.n_items - 1
+
+    def set_item(self, item: int, items, weights) -> None:
+        for member in self.members.values():
+            member.set_item(item, items, weights)
+
+    def member_scores(self, histories: list[list[int]]) -> dict[str, torch.Tensor]:
+        return {name: member.scores(histories) for name, member in self.members.items()}
+
+    def fuse(self, scores: dict[str, torch.Tensor]) -> torch.Tensor:
+        every = torch.ones_like(next(iter(scores.values())), dtype=torch.bool)
+        return sum(w * standardise(scores[name], every) for name, w in self.weights.items() if w)
+
+    def scores(self, histories: list[list[int]]) -> torch.Tensor:
+        return self.fuse(self.member_scores(histories))
+
+    def to(self, device: str | torch.device) -> "FusedRetrieval":
+        return FusedRetrieval({name: m.to(device) for name, m in self.members.items()}, self.weights)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {f"fused.{name}.{k}": v for name, m in self.members.items() for k, v in m.tensors().items()}
+
+
+def fused_members(names) -> dict[str, list[str]]:
+    """A fused stage's tensor names (`fused.<member>.<name>`) by member, in order; {} for a single stage."""
+    out: dict[str, list[str]] = {}
+    for name in names:
+        if name.startswith("fused."):
+            member, _, rest = name[len("fused."):].partition(".")
+            out.setdefault(member, []).append(rest)
+    return out
 
 
 def retrieval_layout(names, n_users: int, n_items: int) -> dict[str, tuple[str, list]]:
     """The checkpoint tensors (without their `retrieval.` prefix) a stage stored under `names` must have."""
-    kind = next((k for prefix, k in RETRIEVAL_KINDS.items() if any(n.startswith(prefix) for n in names)),
-                ItemRetrieval)
-    return kind.layout(n_users, n_items)
+    members = fused_members(names)
+    if members:
+        return {f"fused.{m}.{k}": v for m, rest in members.items()
+                for k, v in retrieval_layout(rest, n_users, n_items).items()}
+    if any(n.startswith("ease.") for n in names):
+        return EASERetrieval.layout(n_users, n_items, names)
+    if any(n.startswith("ials.") for n in names):
+        return ALSRetrieval.layout(n_users, n_items)
+    return ItemRetrieval.layout(n_users, n_items)
 
 
-def retrieval_from_tensors(tensors: dict[str, torch.Tensor], n_items: int) -> Retrieval:
-    """A stage as `tensors()` stored it (the `retrieval.` prefix removed)."""
+def retrieval_from_tensors(tensors: dict[str, torch.Tensor], n_items: int, stage: TwoStage) -> Retrieval:
+    """A stage as `tensors()` stored it (the `retrieval.` prefix removed), with the settings it was stored with."""
+    if fused_members(tensors):
+        if stage.fusion is None or set(stage.fusion) != set(fused_members(tensors)):
+            raise ValueError(f"the fused stage's members {list(fused_members(tensors))} are not its settings' "
+                             f"{list(stage.fusion or {})}")
+        return FusedRetrieval({m: retrieval_from_tensors({k[len(f"fused.{m}."):]: v for k, v in tensors.items()
+                                                           if k.startswith(f"fused.{m}.")}, n_items, None)
+                               for m in stage.fusion}, stage.fusion)
     if "ease.diag" in tensors:
         return EASERetrieval.from_tensors(tensors)
     if "ials.item_factors" in tensors:
@@ -306,6 +392,26 @@ def reciprocal_rank(scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     ascending = x.sort(1).values
     above = x.shape[1] - torch.searchsorted(ascending, x.contiguous(), right=True)
     return torch.where(valid, 1.0 / (RRF_K + 1.0 + above), 0.0)
+
+
+def tiered(proposed: torch.Tensor, found: torch.Tensor, scores: torch.Tensor, items: torch.Tensor,
+           valid: torch.Tensor, tail: torch.Tensor) -> torch.Tensor:
+    """(U, W) scores of `items` (where `valid`; -inf elsewhere) that rank as the whole-catalogue list does: an item
+    among the user's `proposed` (U, R; `found` marks real entries) has its `scores` entry; any other scores below every
+    proposed one, by its rank r (0-based, ties sharing the best) in the user's `tail` row (U, n_items):
+    min(proposed scores) − 1 − r / n_items."""
+    n_rows, n_items = tail.shape
+    rows = torch.arange(n_rows, device=tail.device)[:, None]
+    lookup = torch.full((n_rows, n_items), torch.nan, device=tail.device)
+    lookup[rows.expand_as(proposed)[found], proposed[found]] = scores[found]
+    floor = scores.masked_fill(~found, torch.inf).min(1).values
+    floor = torch.where(torch.isfinite(floor), floor, 0.0)
+    ascending = tail.sort(1).values
+    picked = items.clamp(min=0)
+    above = n_items - torch.searchsorted(ascending, tail.gather(1, picked).contiguous(), right=True)
+    own = lookup.gather(1, picked)
+    out = torch.where(torch.isnan(own), floor[:, None] - 1.0 - above / n_items, own)
+    return out.masked_fill(~valid, -torch.inf)
 
 
 def blend(cmn: torch.Tensor, retrieval: torch.Tensor, valid: torch.Tensor, weight: float,

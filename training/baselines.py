@@ -223,19 +223,23 @@ EASE_TOPK = 1000
 
 
 class EASE(ItemSimilarityRecommender):
-    """EASE: B = argmin ||X − XB||² + λ||B||² with diag(B) = 0, in closed form B = I − P·diag(1/diag(P)),
-    P = (XᵀX + λI)⁻¹. Stored exactly (`topk` None, model/retrieval.py's EASERetrieval) while min(users, items) ≤
+    """EASE: B = argmin ||X − XB||² + ||Λ^½ B||² with diag(B) = 0, in closed form B = I − P·diag(1/diag(P)),
+    P = (XᵀX + Λ)⁻¹. Λ = λI (Steck, WWW 2019), or with `dropout` p > 0 Λ = λI + p/(1−p)·diag(XᵀX), the
+    emphasised denoising autoencoder's closed form (EDLAE, Steck, NeurIPS 2020): a popular item's weights are
+    shrunk more. Stored exactly (`topk` None, model/retrieval.py's EASERetrieval) while min(users, items) ≤
     EASE_MAX_EXACT, else as W, each target item's (column's) `topk` largest weights, so that a stored stage is bounded
     either way. On citeulike-a (λ 20, test split) the dense B reaches full NDCG@10 0.2283, sampled 0.6975; its top
     1,000 per item 0.2054 and 0.7359.
 
-    Where there are fewer users than items, P comes from the users' side by Woodbury's identity,
-    P = (I − Xᵀ K X) / λ, K = (XXᵀ + λI)⁻¹: the dense solve is min(users, items) square, refused above
-    EASE_MAX_SOLVE (`EASE.fits` says beforehand, so that selection can skip it)."""
+    Where there are fewer users than items, P comes from the users' side by Woodbury's identity: with D = Λ/λ,
+    P = (D⁻¹ − D⁻¹Xᵀ K X D⁻¹) / λ, K = (X D⁻¹ Xᵀ + λI)⁻¹: the dense solve is min(users, items) square, refused
+    above EASE_MAX_SOLVE (`EASE.fits` says beforehand, so that selection can skip it)."""
 
-    grid = {"l2": (10.0, 20.0, 50.0, 100.0, 200.0, 500.0)}   # λ, chosen on validation by training/two_stage.py
+    # λ and p, chosen on validation by training/two_stage.py; p 0.25 was EDLAE's best on citeulike-a's validation
+    # split (full NDCG@10 0.2024 against 0.2009 at λ 10, docs/results.md)
+    grid = {"l2": (10.0, 20.0, 50.0, 100.0, 200.0, 500.0), "dropout": (0.0, 0.25)}
 
-    def __init__(self, train: np.ndarray, n_users: int, n_items: int, l2: float = 20.0,
+    def __init__(self, train: np.ndarray, n_users: int, n_items: int, l2: float = 20.0, dropout: float = 0.0,
                  topk: int | None | str = "auto"):
         if not self.fits(n_users, n_items):
             raise ValueError(f"EASE solves a dense {min(n_users, n_items):,}-square system here (the smaller of "
@@ -243,34 +247,40 @@ class EASE(ItemSimilarityRecommender):
                              "in memory: use rp3beta or itemknn")
         if not l2 > 0:
             raise ValueError(f"EASE's l2 must be > 0, got {l2}")
+        if not 0 <= dropout < 1:
+            raise ValueError(f"EASE's dropout must be within [0, 1), got {dropout}")
         if topk == "auto":
             topk = None if min(n_users, n_items) <= EASE_MAX_EXACT else EASE_TOPK
         self.n_items = n_items
-        self.params = {"l2": float(l2), "topk": topk}
+        self.params = {"l2": float(l2), "dropout": float(dropout), "topk": topk}
         x = interaction_matrix(train, n_users, n_items)
         self.profiles = x
+        scale = 1.0 + dropout / (1.0 - dropout) * np.asarray(x.sum(0)).ravel() / l2   # D = Λ / λ
         if n_items <= n_users:
             gram = (x.T @ x).toarray()
-            gram[np.diag_indices(n_items)] += l2
+            gram[np.diag_indices(n_items)] += l2 * scale
             p = np.linalg.inv(gram)
             p_rows = lambda a, b: p[a:b]
             diag = np.diag(p).copy()
         else:
-            gram = (x @ x.T).toarray()
+            xs = sp.csr_matrix(x.multiply(1.0 / scale[None, :]))   # X D⁻¹
+            gram = (xs @ x.T).toarray()
             gram[np.diag_indices(n_users)] += l2
             k = np.linalg.inv(gram)
-            xt = x.T.tocsr()
+            xst = xs.T.tocsr()
 
-            def p_rows(a: int, b: int) -> np.ndarray:   # (I − XᵀKX)[a:b] / λ
-                block = -np.asarray(x.T @ (xt[a:b] @ k).T).T
-                block[np.arange(b - a), np.arange(a, b)] += 1.0
+            def p_rows(a: int, b: int) -> np.ndarray:   # (D⁻¹ − D⁻¹XᵀKXD⁻¹)[a:b] / λ
+                block = -np.asarray(xs.T @ (xst[a:b] @ k).T).T
+                block[np.arange(b - a), np.arange(a, b)] += 1.0 / scale[a:b]
                 return block / l2
 
             step = max(1, BLOCK_CELLS // n_users)
-            diag = np.concatenate([(1.0 - np.asarray(xt[a:a + step].multiply(xt[a:a + step] @ k).sum(1)).ravel()) / l2
+            diag = np.concatenate([(1.0 / scale[a:a + step]
+                                    - np.asarray(xst[a:a + step].multiply(xst[a:a + step] @ k).sum(1)).ravel()) / l2
                                    for a in range(0, n_items, step)])
         if topk is None:
-            factors = {"p": p} if n_items <= n_users else {"k": k, "x_indptr": x.indptr, "x_indices": x.indices}
+            factors = {"p": p} if n_items <= n_users else {"k": k, "x_indptr": x.indptr, "x_indices": x.indices,
+                                                           "scale": scale}
             self.stage = EASERetrieval(torch.from_numpy(diag), torch.tensor([float(l2)]),
                                        **{name: torch.from_numpy(np.asarray(v)) for name, v in factors.items()})
         else:   # column j of B is −P[:, j] / P[j, j]: row j of Bᵀ, P being symmetric

@@ -162,10 +162,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the fraction of negatives drawn from the candidates, the rest uniform (default 1.0)")
     n.add_argument("--lr", type=float, help="learning rate (default: the checkpoint's)")
     n.add_argument("--method", help="the retrieval stage (default: the checkpoint's; needed where it holds none)")
-    n.add_argument("--params", type=json.loads, help="its hyperparameters as JSON, e.g. '{\"l2\": 10}' "
-                                                     "(default: the checkpoint's stage's, else the method's)")
+    n.add_argument("--params", type=json.loads, help="with --method: its hyperparameters as JSON, e.g. "
+                                                     "'{\"l2\": 10}' (default: the method's)")
     n.add_argument("--methods", help="comma-separated methods the closing two-stage selection tries (default: the "
-                                     "fine-tuning's stage only: CMN was tuned on its candidates)")
+                                     "fine-tuning's stage's, its members where it is fused: CMN was tuned on its "
+                                     "candidates)")
     n.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda[:N]")
     shown = n.add_mutually_exclusive_group()
     shown.add_argument("--progress", dest="progress", action="store_const", const=True, default=None,
@@ -268,7 +269,8 @@ def cmd_evaluate(args) -> int:
         print(json.dumps(result))
         return 0
     print(f"{'':22s}{'sampled HR@10':>14s}{'NDCG@10':>9s}{'raw HR@10':>11s}{'full HR@10':>12s}{'NDCG@10':>9s}")
-    for name, m in [*result["strategies"].items(), ("toppop", result["toppop"])]:
+    members = [(f"  stage {name} alone", m) for name, m in result["members"].items()]
+    for name, m in [*result["strategies"].items(), *members, ("toppop", result["toppop"])]:
         label = f"{name}{' (default)' if name == result['strategy'] else ''}"
         print(f"{label:22s}{m['sampled']['hr@10']:14.4f}{m['sampled']['ndcg@10']:9.4f}"
               f"{m['sampled_raw']['hr@10']:11.4f}{m['full']['hr@10']:12.4f}{m['full']['ndcg@10']:9.4f}")

@@ -19,6 +19,7 @@ import torch
 
 from model.quality import below_toppop
 from model.recommender import Recommender, item_popularity
+from model.retrieval import TwoStage
 from model.store.checkpoint import load_checkpoint
 from training.data import DataError, Dataset, Split, load, pair_keys
 from training.metrics import positive_rank, rank_metrics
@@ -85,6 +86,20 @@ def evaluate_strategies(rec, split: Split, train: np.ndarray, full: bool = True,
             for name in rec.strategies}
 
 
+def evaluate_members(rec, split: Split, train: np.ndarray, full: bool = True) -> dict[str, dict]:
+    """Each member of a fused retrieval stage alone (its own order over the catalogue); {} for any other stage."""
+    fusion = rec.two_stage.fusion if rec.two_stage is not None else None
+    if not fusion:
+        return {}
+    out = {}
+    for name, member in rec.retrieval.members.items():
+        alone = Recommender(rec.scorer, train, retrieval=member,
+                            two_stage=TwoStage(name, rec.two_stage.candidates, 0.0, rec.two_stage.params[name],
+                                               strategy="retrieval"))
+        out[name] = evaluate(_Strategy(alone, "retrieval"), split, train, full=full)
+    return out
+
+
 class _Strategy:
     """One of a Recommender's strategies, in the protocol `evaluate` reads."""
 
@@ -139,6 +154,7 @@ def evaluate_checkpoint(path: str, data: str | None = None, device: str = "auto"
     rec = Recommender.from_checkpoint(ckpt, device, seen=train_pairs)
     strategies = evaluate_strategies(rec, split, train_pairs)
     result = {**strategies[rec.default_strategy], "strategy": rec.default_strategy, "strategies": strategies,
+              "members": evaluate_members(rec, split, train_pairs),
               "toppop": evaluate(TopPop(train_pairs, ckpt.config.n_items), split, train_pairs),
               "model_version": ckpt.model_version}
     warning = below_toppop(result, result["toppop"])

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
@@ -32,8 +32,7 @@ from training import data as data_mod
 from training.optim import make_optimizer
 from training.sampler import TripleSampler
 from training.train import TrainConfig, cmn_pair_scores, fit_epoch, prepare_data, scaled_lr
-from training.two_stage import (CANDIDATES, WEIGHTS, add_two_stage, fit_retrieval, validation_ndcg,
-                                validation_split)
+from training.two_stage import CANDIDATES, WEIGHTS, add_two_stage, stage_for, validation_ndcg, validation_split
 
 EPOCH_OFFSET = 20_000   # sampler epochs of their own: training used 0.., GMF pretraining 10_000..
 CHUNK_USERS = 1024      # users whose dense retrieval scores are held at once
@@ -50,7 +49,7 @@ class FinetuneConfig:
     lr: float | None = None    # None: the checkpoint's
     method: str | None = None  # None: the checkpoint's retrieval stage
     params: dict | None = None
-    methods: tuple[str, ...] | None = None   # what the closing selection tries; None: `method` only
+    methods: tuple[str, ...] | None = None   # what the closing selection tries; None: the stage's methods
     device: str = "auto"
     progress: bool = False
     trust_pickle: bool = False
@@ -72,14 +71,17 @@ class FinetuneConfig:
             raise ValueError(f"--out {self.out} is a directory; give a file path such as {self.out}/model.ckpt")
 
 
-def stage_of(ckpt, cfg: FinetuneConfig) -> tuple[str, dict]:
-    """The retrieval method and its hyperparameters: --method/--params, else the checkpoint's stage."""
+def stage_of(ckpt, cfg: FinetuneConfig) -> TwoStage:
+    """The retrieval stage whose top-R the fine-tune draws from and re-ranks: --method/--params, else the
+    checkpoint's (a fused one too)."""
     if cfg.method is not None:
-        return cfg.method, dict(cfg.params or {})
+        return TwoStage(cfg.method, cfg.candidates, 1.0, dict(cfg.params or {}))
+    if cfg.params is not None:
+        raise ValueError("--params goes with --method (without it the checkpoint's stage is used as it is)")
     if ckpt.two_stage is None:
         raise ValueError(f"{cfg.checkpoint} holds no retrieval stage (trained with --no-two-stage): name one with "
                          "--method (and --params), e.g. --method ease --params '{\"l2\": 10}'")
-    return ckpt.two_stage.method, dict(ckpt.two_stage.params if cfg.params is None else cfg.params)
+    return replace(ckpt.two_stage, candidates=cfg.candidates, weight=1.0, strategy="two_stage")
 
 
 @torch.no_grad()
@@ -134,18 +136,17 @@ def finetune(cfg: FinetuneConfig, log=print) -> dict:
                                "progress": cfg.progress, "trust_pickle": cfg.trust_pickle})
     data = prepare_data(train_cfg)
     fit = validation_split(ckpt, data)   # refuses a checkpoint trained without --validation, or on other data
-    method, params = stage_of(ckpt, cfg)
+    stage = stage_of(ckpt, cfg)
     device = resolve_device(cfg.device)
     log(f"{data.summary()}; fine-tuning {cfg.checkpoint} (model_version {ckpt.model_version})")
 
     try:
-        retrieval, params = fit_retrieval(method, fit.train, fit.n_users, fit.n_items, device, **params)
+        retrieval = stage_for(stage, fit, device)
     except TypeError as e:   # a hyperparameter the method does not take
-        raise ValueError(f"{method} does not take the hyperparameters {params}: {e}") from None
-    rec = Recommender.from_model(ckpt.build_model(device), fit.train, retrieval=retrieval,
-                                 two_stage=TwoStage(method, cfg.candidates, 1.0, params))
+        raise ValueError(f"{stage.method} does not take the hyperparameters {stage.params}: {e}") from None
+    rec = Recommender.from_model(ckpt.build_model(device), fit.train, retrieval=retrieval, two_stage=stage)
     items, valid, found = retrieve_all(rec, fit.n_users)
-    log(f"retrieval {method} {params}: top {cfg.candidates} candidates for {fit.n_users:,} users, "
+    log(f"retrieval {stage.method} {stage.params}: top {cfg.candidates} candidates for {fit.n_users:,} users, "
         f"{int(valid.sum()):,} in all")
     users = [int(u) for u in fit.test.users]
     rows = torch.as_tensor(fit.test.users, device=items.device)
@@ -175,9 +176,9 @@ def finetune(cfg: FinetuneConfig, log=print) -> dict:
                                                 "of the input model; its weights are written unchanged"))
 
     base_version, ckpt.state, ckpt.model_version = ckpt.model_version, best_state, ""
-    table = add_two_stage(ckpt, data, log, cfg.methods or (method,))
-    record = {"from": cfg.checkpoint, "from_model_version": base_version,
-              "method": method, "params": params, "candidates": cfg.candidates, "hard": cfg.hard,
+    table = add_two_stage(ckpt, data, log, cfg.methods or tuple(stage.fusion or (stage.method,)))
+    record = {"from": cfg.checkpoint, "from_model_version": base_version, "method": stage.method,
+              "params": stage.params, "candidates": cfg.candidates, "hard": cfg.hard,
               "epochs": cfg.epochs, "kept_epoch": best, "lr": lr, "validation": history}
     ckpt.meta = {**ckpt.meta, "finetune": record}
     metrics = {"config": asdict(cfg), "finetune": record,

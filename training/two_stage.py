@@ -14,6 +14,7 @@ weight.
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -21,14 +22,17 @@ import torch
 from model.store.checkpoint import Checkpoint
 from model.cmn import CMN
 from model.recommender import Recommender
-from model.retrieval import BLENDS, RRF_K, Retrieval, TwoStage, blend
+from model.retrieval import BLENDS, RRF_K, FusedRetrieval, Retrieval, TwoStage, blend
 from training.baselines import RETRIEVAL_METHODS as METHODS
-from training.data import Dataset, holdout_validation
+from training.data import Dataset, Split, holdout_validation
+from training.evaluate import evaluate
 from training.metrics import positive_rank, rank_metrics
 
 CANDIDATES = (50, 100, 200, 400)
 # finer below 0.1: on citeulike-a every weight from 0.1 up lowered validation NDCG@10 (docs/results.md)
 WEIGHTS = (0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+FUSIONS = (0.1, 0.2, 0.3, 0.5)   # the second method's weight when the best one is fused with it
+MAX_SELECTION_CELLS = 200_000_000   # validation users × items scored at once: 800 MB per float32 matrix
 
 
 def fit_retrieval(method: str, train: np.ndarray, n_users: int, n_items: int, device: str | torch.device = "cpu",
@@ -75,51 +79,115 @@ def default_methods(n_users: int, n_items: int) -> tuple[str, ...]:
 
 @torch.no_grad()
 def select_two_stage(model: CMN, fit: Dataset, methods=None, candidates=CANDIDATES, weights=WEIGHTS,
-                     blends=BLENDS, log=print) -> tuple[TwoStage, list[dict]]:
-    """The (method, its hyperparameters, R, blend, weight) with the best validation NDCG@10 (`fit.test` is the
-    validation split, `fit.train` what the model and the retrieval are fitted on), and every configuration's figure.
+                     blends=BLENDS, fusions=FUSIONS, log=print) -> tuple[TwoStage, list[dict]]:
+    """The (stage, R, blend, weight, tail) with the best validation figures (`fit.test` is the validation split,
+    `fit.train` what the model and the retrieval are fitted on), and every configuration's full NDCG@10.
 
-    A method's hyperparameters (its `grid`) are chosen first, by its own list's validation NDCG@10; CMN is then
-    blended with that list only. Where the best configuration gives CMN weight 0, the retrieval's own order is
-    served as it is (strategy `retrieval`): CMN would change no list and cost a pass."""
+    A method's hyperparameters (its `grid`) are chosen first, by its own list's validation NDCG@10. The best method
+    is then fused with each other one (`fusions`: the other's weight) and the best fused stage, where its own list
+    beats the best method's, joins the methods. CMN is blended with each stage's list (R × blend × weight); where
+    the best configuration gives CMN weight 0 the retrieval's own order is served as it is (strategy `retrieval`):
+    CMN would change no list and cost a pass. Last, the tail (what orders the items the stage does not propose,
+    when a request lists them) is chosen by validation sampled NDCG@10 among the stage's order and each method's."""
     methods = default_methods(fit.n_users, fit.n_items) if methods is None else methods
+    fit = selection_users(fit)
     users = [int(u) for u in fit.test.users]
     positives = torch.as_tensor(fit.test.positives)
-    table, params = [], {}
     rec = Recommender.from_model(model, fit.train)
     histories = [sorted(rec.seen(u)) for u in users]
+
+    def own_list(retrieval: Retrieval, settings: TwoStage) -> tuple[float, torch.Tensor, torch.Tensor, torch.Tensor]:
+        rec.retrieval, rec.two_stage = retrieval, settings
+        dense = retrieval.scores(histories)
+        items, valid = rec.retrieve(users, histories, dense)
+        return (validation_ndcg(rec.score_lists(users, items, valid, "retrieval", dense), items, valid, positives),
+                dense, items, valid)
+
+    stages = {}   # method (or fused methods) → (its own list's figure, stage, settings, dense, items, valid)
     for method in methods:
         if not METHODS[method].fits(fit.n_users, fit.n_items):
             log(f"two-stage {method}: skipped, {fit.n_users:,} users x {fit.n_items:,} items is too large for it")
             continue
-        best_own = None
         for setting in method_grid(method):
             retrieval, fitted = fit_retrieval(method, fit.train, fit.n_users, fit.n_items, **setting)
-            rec.retrieval, rec.two_stage = retrieval, TwoStage(method, max(candidates), 1.0, fitted)
-            dense = retrieval.scores(histories)
-            items, valid = rec.retrieve(users, histories, dense)
-            own = validation_ndcg(rec.score_lists(users, items, valid, "retrieval", dense), items, valid, positives)
+            settings = TwoStage(method, max(candidates), 1.0, fitted)
+            own, *lists = own_list(retrieval, settings)
             if setting:
                 log(f"two-stage {method} {setting}: validation full NDCG@10 {own:.4f} alone")
-            if best_own is None or own > best_own[0]:
-                best_own = (own, fitted, dense, items, valid)
-        _, params[method], dense, items, valid = best_own
+            if method not in stages or own > stages[method][0]:
+                stages[method] = (own, retrieval, settings, *lists)
+    if not stages:
+        raise ValueError("no retrieval method fits this data set")
+    single, best_fused = dict(stages), None
+    first = max(single, key=lambda m: single[m][0])
+    for other in (m for m in single if m != first):
+        for w in fusions:
+            fusion = {first: 1.0 - w, other: w}
+            retrieval = FusedRetrieval({m: single[m][1] for m in fusion}, fusion)
+            settings = TwoStage(f"{first}+{other}", max(candidates), 1.0,
+                                {m: single[m][2].params for m in fusion}, fusion=fusion)
+            own, *lists = own_list(retrieval, settings)
+            log(f"two-stage {first} fused with {other} at {w:g}: validation full NDCG@10 {own:.4f} alone")
+            if own > single[first][0] and (best_fused is None or own > best_fused[0]):
+                best_fused = (own, retrieval, settings, *lists)
+    if best_fused is not None:
+        stages[best_fused[2].method] = best_fused
+    table = []
+    for method, (_, retrieval, settings, dense, items, valid) in stages.items():
+        rec.retrieval, rec.two_stage = retrieval, settings
         cmn, found = (rec.score_lists(users, items, valid, strategy, dense) for strategy in ("full", "retrieval"))
         for r in sorted(candidates):
             for kind in blends:
                 for weight in sorted(weights):
                     ndcg = validation_ndcg(blend(cmn[:, :r], found[:, :r], valid[:, :r], float(weight), kind),
                                            items[:, :r], valid[:, :r], positives)
-                    table.append({"method": method, "params": params[method], "candidates": r, "blend": kind,
-                                  "weight": float(weight), "ndcg@10": ndcg})
+                    table.append({"method": method, "params": settings.params, "fusion": settings.fusion,
+                                  "candidates": r, "blend": kind, "weight": float(weight), "ndcg@10": ndcg})
         best = max((row for row in table if row["method"] == method), key=lambda row: row["ndcg@10"])
         log(f"two-stage {method}: best validation full NDCG@10 {best['ndcg@10']:.4f} "
             f"(R {best['candidates']}, {best['blend']} blend, CMN weight {best['weight']:g})")
-    if not table:
-        raise ValueError("no retrieval method fits this data set")
     best = max(table, key=lambda row: row["ndcg@10"])   # the first of equals: the order above
-    return TwoStage(best["method"], best["candidates"], best["weight"], params[best["method"]], best["blend"],
-                    "retrieval" if best["weight"] == 0 else "two_stage"), table
+    _, retrieval, settings, *_ = stages[best["method"]]
+    chosen = replace(settings, candidates=best["candidates"], weight=best["weight"], blend=best["blend"],
+                     strategy="retrieval" if best["weight"] == 0 else "two_stage")
+    return choose_tail(rec, fit, chosen, retrieval, {m: single[m][1] for m in single},
+                       {m: single[m][2].params for m in single}, log), table
+
+
+def choose_tail(rec: Recommender, fit: Dataset, chosen: TwoStage, retrieval: Retrieval, fitted: dict[str, Retrieval],
+                params: dict[str, dict], log=print) -> TwoStage:
+    """`chosen` with the tail order of the best validation sampled NDCG@10: the stage's own, or a method's (kept in
+    the stage at fusion weight 0 where it is not a member). The full-catalogue figures do not move: the tail only
+    orders items past the R proposed."""
+    options = [(chosen, retrieval)]
+    for method in (m for m in fitted if m != chosen.method):
+        fusion = dict(chosen.fusion or {chosen.method: 1.0})
+        if method not in fusion:
+            fusion[method] = 0.0
+        members = {m: retrieval.members[m] if m in (chosen.fusion or {}) else fitted[m] for m in fusion}
+        stage_params = dict(chosen.params) if chosen.fusion else {chosen.method: chosen.params}
+        options.append((replace(chosen, method="+".join(fusion), fusion=fusion, tail=method,
+                                params={m: stage_params.get(m, params[m]) for m in fusion}),
+                        FusedRetrieval(members, fusion)))
+    best = None
+    for settings, stage in options:
+        rec.retrieval, rec.two_stage = stage, settings
+        sampled = evaluate(rec, fit.test, fit.train, full=False)["sampled"]["ndcg@10"]
+        log(f"two-stage tail {settings.tail or 'the stage itself'}: validation sampled NDCG@10 {sampled:.4f}")
+        if best is None or sampled > best[0]:
+            best = (sampled, settings)
+    return best[1]
+
+
+def selection_users(fit: Dataset, max_cells: int = MAX_SELECTION_CELLS) -> Dataset:
+    """`fit` with its validation split cut to a seeded sample of users where users × items would exceed
+    `max_cells`: selection holds a few (users, items) score matrices at once."""
+    keep = max(1, max_cells // fit.n_items)
+    if len(fit.test) <= keep:
+        return fit
+    rows = np.sort(np.random.default_rng(0).choice(len(fit.test), keep, replace=False))
+    split = Split(fit.test.users[rows], fit.test.positives[rows], fit.test.negatives[rows])
+    return replace(fit, test=split)
 
 
 def fit_two_stage(model: CMN, fit: Dataset, data: Dataset, log=print,
@@ -127,8 +195,15 @@ def fit_two_stage(model: CMN, fit: Dataset, data: Dataset, log=print,
     """Choose on `fit` (validation split, training less validation items), then fit the chosen retrieval on every
     training pair of `data` for serving."""
     stage, table = select_two_stage(model, fit, methods, log=log)
-    retrieval, _ = fit_retrieval(stage.method, data.train, data.n_users, data.n_items, **stage.params)
-    return retrieval, stage, table
+    return stage_for(stage, data), stage, table
+
+
+def stage_for(stage: TwoStage, data: Dataset, device: str | torch.device = "cpu") -> Retrieval:
+    """The retrieval stage `stage` describes, fitted on `data`'s training pairs (each member of a fused one)."""
+    if stage.fusion is None:
+        return fit_retrieval(stage.method, data.train, data.n_users, data.n_items, device, **stage.params)[0]
+    return FusedRetrieval({m: fit_retrieval(m, data.train, data.n_users, data.n_items, device, **stage.params[m])[0]
+                           for m in stage.fusion}, stage.fusion)
 
 
 def add_two_stage(ckpt: Checkpoint, data: Dataset, log=print, methods=None) -> list[dict]:

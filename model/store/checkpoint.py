@@ -310,8 +310,8 @@ def load_checkpoint(path: str, max_bytes: int = MAX_BYTES, within: str | None = 
             model_version=meta.get("model_version", ""))
         stage = {k[len("retrieval."):]: v for k, v in tensors.items() if k.startswith("retrieval.")}
         if stage:
-            ckpt.retrieval = retrieval_from_tensors(stage, config.n_items)
             ckpt.two_stage = TwoStage(**json.loads(meta["two_stage"]))
+            ckpt.retrieval = retrieval_from_tensors(stage, config.n_items, ckpt.two_stage)
     except CheckpointError:
         raise
     except (KeyError, TypeError) as e:  # retrieval tensors without their settings, or settings of another shape

@@ -32,10 +32,13 @@ def ease_default(tmp_path_factory):
 
 
 def ease_top(data, stage, history, k):
-    """The top-k unseen items of a history by numpy's dense EASE: B = I − P·diag(1/diag(P)), P = (XᵀX + λI)⁻¹."""
+    """The top-k unseen items of a history by numpy's dense EASE: B = I − P·diag(1/diag(P)), P = (XᵀX + Λ)⁻¹,
+    Λ = λI + p/(1−p)·diagMat(XᵀX) (p: EDLAE's dropout, chosen on validation too)."""
     x = np.zeros((data.n_users, data.n_items))
     x[data.train[:, 0], data.train[:, 1]] = 1.0
-    p = np.linalg.inv(x.T @ x + stage.params["l2"] * np.eye(data.n_items))
+    gram, dropout = x.T @ x, stage.params["dropout"]
+    reg = stage.params["l2"] + dropout / (1 - dropout) * np.diag(gram)
+    p = np.linalg.inv(gram + np.diag(reg))
     scores = np.eye(data.n_items)[list(history)].sum(0) @ (np.eye(data.n_items) - p / np.diag(p)[None, :])
     scores[list(history)] = -np.inf
     return [int(i) for i in np.argsort(-scores, kind="stable")[:k]], scores

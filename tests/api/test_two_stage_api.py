@@ -18,7 +18,7 @@ from model.recommender import Recommender
 from model.retrieval import TwoStage
 from test_api import samples, value
 from training.data import holdout_validation, synthetic
-from training.two_stage import fit_two_stage
+from training.two_stage import fit_two_stage, stage_for
 
 
 @pytest.fixture(scope="module")
@@ -148,3 +148,32 @@ def test_served_two_stage_lists_equal_the_evaluators(two_stage_checkpoint, tmp_p
     ndcg = np.mean([0.0 if r is None else 1 / np.log2(r + 2) for r in ranks])
     assert 0 < hr < 1, "a vacuous comparison"
     assert hr == pytest.approx(report["full"]["hr@10"]) and ndcg == pytest.approx(report["full"]["ndcg@10"])
+
+
+@pytest.mark.anyio
+async def test_a_fused_stage_ranks_requested_candidates_as_its_whole_list_does(tmp_path):
+    """A fused stage whose tail is another member: `/recommend` with candidates answers the order the evaluator's
+    sampled protocol ranks (`Recommender.score` over the same candidates), the proposed items first, and the answer
+    is the same for every strategy's own rule (`strategy` per request)."""
+    data = synthetic(n_users=100, n_items=160, per_user=10)
+    model = make_cmn(data.n_users, data.n_items, d=6, hops=2, seed=4)
+    stage = TwoStage("rp3beta+itemknn", 15, 0.3, {"rp3beta": {}, "itemknn": {}},
+                     fusion={"rp3beta": 0.6, "itemknn": 0.4}, tail="itemknn")
+    ckpt = Checkpoint(model.cfg, model.state_dict(), data.user_ids, data.item_ids, train=data.train, seen=data.train,
+                      retrieval=stage_for(stage, data), two_stage=stage)
+    path = str(tmp_path / "fused.ckpt")
+    save_checkpoint(ckpt, path)
+    rec = Recommender.from_checkpoint(path)
+    async with serving(settings_for(path, tmp_path)) as c:
+        await wait_ready(c)
+        for n, u in enumerate(data.test.users[:6].tolist()):
+            ask = [int(data.test.positives[n]), *data.test.negatives[n].tolist()[:30]]
+            for strategy in ("two_stage", "retrieval"):
+                r = await c.post("/recommend", json={"user_id": data.user_ids[u], "k": len(ask), "strategy": strategy,
+                                                     "candidates": [data.item_ids[i] for i in ask]})
+                assert r.status_code == 200, r.text
+                scores = dict(zip(ask, rec.score([u], [ask], strategy)[0].tolist()))
+                served = [data.item_ids.index(x["item_id"]) for x in r.json()["items"]]
+                assert sorted(served) == sorted(set(ask) - rec.seen(u))
+                in_order = [scores[i] for i in served]
+                assert in_order == pytest.approx(sorted(in_order, reverse=True))

@@ -7,10 +7,11 @@ import torch
 
 from conftest import make_cmn
 from model.recommender import Recommender
-from model.retrieval import RRF_K, ItemRetrieval, TwoStage, blend
+from model.retrieval import RRF_K, FusedRetrieval, ItemRetrieval, TwoStage, blend
+from model.store.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from training.data import holdout_validation, synthetic
 from training.evaluate import evaluate
-from training.two_stage import fit_retrieval, rrf_reorder_rank, select_two_stage, validation_ndcg
+from training.two_stage import fit_retrieval, rrf_reorder_rank, select_two_stage, stage_for, validation_ndcg
 
 
 @pytest.fixture(scope="module")
@@ -181,3 +182,88 @@ def test_validation_ndcg_by_hand():
     positives = torch.tensor([4, 3, 5])   # rank 1; tie at rank 0 → counted 1; not retrieved → miss
     expected = (1 / np.log2(3) + 1 / np.log2(3) + 0) / 3
     assert validation_ndcg(scores, items, valid, positives) == pytest.approx(expected)
+
+
+def standardised_rows(m: np.ndarray) -> np.ndarray:
+    std = m.std(1, keepdims=True)
+    return (m - m.mean(1, keepdims=True)) / np.where(std > 0, std, 1.0)
+
+
+def fused_stage(data, weights=(0.7, 0.3)) -> tuple[FusedRetrieval, sp.csr_matrix, sp.csr_matrix]:
+    (a, wa), (b, wb) = random_retrieval(data.n_items, 0), random_retrieval(data.n_items, 1)
+    return FusedRetrieval({"a": a, "b": b}, dict(zip("ab", weights))), wa, wb
+
+
+def test_a_fused_stage_is_its_members_standardised_rows_weighted(data):
+    """Each member's row over the whole catalogue standardised, then weighted and summed; a live item joins every
+    member as the same mix, so the fused column is the fusion of the members' mixed columns."""
+    fused, wa, wb = fused_stage(data)
+    users = [0, 5, 77]
+    histories = [sorted(set(data.train[data.train[:, 0] == u, 1].tolist())) for u in users]
+    pa, pb = (profile(data, users) @ wa).toarray(), (profile(data, users) @ wb).toarray()
+    expected = 0.7 * standardised_rows(pa) + 0.3 * standardised_rows(pb)
+    np.testing.assert_allclose(fused.scores(histories).numpy(), expected, rtol=1e-4, atol=1e-5)
+    live = fused.add_item([1, 2], [1.0, 3.0])
+    assert live == data.n_items and all(m.n_items == data.n_items + 1 for m in fused.members.values())
+    mix = lambda p: np.concatenate([p, (0.25 * p[:, 1] + 0.75 * p[:, 2])[:, None]], 1)
+    expected = 0.7 * standardised_rows(mix(pa)) + 0.3 * standardised_rows(mix(pb))
+    np.testing.assert_allclose(fused.scores(histories).numpy(), expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("strategy", ["two_stage", "retrieval"])
+def test_a_candidate_list_is_ranked_as_the_whole_catalogue_list_ranks_it(data, model, strategy):
+    """The R proposed items first, in the strategy's order; every other item after them, by the tail member's own
+    scores (numpy here), whatever else the request lists."""
+    fused, wa, wb = fused_stage(data)
+    r = 20
+    rec = Recommender.from_model(model, data.train, retrieval=fused,
+                                 two_stage=TwoStage("a+b", r, 0.4, {}, fusion={"a": 0.7, "b": 0.3}, tail="b"))
+    users = [3, 40]
+    pa, pb = (profile(data, users) @ wa).toarray(), (profile(data, users) @ wb).toarray()
+    fused_np = 0.7 * standardised_rows(pa) + 0.3 * standardised_rows(pb)
+    whole = rec.score(users, strategy=strategy).numpy()
+    rng = np.random.default_rng(4)
+    for n, u in enumerate(users):
+        seen = set(data.train[data.train[:, 0] == u, 1].tolist())
+        unseen = [i for i in range(data.n_items) if i not in seen]
+        proposed = set(sorted(unseen, key=lambda i: -fused_np[n, i])[:r])
+        ask = [int(i) for i in rng.choice(unseen, 40, replace=False)]
+        listed = rec.recommend([u], k=40, candidates=[ask], strategy=strategy)[0][0].tolist()
+        assert sorted(listed) == sorted(ask)   # tied tail items may come in either order: compare their scores
+        assert [whole[n, i] for i in listed] == sorted((whole[n, i] for i in ask), reverse=True)
+        first = [i for i in listed if i in proposed]
+        assert listed[:len(first)] == first and len(first) == len(proposed & set(ask)) > 0
+        rest = [pb[n, i] for i in listed[len(first):]]
+        assert len(rest) > 10 and rest == sorted(rest, reverse=True)
+
+
+def test_a_fused_stage_with_its_tail_survives_the_checkpoint(data, model, tmp_path):
+    fused, _, _ = fused_stage(data)
+    settings = TwoStage("a+b", 20, 0.4, {"a": {}, "b": {}}, fusion={"a": 0.7, "b": 0.3}, tail="b")
+    pairs = np.ascontiguousarray(data.train)
+    ckpt = Checkpoint(model.cfg, model.state_dict(), list(data.user_ids), list(data.item_ids), train=pairs,
+                      seen=pairs, retrieval=fused, two_stage=settings)
+    save_checkpoint(ckpt, str(tmp_path / "m.ckpt"))
+    loaded = load_checkpoint(str(tmp_path / "m.ckpt"))
+    assert loaded.two_stage == settings
+    histories = [[1, 2, 3], [7]]
+    np.testing.assert_allclose(loaded.retrieval.scores(histories).numpy(), fused.scores(histories).numpy())
+    ckpt.two_stage = TwoStage("a+c", 20, 0.4, {}, fusion={"a": 0.7, "c": 0.3})
+    save_checkpoint(ckpt, str(tmp_path / "bad.ckpt"))
+    with pytest.raises(CheckpointError, match="fused stage's members"):
+        load_checkpoint(str(tmp_path / "bad.ckpt"))
+
+
+def test_selection_chooses_the_tail_by_the_evaluators_validation_sampled_ndcg(data, model):
+    """Every tail tried is logged with its validation sampled NDCG@10; the chosen one has the best, and that figure
+    is training/evaluate.py's for a Recommender built from the returned settings."""
+    fit = holdout_validation(data, seed=0)
+    lines = []
+    stage, table = select_two_stage(model, fit, methods=("rp3beta", "itemknn"), candidates=(10,), weights=(0.0, 1.0),
+                                    fusions=(0.5,), log=lines.append)
+    tails = {line.split()[2].rstrip(":") if "itself" not in line else None: float(line.split()[-1])
+             for line in lines if line.startswith("two-stage tail ")}
+    assert len(tails) == 2 and stage.tail in tails and tails[stage.tail] == max(tails.values())
+    assert all(row["fusion"] is not None for row in table if "+" in row["method"])
+    rec = Recommender.from_model(model, fit.train, retrieval=stage_for(stage, fit), two_stage=stage)
+    assert evaluate(rec, fit.test, fit.train, full=False)["sampled"]["ndcg@10"] == pytest.approx(tails[stage.tail], abs=5e-5)   # logged to 4 places

@@ -15,9 +15,11 @@ from training.data import holdout_validation, synthetic
 from training.two_stage import select_two_stage
 
 
-def closed_form(x: np.ndarray, l2: float) -> np.ndarray:
-    """B = I − P·diag(1/diag(P)), P = (XᵀX + λI)⁻¹ (Steck, WWW 2019, eq. 8): diag(B) = 0."""
-    p = np.linalg.inv(x.T @ x + l2 * np.eye(x.shape[1]))
+def closed_form(x: np.ndarray, l2: float, dropout: float = 0.0) -> np.ndarray:
+    """B = I − P·diag(1/diag(P)), P = (XᵀX + Λ)⁻¹, Λ = λI + p/(1−p)·diagMat(XᵀX) (Steck, WWW 2019, eq. 8; EDLAE,
+    NeurIPS 2020, with the zero diagonal): diag(B) = 0."""
+    gram = x.T @ x
+    p = np.linalg.inv(gram + l2 * np.eye(x.shape[1]) + dropout / (1 - dropout) * np.diag(np.diag(gram)))
     return np.eye(x.shape[1]) - p / np.diag(p)[None, :]
 
 
@@ -26,25 +28,27 @@ def random_pairs(n_users: int, n_items: int, seed: int = 0) -> tuple[np.ndarray,
     return x, np.argwhere(x)
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
 @pytest.mark.parametrize("n_users, n_items", [(40, 25), (20, 35)], ids=["item-side", "user-side"])
-def test_ease_is_the_closed_form(n_users, n_items):
+def test_ease_is_the_closed_form(n_users, n_items, dropout):
     x, pairs = random_pairs(n_users, n_items)
-    expected = closed_form(x, 3.0)
-    ease = EASE(pairs, n_users, n_items, l2=3.0, topk=n_items)
+    expected = closed_form(x, 3.0, dropout)
+    ease = EASE(pairs, n_users, n_items, l2=3.0, dropout=dropout, topk=n_items)
     np.testing.assert_allclose(ease.W.toarray(), expected, atol=1e-10)
     assert np.all(ease.W.diagonal() == 0)
     scores = ease.score(torch.arange(n_users)).numpy()
     np.testing.assert_allclose(scores, x @ expected, atol=1e-10)
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.4])
 @pytest.mark.parametrize("n_users, n_items", [(40, 25), (20, 35)], ids=["stores P", "stores K and X"])
-def test_the_stored_exact_stage_scores_any_history_as_the_dense_closed_form(n_users, n_items, tmp_path):
+def test_the_stored_exact_stage_scores_any_history_as_the_dense_closed_form(n_users, n_items, dropout, tmp_path):
     """The stage stored without B (P, or Woodbury's K with X) scores trained users, a history of items nobody fitted
     it with, and a live item's mix exactly as x·B with numpy's dense B, before and after a checkpoint round trip."""
     x, pairs = random_pairs(n_users, n_items, seed=3)
     pairs = np.ascontiguousarray(pairs)
-    b = closed_form(x, 4.0)
-    ease = EASE(pairs, n_users, n_items, l2=4.0)
+    b = closed_form(x, 4.0, dropout)
+    ease = EASE(pairs, n_users, n_items, l2=4.0, dropout=dropout)
     assert ease.params["topk"] is None
     stage = ease.retrieval()
     assert set(stage.tensors()) >= ({"ease.p"} if n_items <= n_users else {"ease.k", "ease.x_indices"})

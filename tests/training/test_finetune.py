@@ -160,6 +160,7 @@ BAD_FINETUNES = {
     "params not an object": (["--method", "ease", "--params", "[10]"], "JSON object"),
     "params the method does not take": (["--method", "ease", "--params", '{"alpha": 1}'], "alpha"),
     "unknown method": (["--method", "bpr"], "unknown retrieval method"),
+    "params without a method": (["--params", '{"l2": 10}'], "--params goes with --method"),
     "output over the input": (["--method", "ease", "--out", "{in}"], "--out must not be --checkpoint"),
 }
 
@@ -202,3 +203,13 @@ def test_finetune_writes_a_checkpoint_with_reselected_two_stage_settings(tmp_pat
     assert Recommender.from_checkpoint(str(out)).default_strategy == chosen["strategy"]
     assert (tmp_path / "ft.ckpt.metrics.json").exists() and (tmp_path / "ft.ckpt.curves.png").exists()
     assert "kept epoch" in proc.stdout and "chosen on validation" in proc.stdout
+
+    # the output holds a stage: fine-tuning it again draws from that stage, no --method needed; with 0 epochs the
+    # input's weights are kept and only the selection runs
+    again = tmp_path / "again.ckpt"
+    proc = run_cli("finetune", "--checkpoint", str(out), "--data", SPEC, "--out", str(again), "--epochs", "0",
+                   "--candidates", "15", "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    twice = load_checkpoint(str(again))
+    assert twice.meta["finetune"]["method"] == after.two_stage.method and twice.meta["finetune"]["kept_epoch"] == 0
+    assert all(torch.equal(after.state[k], twice.state[k]) for k in after.state)
