@@ -151,11 +151,13 @@ def build_parser() -> argparse.ArgumentParser:
     n = sub.add_parser("finetune", help="fine-tune a --validation checkpoint's CMN as a re-ranker of its retrieval "
                                         "stage's candidates (hard negatives), then choose the two-stage settings "
                                         "again")
-    n.add_argument("--checkpoint", required=True, help="trained with --validation (copied, never modified)")
+    n.add_argument("--checkpoint", required=True, help="trained with --validation (read, never modified)")
     n.add_argument("--data", required=True, help="the data it was trained on")
     n.add_argument("--out", required=True, help="the checkpoint written; metrics JSON and PNG go next to it")
-    n.add_argument("--epochs", type=int, default=2, help="fine-tuning epochs (default 2); the best validation "
-                                                         "epoch is kept, the input's weights if none beats them")
+    n.add_argument("--epochs", type=int, default=3, help="fine-tuning epochs (default 3: on citeulike-a the blend "
+                                                         "stopped improving after 3, docs/results.md); the best "
+                                                         "validation epoch is kept, the input's weights if none "
+                                                         "beats them")
     n.add_argument("--candidates", type=int, default=200, metavar="R",
                    help="each user's top-R retrieval candidates, the hard negatives' pool (default 200)")
     n.add_argument("--hard", type=float, default=1.0, metavar="F",

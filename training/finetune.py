@@ -43,7 +43,7 @@ class FinetuneConfig:
     checkpoint: str
     data: str
     out: str
-    epochs: int = 2
+    epochs: int = 3
     candidates: int = 200      # R: each user's retrieval candidates, the hard negatives' pool
     hard: float = 1.0          # the fraction of negatives drawn from the candidates
     lr: float | None = None    # None: the checkpoint's
