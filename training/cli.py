@@ -166,9 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--method", help="the retrieval stage (default: the checkpoint's; needed where it holds none)")
     n.add_argument("--params", type=json.loads, help="with --method: its hyperparameters as JSON, e.g. "
                                                      "'{\"l2\": 10}' (default: the method's)")
-    n.add_argument("--methods", help="comma-separated methods the closing two-stage selection tries (default: the "
-                                     "fine-tuning's stage's, its members where it is fused: CMN was tuned on its "
-                                     "candidates)")
+    n.add_argument("--methods", help="comma-separated methods the closing two-stage selection tries (default: "
+                                     "every one `train` tries, so that it can fuse them and choose the tail order)")
     n.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda[:N]")
     shown = n.add_mutually_exclusive_group()
     shown.add_argument("--progress", dest="progress", action="store_const", const=True, default=None,

@@ -26,13 +26,13 @@ from model.cmn import CMN
 from model.device import resolve_device
 from model.neighbours import neighbour_csr
 from model.recommender import Recommender
-from model.retrieval import BLENDS, TwoStage, blend
+from model.retrieval import TwoStage
 from model.store.checkpoint import load_checkpoint, save_checkpoint
 from training import data as data_mod
 from training.optim import make_optimizer
 from training.sampler import TripleSampler
 from training.train import TrainConfig, cmn_pair_scores, fit_epoch, prepare_data, scaled_lr
-from training.two_stage import CANDIDATES, WEIGHTS, add_two_stage, stage_for, validation_ndcg, validation_split
+from training.two_stage import CANDIDATES, add_two_stage, blend_grid, stage_for, validation_split
 
 EPOCH_OFFSET = 20_000   # sampler epochs of their own: training used 0.., GMF pretraining 10_000..
 CHUNK_USERS = 1024      # users whose dense retrieval scores are held at once
@@ -49,7 +49,7 @@ class FinetuneConfig:
     lr: float | None = None    # None: the checkpoint's
     method: str | None = None  # None: the checkpoint's retrieval stage
     params: dict | None = None
-    methods: tuple[str, ...] | None = None   # what the closing selection tries; None: the stage's methods
+    methods: tuple[str, ...] | None = None   # what the closing selection tries; None: what `train` tries
     device: str = "auto"
     progress: bool = False
     trust_pickle: bool = False
@@ -107,13 +107,7 @@ def rerank_figures(model: CMN, train: np.ndarray, users: list[int], items: torch
     model.eval()
     cmn = Recommender.from_model(model, train).score_lists(users, items, valid, "full")
     width = items.shape[1]
-    grid = []
-    for r in sorted({c for c in CANDIDATES if c < width} | {width}):
-        for kind in BLENDS:
-            for weight in WEIGHTS:
-                ndcg = validation_ndcg(blend(cmn[:, :r], found[:, :r], valid[:, :r], weight, kind),
-                                       items[:, :r], valid[:, :r], positives)
-                grid.append({"candidates": r, "blend": kind, "weight": weight, "ndcg@10": ndcg})
+    grid = blend_grid(cmn, found, items, valid, positives, {c for c in CANDIDATES if c < width} | {width})
     alone = lambda weight: {g["candidates"]: g["ndcg@10"] for g in grid
                             if g["weight"] == weight and g["blend"] == "zscore"}
     return {"cmn": alone(1.0)[width], "retrieval": alone(0.0)[width], "cmn_by_candidates": alone(1.0),
@@ -176,7 +170,8 @@ def finetune(cfg: FinetuneConfig, log=print) -> dict:
                                                 "of the input model; its weights are written unchanged"))
 
     base_version, ckpt.state, ckpt.model_version = ckpt.model_version, best_state, ""
-    table = add_two_stage(ckpt, data, log, cfg.methods or tuple(stage.fusion or (stage.method,)))
+    # every method, as training's selection: the fused stage and the tail order need the others fitted
+    table = add_two_stage(ckpt, data, log, cfg.methods)
     record = {"from": cfg.checkpoint, "from_model_version": base_version, "method": stage.method,
               "params": stage.params, "candidates": cfg.candidates, "hard": cfg.hard,
               "epochs": cfg.epochs, "kept_epoch": best, "lr": lr, "validation": history}

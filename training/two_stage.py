@@ -58,6 +58,17 @@ def validation_ndcg(scores: torch.Tensor, items: torch.Tensor, valid: torch.Tens
     return rank_metrics(torch.where(pos.any(1), rank, torch.inf), ks=(10,))["ndcg@10"]
 
 
+def blend_grid(cmn: torch.Tensor, found: torch.Tensor, items: torch.Tensor, valid: torch.Tensor,
+               positives: torch.Tensor, candidates=CANDIDATES, blends=BLENDS, weights=WEIGHTS) -> list[dict]:
+    """Validation NDCG@10 of every (R, blend, CMN weight) on the users' candidate lists (`items`, best retrieval
+    first; `cmn` and `found` their CMN and retrieval scores), in the order selection breaks ties: smallest R, then
+    the blends' order, then the smallest weight."""
+    return [{"candidates": r, "blend": kind, "weight": float(weight),
+             "ndcg@10": validation_ndcg(blend(cmn[:, :r], found[:, :r], valid[:, :r], float(weight), kind),
+                                        items[:, :r], valid[:, :r], positives)}
+            for r in sorted(candidates) for kind in blends for weight in sorted(weights)]
+
+
 def rrf_reorder_rank(weight: float, candidates: int) -> int:
     """The first retrieval rank r at which CMN, with this rrf weight, can swap the items at r and r + 1 when their
     retrieval scores differ: (1 − w)·(1/(K + r) − 1/(K + 1 + r)) < w·(1/(K + 1) − 1/(K + R)), K = RRF_K. Above
@@ -136,13 +147,8 @@ def select_two_stage(model: CMN, fit: Dataset, methods=None, candidates=CANDIDAT
     for method, (_, retrieval, settings, dense, items, valid) in stages.items():
         rec.retrieval, rec.two_stage = retrieval, settings
         cmn, found = (rec.score_lists(users, items, valid, strategy, dense) for strategy in ("full", "retrieval"))
-        for r in sorted(candidates):
-            for kind in blends:
-                for weight in sorted(weights):
-                    ndcg = validation_ndcg(blend(cmn[:, :r], found[:, :r], valid[:, :r], float(weight), kind),
-                                           items[:, :r], valid[:, :r], positives)
-                    table.append({"method": method, "params": settings.params, "fusion": settings.fusion,
-                                  "candidates": r, "blend": kind, "weight": float(weight), "ndcg@10": ndcg})
+        table += [{"method": method, "params": settings.params, "fusion": settings.fusion, **row}
+                  for row in blend_grid(cmn, found, items, valid, positives, candidates, blends, weights)]
         best = max((row for row in table if row["method"] == method), key=lambda row: row["ndcg@10"])
         log(f"two-stage {method}: best validation full NDCG@10 {best['ndcg@10']:.4f} "
             f"(R {best['candidates']}, {best['blend']} blend, CMN weight {best['weight']:g})")
