@@ -11,7 +11,8 @@ from model.retrieval import RRF_K, FusedRetrieval, ItemRetrieval, TwoStage, blen
 from model.store.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from training.data import holdout_validation, synthetic
 from training.evaluate import evaluate
-from training.two_stage import fit_retrieval, rrf_reorder_rank, select_two_stage, stage_for, validation_ndcg
+from training.two_stage import (fit_retrieval, rrf_reorder_rank, select_two_stage, selection_users, stage_for,
+                                validation_ndcg)
 
 
 @pytest.fixture(scope="module")
@@ -267,3 +268,14 @@ def test_selection_chooses_the_tail_by_the_evaluators_validation_sampled_ndcg(da
     assert all(row["fusion"] is not None for row in table if "+" in row["method"])
     rec = Recommender.from_model(model, fit.train, retrieval=stage_for(stage, fit), two_stage=stage)
     assert evaluate(rec, fit.test, fit.train, full=False)["sampled"]["ndcg@10"] == pytest.approx(tails[stage.tail], abs=5e-5)   # logged to 4 places
+
+
+def test_selection_scores_a_seeded_sample_of_validation_users_above_its_cell_bound(data):
+    fit = holdout_validation(data, seed=0)
+    assert selection_users(fit, max_cells=len(fit.test) * fit.n_items) is fit
+    cut = selection_users(fit, max_cells=30 * fit.n_items)
+    again = selection_users(fit, max_cells=30 * fit.n_items)
+    assert len(cut.test) == 30 and np.array_equal(cut.test.users, again.test.users)
+    rows = [int(np.flatnonzero(fit.test.users == u)[0]) for u in cut.test.users]
+    assert rows == sorted(rows) and np.array_equal(cut.test.negatives, fit.test.negatives[rows])
+    assert np.array_equal(cut.test.positives, fit.test.positives[rows]) and cut.train is fit.train
