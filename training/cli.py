@@ -20,6 +20,13 @@ TRUST_PICKLE = ("an original-format .npz's test_data is a pickle: by default onl
                 "as it is, which runs whatever code the file holds (only for a file you trust)")
 
 
+def add_progress_arguments(parser: argparse.ArgumentParser, shown: str) -> None:
+    """--progress / --quiet: tqdm bars forced on or off (default None: on a terminal only)."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--progress", dest="progress", action="store_const", const=True, default=None, help=shown)
+    group.add_argument("--quiet", dest="progress", action="store_const", const=False, help="no progress bars")
+
+
 def add_train_arguments(t: argparse.ArgumentParser, retrain: bool = False) -> None:
     """The training flags, shared by `train`, `coldstart` (which trains on the warm users) and `retrain` (which
     chooses the output, the holdout and the feedback itself)."""
@@ -79,11 +86,8 @@ def add_train_arguments(t: argparse.ArgumentParser, retrain: bool = False) -> No
                         "they are left out, and the log says how many")
     t.add_argument("--no-full-eval", dest="full_eval", action="store_false",
                    help="skip the full-catalogue ranking at the end")
-    shown = t.add_mutually_exclusive_group()
-    shown.add_argument("--progress", dest="progress", action="store_const", const=True, default=None,
-                       help="progress bars even when stderr is not a terminal (default: only on a terminal; "
-                            "otherwise one line per epoch)")
-    shown.add_argument("--quiet", dest="progress", action="store_const", const=False, help="no progress bars")
+    add_progress_arguments(t, "progress bars even when stderr is not a terminal (default: only on a terminal; "
+                              "otherwise one line per epoch)")
     t.add_argument("--trust-pickle", action="store_true", help=TRUST_PICKLE)
 
 
@@ -134,10 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--chunk-users", type=int, default=512, help="users ranked and written per part (default 512): "
                                                                  "bounds memory, and what a resume redoes")
     x.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda[:N]")
-    shown = x.add_mutually_exclusive_group()
-    shown.add_argument("--progress", dest="progress", action="store_const", const=True, default=None,
-                       help="a progress bar even when stderr is not a terminal")
-    shown.add_argument("--quiet", dest="progress", action="store_const", const=False, help="no progress bar")
+    add_progress_arguments(x, "a progress bar even when stderr is not a terminal")
 
     k = sub.add_parser("compare", help="EASE, iALS, RP3beta, ItemKNN and TopPop (tuned on validation) next to a "
                                        "checkpoint's strategies, one evaluator, one table")
@@ -169,10 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--methods", help="comma-separated methods the closing two-stage selection tries (default: "
                                      "every one `train` tries, so that it can fuse them and choose the tail order)")
     n.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda[:N]")
-    shown = n.add_mutually_exclusive_group()
-    shown.add_argument("--progress", dest="progress", action="store_const", const=True, default=None,
-                       help="progress bars even when stderr is not a terminal")
-    shown.add_argument("--quiet", dest="progress", action="store_const", const=False, help="no progress bars")
+    add_progress_arguments(n, "progress bars even when stderr is not a terminal")
     n.add_argument("--trust-pickle", action="store_true", help=TRUST_PICKLE)
 
     r = sub.add_parser("retrain", help="train on the stored events on a schedule; publish a candidate only when it "
