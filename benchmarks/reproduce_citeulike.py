@@ -287,7 +287,7 @@ def run_two_stage(args, data_path: str, command: str) -> dict:
     from model.store.checkpoint import load_checkpoint, save_checkpoint
     from model.recommender import Recommender
     from training.data import Split, load
-    from training.evaluate import evaluate_strategies
+    from training.evaluate import evaluate_members, evaluate_strategies
     from training.two_stage import add_two_stage
 
     def log(msg):
@@ -314,6 +314,7 @@ def run_two_stage(args, data_path: str, command: str) -> dict:
     rec = Recommender.from_checkpoint(ckpt, args.device, seen=ckpt.train)
     split = Split(ckpt.test_users, ckpt.test_positives, ckpt.test_negatives)
     test = evaluate_strategies(rec, split, ckpt.train)
+    members = evaluate_members(rec, split, ckpt.train)
     wall = time.perf_counter() - start
     blob = {"name": "two_stage", "label": "two-stage selection and test evaluation", "kind": "two_stage",
             "command": command, "checkpoint": os.path.abspath(source), "served_checkpoint": served,
@@ -321,7 +322,7 @@ def run_two_stage(args, data_path: str, command: str) -> dict:
                     "best_validation_epoch": ckpt.metrics.get("best_validation_epoch"),
                     "epochs_run": len(ckpt.metrics.get("epochs", []))},
             "chosen": ckpt.two_stage.to_dict(), "validation": table, "default_strategy": rec.default_strategy,
-            "test": test, "select_seconds": select_s, "wall_seconds": wall,
+            "test": test, "members": members, "select_seconds": select_s, "wall_seconds": wall,
             "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "machine": machine_info(args.threads)}
     write_json(args.out_dir / "two_stage.json", blob)
@@ -417,6 +418,10 @@ def two_stage_section(b: dict, base: dict | None, rel_out: str) -> list[str]:
             L.append(f"| **{name} (served default)** | " + " | ".join(f"**{c}**" for c in cells) + " |")
         else:
             L.append(f"| {names.get(name, name)} | " + " | ".join(cells) + " |")
+    for name, m in b.get("members", {}).items():   # a fused stage's members, each in its own order
+        L.append(f"| stage member {LABELS.get(name, name)} alone | " + " | ".join(
+            fmt(c) for c in (m["sampled"]["hr@10"], m["sampled"]["ndcg@10"], m["full"]["hr@10"],
+                             m["full"]["ndcg@10"])) + " |")
     rp3 = (base or {}).get("results", {}).get("rp3beta", {}).get("metrics")
     if rp3:
         L.append("| RP3beta baseline (main table) | " + " | ".join(
