@@ -182,7 +182,7 @@ def test_finetune_writes_a_checkpoint_with_reselected_two_stage_settings(tmp_pat
     out = tmp_path / "ft.ckpt"
     proc = run_cli("finetune", "--checkpoint", src, "--data", SPEC, "--out", str(out), "--epochs", "2",
                    "--candidates", "15", "--hard", "0.5", "--method", "ease", "--params", '{"l2": 10}',
-                   "--device", "cpu")
+                   "--methods", "ease", "--device", "cpu")
     assert proc.returncode == 0, proc.stderr[-3000:]
     before, after = load_checkpoint(src), load_checkpoint(str(out))
     assert before.two_stage is None
